@@ -1,0 +1,744 @@
+"""The auditor evidence pack: policies + events (+ segmentation test) -> report.json/html/pdf.
+
+A PCI auditor asks four things: what is in the cardholder-data environment,
+which flows into and out of it are allowed and why, can out-of-scope systems
+reach it, and are the rules reviewed.  This module answers them as one plain
+dict (``report.json``, schema in docs/auditor.md) from which the HTML page and
+the PDF are rendered, so every number in the page is also machine-checkable.
+
+Policies are read here with PyYAML directly (not through the enforcement
+engine): the report must describe what the files *say*, including rules the
+engine would reject, and it must keep working while the engine evolves.
+Events are folded by :mod:`firewall.report_data` in one streaming pass.
+"""
+
+from __future__ import annotations
+
+import calendar
+import hashlib
+import ipaddress
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, date, datetime
+from typing import Any
+
+import yaml
+
+from firewall import LABEL_SCOPE, __version__
+from firewall.report_data import (
+    E_BTC,
+    E_BTS,
+    E_COUNT,
+    E_ENC,
+    E_ENCB,
+    E_FIRST,
+    E_LAST,
+    E_SAMPLES,
+    OUT_OF_SCOPE,
+    EventStats,
+    ReportError,
+    Workload,
+    aggregate_files,
+    load_identity,
+    scope_rank,
+    scrub,
+)
+
+SCHEMA = "palisade.dev/report/v1"
+REVIEW_MONTHS = 6  # PCI DSS 1.2.7
+SEGTEST_MONTHS = 12  # PCI DSS 11.4.5
+CDE = "cde"
+POLICY_KINDS = ("FirewallPolicy", "ClusterFirewallPolicy")
+ANN_LAST_REVIEWED = "palisade.dev/last-reviewed"
+
+__all__ = ["ReportError", "build_report", "write_report", "load_policies", "PolicyRule", "PolicyDoc"]
+
+
+# --------------------------------------------------------------------------- policies
+
+
+@dataclass(slots=True)
+class PolicyRule:
+    """One rule as an auditor reads it (ingress, egress, cluster or DLP)."""
+
+    id: str
+    policy: str
+    kind: str
+    namespace: str | None
+    file: str
+    name: str
+    direction: str
+    description: str
+    peers: list[dict[str, Any]]
+    ports: list[str]
+    app_proto: str | None
+    l7: dict[str, Any]
+    action: str
+    packs: list[str] = field(default_factory=list)
+    touches_cde: bool = False
+    cde_reasons: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class PolicyDoc:
+    """One policy resource with its file fingerprint and review date."""
+
+    file: str
+    kind: str
+    name: str
+    namespace: str | None
+    selector: dict[str, str]
+    mode: str
+    default: str
+    last_reviewed: str | None
+    rules: list[PolicyRule]
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_policies(paths: list[str]) -> tuple[list[PolicyDoc], list[dict[str, Any]], list[str]]:
+    """Read policy YAML files -> (policies, file fingerprints, notes)."""
+    docs: list[PolicyDoc] = []
+    files: list[dict[str, Any]] = []
+    notes: list[str] = []
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read()
+        except OSError as exc:
+            raise ReportError(f"{path}: cannot read policy file: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ReportError(f"{path}: policy file is not UTF-8 text") from None
+        try:
+            raw_docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or "invalid YAML"
+            raise ReportError(f"{path}{where}: {problem}") from None
+        files.append({"path": path, "sha256": sha256_file(path), "bytes": os.path.getsize(path),
+                      "resources": len(raw_docs)})
+        for i, raw in enumerate(raw_docs):
+            if not isinstance(raw, dict):
+                raise ReportError(f"{path}: document {i + 1}: expected a mapping (a policy resource)")
+            kind = raw.get("kind")
+            if kind not in POLICY_KINDS:
+                notes.append(f"{path}: document {i + 1}: kind {kind!r} is not a policy; ignored")
+                continue
+            docs.append(_policy_doc(path, i, raw))
+    return docs, files, notes
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ReportError(f"{where}: expected a mapping")
+    return value
+
+
+def _seq(value: Any, where: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ReportError(f"{where}: expected a list")
+    return value
+
+
+def _policy_doc(path: str, index: int, raw: dict[str, Any]) -> PolicyDoc:
+    where = f"{path}: document {index + 1}"
+    kind = str(raw["kind"])
+    meta = _mapping(raw.get("metadata"), f"{where}: metadata")
+    name = str(meta.get("name") or f"unnamed-{index + 1}")
+    ns = meta.get("namespace")
+    ns = str(ns) if ns else None
+    ann = _mapping(meta.get("annotations"), f"{where}: metadata.annotations")
+    reviewed = ann.get(ANN_LAST_REVIEWED)
+    spec = _mapping(raw.get("spec"), f"{where}: spec")
+    selector = _mapping(_mapping(spec.get("selector"), f"{where}: spec.selector").get("matchLabels"),
+                        f"{where}: spec.selector.matchLabels")
+    doc = PolicyDoc(path, kind, name, ns if kind == "FirewallPolicy" else None,
+                    {str(k): str(v) for k, v in selector.items()},
+                    str(spec.get("mode") or "protect"), str(spec.get("default") or "deny"),
+                    str(reviewed) if reviewed is not None else None, [])
+    prefix = f"{ns}/{name}" if doc.namespace else f"cluster/{name}"
+    sections: list[tuple[str, str | None]] = [("ingress", "ingress"), ("egress", "egress"), ("rules", None),
+                                              ("dlp", "dlp")]
+    for section, direction in sections:
+        for j, r in enumerate(_seq(spec.get(section), f"{where}: spec.{section}")):
+            rw = f"{where}: spec.{section}[{j}]"
+            r = _mapping(r, rw)
+            rname = str(r.get("name") or f"{section}-{j}")
+            d = direction or str(r.get("direction") or "any")
+            if direction == "dlp":
+                d = f"dlp {r.get('direction') or 'both'}"
+                peers_raw = _seq(r.get("to"), f"{rw}.to") + _seq(r.get("from"), f"{rw}.from")
+            elif d == "egress":
+                peers_raw = _seq(r.get("to"), f"{rw}.to")
+            elif d == "ingress":
+                peers_raw = _seq(r.get("from"), f"{rw}.from")
+            else:
+                peers_raw = _seq(r.get("from"), f"{rw}.from") + _seq(r.get("to"), f"{rw}.to")
+            peers = [_mapping(p, f"{rw} peer") for p in peers_raw]
+            l7 = {k: r[k] for k in ("http", "tls", "dns", "redis", "sql") if k in r}
+            doc.rules.append(PolicyRule(
+                id=f"{prefix}/{rname}", policy=name, kind=kind, namespace=doc.namespace, file=path,
+                name=rname, direction=d, description=str(r.get("description") or ""),
+                peers=peers, ports=[_port_text(p) for p in _seq(r.get("ports"), f"{rw}.ports")],
+                app_proto=str(r["appProto"]) if r.get("appProto") else None, l7=l7,
+                action=str(r.get("action") or ("block" if direction == "dlp" else "allow")),
+                packs=[str(p) for p in _seq(r.get("packs"), f"{rw}.packs")],
+            ))
+    return doc
+
+
+def _port_text(p: Any) -> str:
+    if isinstance(p, int | str):
+        return f"{p}/TCP"
+    if not isinstance(p, dict):
+        return str(p)
+    proto = str(p.get("protocol") or "TCP")
+    if p.get("endPort"):
+        return f"{p.get('port')}-{p['endPort']}/{proto}"
+    return f"{p.get('port', 'any')}/{proto}"
+
+
+def peer_text(peer: dict[str, Any]) -> str:
+    parts = []
+    if peer.get("namespace"):
+        parts.append(f"namespace {peer['namespace']}")
+    labels = peer.get("labels")
+    if isinstance(labels, dict) and labels:
+        parts.append("labels " + ",".join(f"{k}={v}" for k, v in labels.items()))
+    for key in ("scope", "cidr", "fqdn"):
+        if peer.get(key):
+            parts.append(f"{key} {peer[key]}")
+    return " & ".join(parts) or "any"
+
+
+# --------------------------------------------------------------------------- CDE scoping
+
+
+def _labels_match(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    return all(labels.get(str(k)) == str(v) for k, v in selector.items())
+
+
+def _peer_cde_workloads(peer: dict[str, Any], default_ns: str | None, cde: list[Workload]) -> list[str]:
+    """CDE workloads a peer entry covers (fields ANDed; a bare labels selector means the policy's namespace)."""
+    scope = peer.get("scope")
+    if scope is not None and scope != CDE:
+        return []
+    if peer.get("fqdn"):
+        return []
+    ns = peer.get("namespace") or default_ns
+    labels = peer.get("labels") if isinstance(peer.get("labels"), dict) else {}
+    hits = []
+    for wl in cde:
+        if ns and wl.namespace != ns:
+            continue
+        if labels and not _labels_match(labels, wl.labels):
+            continue
+        if peer.get("cidr"):
+            try:
+                net = ipaddress.ip_network(str(peer["cidr"]), strict=False)
+                if not any(_in_net(ip, net) for ip in wl.ips):
+                    continue
+            except ValueError:
+                continue
+        hits.append(wl.id)
+    return hits
+
+
+def _in_net(ip: str, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
+    try:
+        return ipaddress.ip_address(ip) in net
+    except ValueError:
+        return False
+
+
+def mark_cde_rules(policies: list[PolicyDoc], workloads: Iterable[Workload]) -> None:
+    """Decide which rules touch the CDE, and record why (shown to the auditor)."""
+    cde = [w for w in workloads if w.scope == CDE and not w.is_world]
+    for doc in policies:
+        applies: list[str] = []
+        if doc.kind == "ClusterFirewallPolicy":
+            if doc.selector:
+                applies = [w.id for w in cde if _labels_match(doc.selector, w.labels)]
+                if doc.selector.get(LABEL_SCOPE) == CDE and not applies:
+                    applies = ["(selector scope cde)"]
+            else:
+                applies = ["(cluster-wide)"]
+        else:
+            if doc.selector.get(LABEL_SCOPE) == CDE:
+                applies = ["(selector scope cde)"]
+            applies += [w.id for w in cde if w.namespace == doc.namespace
+                        and _labels_match(doc.selector, w.labels)]
+        for rule in doc.rules:
+            reasons = []
+            if applies:
+                reasons.append("applies to CDE workload " + ", ".join(sorted(set(applies))))
+            if not rule.peers:
+                if cde:
+                    reasons.append("any peer, CDE workloads included")
+            else:
+                for peer in rule.peers:
+                    if peer.get("scope") == CDE:
+                        reasons.append("peer scope cde")
+                        continue
+                    hit = _peer_cde_workloads(peer, doc.namespace, cde)
+                    if hit:
+                        reasons.append("peer " + ", ".join(hit) + " is in the CDE")
+            rule.touches_cde = bool(reasons)
+            rule.cde_reasons = reasons
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def iso(t: float | None) -> str | None:
+    if t is None:
+        return None
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def add_months(d: date, months: int) -> date:
+    y, m = divmod(d.month - 1 + months, 12)
+    year, month = d.year + y, m + 1
+    return date(year, month, min(d.day, calendar.monthrange(year, month)[1]))
+
+
+def parse_date(value: str) -> date | None:
+    value = value.strip()
+    for fn in (date.fromisoformat, lambda v: datetime.fromisoformat(v.replace("Z", "+00:00")).date()):
+        try:
+            return fn(value)
+        except ValueError:
+            continue
+    return None
+
+
+def _share(enc: int, total: int) -> float | None:
+    return round(enc / total, 4) if total else None
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def build_report(policy_paths: list[str], event_paths: list[str], identity_path: str | None = None,
+                 segtest_paths: list[str] | None = None, as_of: date | None = None,
+                 jobs: int | None = None) -> dict[str, Any]:
+    """Compute every fact of the evidence pack; the returned dict is what report.json holds."""
+    if not policy_paths:
+        raise ReportError("at least one --policy file is needed")
+    as_of = as_of or datetime.now(UTC).date()
+    policies, policy_files, notes = load_policies(policy_paths)
+    identity = load_identity(identity_path) if identity_path else {}
+    stats = aggregate_files(event_paths, identity, jobs=jobs)
+    workloads = {k: w for k, w in stats.workloads.items()}
+    mark_cde_rules(policies, workloads.values())
+    scope_of = {k: w.scope for k, w in workloads.items()}
+
+    flows = _flows(stats, scope_of)
+    rules, unmatched = _rule_hits(policies, stats, workloads)
+    report: dict[str, Any] = {
+        "schema": SCHEMA,
+        "generator": f"palisade {__version__}",
+        "generated_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "as_of": as_of.isoformat(),
+        "inputs": {
+            "policies": policy_files,
+            "events": [{"path": p, "bytes": os.path.getsize(p)} for p in event_paths],
+            "identity": ({"path": identity_path, "sha256": sha256_file(identity_path),
+                          "entries": len(identity)} if identity_path else None),
+            "segtest": list(segtest_paths or []),
+        },
+        "time_range": {
+            "start": iso(stats.first), "end": iso(stats.last),
+            "lines": stats.lines, "bad_lines": stats.bad_lines,
+            "events": sum(stats.by_type.values()), "by_type": dict(sorted(stats.by_type.items())),
+        },
+        "inventory": _inventory(workloads),
+        "policies": [_policy_summary(d, as_of) for d in policies],
+        "rules": rules,
+        "unmatched_rules_in_events": unmatched,
+        "flows": flows,
+        "denied_into_cde": _denied(flows, into=True),
+        "denied_out_of_cde": _denied(flows, into=False),
+        "dlp_findings": _dlp(stats, scope_of),
+        "encryption": _encryption(flows),
+        "review": {},
+        "segtest": _segtest(segtest_paths or [], as_of),
+        "findings": [],
+        "notes": notes,
+    }
+    report["dlp_summary"] = _dlp_summary(report["dlp_findings"])
+    report["review"] = _review(report["policies"], as_of)
+    report["findings"] = _findings(report)
+    return scrub(report)
+
+
+def _inventory(workloads: dict[str, Workload]) -> dict[str, Any]:
+    wls = sorted((w for w in workloads.values() if not w.is_world),
+                 key=lambda w: (scope_rank(w.scope), w.namespace or "", w.name))
+    scopes: dict[str, dict[str, Any]] = {}
+    namespaces: dict[str, dict[str, int]] = {}
+    for w in wls:
+        s = scopes.setdefault(w.scope, {"workloads": 0, "pods": 0, "namespaces": []})
+        s["workloads"] += 1
+        s["pods"] += len(w.pods)
+        if w.namespace not in s["namespaces"]:
+            s["namespaces"].append(w.namespace)
+        ns = namespaces.setdefault(w.namespace or "", {})
+        ns[w.scope] = ns.get(w.scope, 0) + 1
+    for s in scopes.values():
+        s["namespaces"].sort()
+    world = [w for w in workloads.values() if w.is_world]
+    return {
+        "scopes": dict(sorted(scopes.items(), key=lambda kv: scope_rank(kv[0]))),
+        "namespaces": [{"name": k, "workloads_by_scope": v} for k, v in sorted(namespaces.items())],
+        "workloads": [{
+            "id": w.id, "namespace": w.namespace, "name": w.name, "scope": w.scope,
+            "scopes_seen": sorted(w.scopes_seen), "pods": sorted(w.pods), "pod_count": len(w.pods),
+            "ips": sorted(w.ips)[:20], "labels": dict(sorted(w.labels.items())), "source": sorted(w.sources),
+        } for w in wls],
+        "external_addresses": len(world),
+    }
+
+
+def _flows(stats: EventStats, scope_of: dict[str, str]) -> list[dict[str, Any]]:
+    out = []
+    for (src, dst, direction, port, proto, app, verdict, rule, mode), rec in stats.edges.items():
+        out.append({
+            "src": src, "src_scope": scope_of.get(src, OUT_OF_SCOPE),
+            "dst": dst, "dst_scope": scope_of.get(dst, OUT_OF_SCOPE),
+            "direction": direction, "port": port, "proto": proto, "app_proto": app,
+            "verdict": verdict, "rule": rule, "mode": mode,
+            "enforced": mode not in ("learn", "monitor"),
+            "count": rec[E_COUNT], "bytes": rec[E_BTS] + rec[E_BTC],
+            "bytes_toserver": rec[E_BTS], "bytes_toclient": rec[E_BTC],
+            "encrypted_flows": rec[E_ENC], "encrypted_bytes": rec[E_ENCB],
+            "first": iso(rec[E_FIRST]), "last": iso(rec[E_LAST]),
+            "src_samples": sorted(rec[E_SAMPLES]) if rec[E_SAMPLES] else [],
+        })
+    out.sort(key=lambda f: (-f["count"], f["src"], f["dst"], f["port"]))
+    return out
+
+
+def _denied(flows: list[dict[str, Any]], into: bool) -> list[dict[str, Any]]:
+    keep = ("src", "src_scope", "src_samples", "dst", "dst_scope", "port", "proto", "app_proto", "rule",
+            "mode", "enforced", "count", "first", "last")
+    out = []
+    for f in flows:
+        if f["verdict"] == "allow":
+            continue
+        if into and f["dst_scope"] == CDE or not into and f["src_scope"] == CDE and f["dst_scope"] != CDE:
+            out.append({k: f[k] for k in keep})
+    return out
+
+
+def _rule_hits(policies: list[PolicyDoc], stats: EventStats,
+               workloads: dict[str, Workload]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Attribute event rule names to policy rules.
+
+    The sidecar may name a rule bare (``checkout-to-payments``) or qualified
+    (``payment-api/checkout-to-payments``, ``payments/payment-api/...``); a bare
+    name used by two policies is attributed to the one in the local workload's
+    namespace (the pod whose sidecar decided).
+    """
+    by_key: dict[str, list[PolicyRule]] = {}
+    for doc in policies:
+        for r in doc.rules:
+            for k in {r.id, r.name, f"{r.policy}/{r.name}", f"{doc.kind}/{r.policy}/{r.name}"}:
+                by_key.setdefault(k, []).append(r)
+    ns_of = {k: w.namespace for k, w in workloads.items()}
+    hits: dict[str, dict[str, Any]] = {}
+    unmatched: dict[str, dict[str, Any]] = {}
+
+    def resolve(name: str, local_ns: str | None) -> PolicyRule | None:
+        cands = by_key.get(name) or by_key.get(name.rsplit("/", 1)[-1]) or []
+        if len(cands) > 1:
+            local = [c for c in cands if c.namespace == local_ns] or [c for c in cands if c.namespace is None]
+            cands = local or cands
+        return cands[0] if cands else None
+
+    def bump(name: str, local_ns: str | None, field_: str, n: int, first: float | None,
+             last: float | None) -> None:
+        if not name:
+            return
+        rule = resolve(name, local_ns)
+        if rule is None:
+            u = unmatched.setdefault(name, {"rule": name, "count": 0, "last": None})
+            u["count"] += n
+            u["last"] = max(filter(None, [u["last"], last]), default=None)
+            return
+        h = hits.setdefault(rule.id, {"allowed": 0, "denied": 0, "alerts": 0, "dlp_findings": 0,
+                                      "first": None, "last": None})
+        h[field_] += n
+        if first is not None and (h["first"] is None or first < h["first"]):
+            h["first"] = first
+        if last is not None and (h["last"] is None or last > h["last"]):
+            h["last"] = last
+
+    for (src, dst, direction, _p, _pr, _a, verdict, rule, _m), rec in stats.edges.items():
+        local = ns_of.get(dst if direction == "inbound" else src)
+        bump(rule, local, "allowed" if verdict == "allow" else "denied", rec[E_COUNT], rec[E_FIRST],
+             rec[E_LAST])
+    for (sig, src, dst, _action, direction), rec in stats.alerts.items():
+        local = ns_of.get(dst if direction == "inbound" else src)
+        bump(sig, local, "alerts", rec[0], rec[1], rec[2])
+    for (sig, _rid, _t, _pack, direction, _dd, _action, src, dst), rec in stats.dlp.items():
+        local = ns_of.get(dst if direction == "inbound" else src)
+        bump(sig, local, "dlp_findings", rec[0], rec[1], rec[2])
+
+    rows = []
+    for doc in policies:
+        for r in doc.rules:
+            h = hits.get(r.id, {"allowed": 0, "denied": 0, "alerts": 0, "dlp_findings": 0,
+                                "first": None, "last": None})
+            flows_hit = h["allowed"] + h["denied"]
+            total = flows_hit + h["dlp_findings"] + (h["alerts"] if flows_hit == 0 else 0)
+            row = asdict(r)
+            row["peers_text"] = [peer_text(p) for p in r.peers] or ["any"]
+            row.update({"hits": total, "allowed": h["allowed"], "denied": h["denied"], "alerts": h["alerts"],
+                        "dlp_findings": h["dlp_findings"], "first_hit": iso(h["first"]),
+                        "last_hit": iso(h["last"]), "never_hit": total == 0,
+                        "review_flags": (["never hit in the event window"] if total == 0 else [])
+                        + ([] if r.description else ["no business justification (description)"])})
+            rows.append(row)
+    rows.sort(key=lambda r: (not r["touches_cde"], r["file"]))
+    return rows, sorted(unmatched.values(), key=lambda u: -u["count"])
+
+
+def _dlp(stats: EventStats, scope_of: dict[str, str]) -> list[dict[str, Any]]:
+    out = []
+    for (sig, rid, typ, pack, direction, ddir, action, src, dst), rec in stats.dlp.items():
+        out.append({"rule": sig, "detector": rid, "type": typ, "pack": pack, "flow_direction": direction,
+                    "direction": ddir, "action": action, "src": src, "src_scope": scope_of.get(src, OUT_OF_SCOPE),
+                    "dst": dst, "dst_scope": scope_of.get(dst, OUT_OF_SCOPE), "count": rec[0],
+                    "first": iso(rec[1]), "last": iso(rec[2]), "samples": sorted(rec[3])})
+    out.sort(key=lambda d: (-d["count"], d["rule"]))
+    return out
+
+
+def _dlp_summary(findings: list[dict[str, Any]]) -> dict[str, Any]:
+    by_rule: dict[str, dict[str, int]] = {}
+    for f in findings:
+        r = by_rule.setdefault(f["rule"] or "(unnamed)", {})
+        d = f["direction"] or f["flow_direction"] or "unknown"
+        r[d] = r.get(d, 0) + f["count"]
+    return {"total": sum(f["count"] for f in findings), "by_rule_and_direction": by_rule,
+            "blocked": sum(f["count"] for f in findings if f["action"] == "blocked")}
+
+
+def _encryption(flows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Share of encrypted traffic in and out of the CDE (PCI DSS 4.2.1), over flows that carried data."""
+    buckets = {k: {"flows": 0, "encrypted_flows": 0, "bytes": 0, "encrypted_bytes": 0}
+               for k in ("into_cde", "out_of_cde", "within_cde")}
+    for f in flows:
+        if f["verdict"] != "allow" and f["enforced"]:
+            continue
+        s, d = f["src_scope"] == CDE, f["dst_scope"] == CDE
+        key = "within_cde" if s and d else "into_cde" if d else "out_of_cde" if s else None
+        if key is None:
+            continue
+        b = buckets[key]
+        b["flows"] += f["count"]
+        b["encrypted_flows"] += f["encrypted_flows"]
+        b["bytes"] += f["bytes"]
+        b["encrypted_bytes"] += f["encrypted_bytes"]
+    for b in buckets.values():
+        b["plaintext_flows"] = b["flows"] - b["encrypted_flows"]
+        b["plaintext_bytes"] = b["bytes"] - b["encrypted_bytes"]
+        b["encrypted_share_flows"] = _share(b["encrypted_flows"], b["flows"])
+        b["encrypted_share_bytes"] = _share(b["encrypted_bytes"], b["bytes"])
+    return buckets
+
+
+def _policy_summary(doc: PolicyDoc, as_of: date) -> dict[str, Any]:
+    reviewed = parse_date(doc.last_reviewed) if doc.last_reviewed else None
+    due = add_months(reviewed, REVIEW_MONTHS) if reviewed else None
+    if doc.last_reviewed is None:
+        status = "missing"
+    elif reviewed is None:
+        status = "unparseable"
+    else:
+        status = "overdue" if as_of > due else "current"
+    return {"file": doc.file, "kind": doc.kind, "name": doc.name, "namespace": doc.namespace,
+            "selector": doc.selector, "mode": doc.mode, "default": doc.default,
+            "last_reviewed": reviewed.isoformat() if reviewed else doc.last_reviewed,
+            "review_due": due.isoformat() if due else None, "review_status": status,
+            "review_flagged": status != "current", "rules": len(doc.rules),
+            "applies_to_cde": any(r.touches_cde and r.cde_reasons and r.cde_reasons[0].startswith("applies")
+                                  for r in doc.rules)}
+
+
+def _review(policies: list[dict[str, Any]], as_of: date) -> dict[str, Any]:
+    dates = [p["last_reviewed"] for p in policies if p["review_status"] in ("current", "overdue")]
+    return {"as_of": as_of.isoformat(), "interval_months": REVIEW_MONTHS,
+            "oldest_last_reviewed": min(dates) if dates else None,
+            "flagged": any(p["review_flagged"] for p in policies),
+            "flagged_policies": [f"{p['kind']}/{p['name']}: {p['review_status']}"
+                                 for p in policies if p["review_flagged"]]}
+
+
+def _segtest(paths: list[str], as_of: date) -> dict[str, Any] | None:
+    if not paths:
+        return None
+    runs, probes = [], []
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except OSError as exc:
+            raise ReportError(f"{path}: cannot read segtest results: {exc.strerror}") from None
+        except json.JSONDecodeError as exc:
+            raise ReportError(f"{path}: segtest results are not JSON (line {exc.lineno})") from None
+        if not isinstance(data, dict) or not isinstance(data.get("probes"), list) or "passed" not in data:
+            raise ReportError(f"{path}: not a segtest results file (needs 'probes' and 'passed')")
+        runs.append({"path": path, "plan_sha256": data.get("plan_sha256"), "started": data.get("started"),
+                     "finished": data.get("finished"), "passed": bool(data["passed"]),
+                     "sources": data.get("sources", []), "summary": data.get("summary", {})})
+        probes.extend(p for p in data["probes"] if isinstance(p, dict))
+    violations = [p for p in probes if p.get("violation")]
+    counts: dict[str, int] = {}
+    for p in probes:
+        counts[str(p.get("result"))] = counts.get(str(p.get("result")), 0) + 1
+    finished = max((r["finished"] for r in runs if r["finished"]), default=None)
+    fdate = parse_date(finished[:10]) if finished else None
+    return {"passed": all(r["passed"] for r in runs) and not violations, "runs": runs,
+            "probes": probes, "violations": violations, "results": counts,
+            "last_run": finished,
+            "next_due": add_months(fdate, SEGTEST_MONTHS).isoformat() if fdate else None,
+            "overdue": bool(fdate and as_of > add_months(fdate, SEGTEST_MONTHS))}
+
+
+def _findings(rep: dict[str, Any]) -> list[dict[str, str]]:
+    """The short list an auditor reads first; each names the PCI DSS requirement it concerns."""
+    out: list[dict[str, str]] = []
+
+    def add(sev: str, req: str, msg: str) -> None:
+        out.append({"severity": sev, "requirement": req, "message": msg})
+
+    if CDE not in rep["inventory"]["scopes"]:
+        add("high", "1.2.4", f"no workload labelled {LABEL_SCOPE}=cde was seen; the CDE inventory is empty")
+    for w in rep["inventory"]["workloads"]:
+        if len(w["scopes_seen"]) > 1:
+            add("medium", "1.2.4", f"workload {w['id']} was seen with several scopes: {', '.join(w['scopes_seen'])}")
+    for p in rep["policies"]:
+        if p["review_flagged"]:
+            add("high", "1.2.7", f"{p['kind']} {p['name']}: last review {p['last_reviewed'] or 'missing'} "
+                f"({p['review_status']}; due every {REVIEW_MONTHS} months)")
+        if p["applies_to_cde"] and p["default"] != "deny":
+            add("high", "1.3.1", f"{p['kind']} {p['name']} applies to the CDE but its default is {p['default']}")
+        if p["applies_to_cde"] and p["mode"] != "protect":
+            add("high", "1.3.1", f"{p['kind']} {p['name']} applies to the CDE in mode {p['mode']} (not enforced)")
+    for r in rep["rules"]:
+        if r["touches_cde"] and r["never_hit"]:
+            add("medium", "1.2.7", f"rule {r['id']} touches the CDE and was never hit: review whether it is needed")
+        if r["touches_cde"] and not r["description"] and r["action"] == "allow":
+            add("medium", "1.2.5", f"rule {r['id']} allows CDE traffic without a business justification")
+    denied = sum(d["count"] for d in rep["denied_into_cde"])
+    if denied:
+        add("info", "1.3.1", f"{denied} connection attempts into the CDE were denied")
+    unenforced = [d for d in rep["denied_into_cde"] if not d["enforced"]]
+    if unenforced:
+        add("high", "1.3.1", f"{sum(d['count'] for d in unenforced)} flows into the CDE violated policy but "
+            "were not blocked (learn/monitor mode)")
+    enc = rep["encryption"]
+    for key in ("into_cde", "out_of_cde"):
+        if enc[key]["plaintext_flows"]:
+            add("info", "4.2.1", f"{enc[key]['plaintext_flows']} of {enc[key]['flows']} flows {key.replace('_', ' ')} "
+                "were not encrypted")
+    if rep["dlp_summary"]["total"]:
+        add("high", "3.4.1", f"{rep['dlp_summary']['total']} DLP findings ({rep['dlp_summary']['blocked']} blocked)")
+    seg = rep["segtest"]
+    if seg is None:
+        add("medium", "11.4.5", "no segmentation test results supplied (--segtest)")
+    elif not seg["passed"]:
+        add("high", "11.4.5", f"segmentation test FAILED: {len(seg['violations'])} out-of-scope probes reached the CDE")
+    elif seg["overdue"]:
+        add("high", "11.4.5", f"last segmentation test {seg['last_run']} is older than {SEGTEST_MONTHS} months")
+    if rep["time_range"]["bad_lines"]:
+        add("info", "10.2", f"{rep['time_range']['bad_lines']} event lines were not valid JSON and were skipped")
+    order = {"high": 0, "medium": 1, "info": 2}
+    out.sort(key=lambda f: order.get(f["severity"], 3))
+    return out
+
+
+# --------------------------------------------------------------------------- output
+
+
+def find_chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def chromium_args(binary: str, profile_dir: str) -> list[str]:
+    """Headless Chromium that cannot reach any network (the page is self-contained anyway)."""
+    return [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-extensions",
+            "--host-resolver-rules=MAP * ~NOTFOUND", f"--user-data-dir={profile_dir}"]
+
+
+def html_to_pdf(html_path: str, pdf_path: str, timeout: float = 120.0) -> str | None:
+    """Print the page with headless Chromium; returns None on success, else why it was skipped."""
+    binary = find_chromium()
+    if binary is None:
+        return "no PDF: chromium not found (install Debian's chromium to get report.pdf)"
+    with tempfile.TemporaryDirectory(prefix="palisade-pdf-") as prof:
+        cmd = chromium_args(binary, prof) + ["--no-pdf-header-footer", f"--print-to-pdf={pdf_path}",
+                                             "file://" + os.path.abspath(html_path)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            return f"no PDF: chromium did not finish within {timeout:.0f}s"
+        except OSError as exc:
+            return f"no PDF: cannot run chromium: {exc.strerror}"
+    if proc.returncode != 0 or not os.path.exists(pdf_path) or os.path.getsize(pdf_path) == 0:
+        return f"no PDF: chromium exited with status {proc.returncode}"
+    return None
+
+
+def write_report(report: dict[str, Any], outdir: str, pdf: bool = True) -> tuple[list[str], list[str]]:
+    """Write report.json, report.html (and report.pdf); returns (paths written, notes)."""
+    from firewall.report_html import render_html  # rendering pulls in graphviz handling; keep import lazy
+
+    try:
+        os.makedirs(outdir, exist_ok=True)
+    except OSError as exc:
+        raise ReportError(f"{outdir}: cannot create output directory: {exc.strerror}") from None
+    written, notes = [], []
+    html_text = render_html(report)
+    jpath = os.path.join(outdir, "report.json")
+    with open(jpath, "w", encoding="utf-8") as fh:
+        json.dump(report, fh, indent=1, sort_keys=False)
+        fh.write("\n")
+    written.append(jpath)
+    hpath = os.path.join(outdir, "report.html")
+    with open(hpath, "w", encoding="utf-8") as fh:
+        fh.write(html_text)
+    written.append(hpath)
+    if pdf:
+        ppath = os.path.join(outdir, "report.pdf")
+        why = html_to_pdf(hpath, ppath)
+        if why is None:
+            written.append(ppath)
+        else:
+            notes.append(why)
+    else:
+        notes.append("no PDF: disabled with --no-pdf")
+    return written, notes
