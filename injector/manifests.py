@@ -1,0 +1,242 @@
+"""The Kubernetes objects a platform team applies once: webhook server, its configs, and policy.
+
+``failurePolicy`` is the one real trade-off and is a parameter, not a constant:
+
+* ``Fail`` (default): when the webhook is unreachable, pod creation in opted-in
+  namespaces fails. No pod ever starts unprotected, but an injector outage
+  blocks deployments there (which is why it runs 2 replicas behind a PDB and
+  never selects its own namespace or kube-system).
+* ``Ignore``: pods are created without the sidecar while the webhook is down;
+  deployments go on, unprotected. The ``/validate`` webhook (always ``Fail``)
+  still refuses CDE pods that end up without the sidecar, so ``Ignore`` on the
+  injector cannot open a hole in the cardholder-data environment.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from injector import ANN_INJECT, LABEL_INJECTION, LABEL_SCOPE, __version__
+from injector.config import FAILURE_POLICIES, InjectorConfig
+
+APP = "palisade-injector"
+TLS_SECRET = "palisade-injector-tls"
+CONFIG_MAP = "palisade-injector-config"
+MUTATING_NAME = "inject.palisade.dev"
+VALIDATING_NAME = "cde.palisade.dev"
+WEBHOOK_PORT = 8443
+CERT_DIR = "/etc/palisade-injector/tls"
+CONFIG_DIR = "/etc/palisade-injector/config"
+
+# The reference policy's cluster-wide baseline (DESIGN.md): safe to ship as a default.
+BASELINE_POLICY = """\
+apiVersion: palisade.dev/v1
+kind: ClusterFirewallPolicy
+metadata:
+  name: baseline
+spec:
+  rules:
+    - name: no-ssh-into-containers
+      direction: ingress
+      appProto: ssh
+      action: deny
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestOptions:
+    namespace: str = "palisade-system"
+    ca_bundle: bytes | None = None           # PEM of the CA that signed the serving cert
+    tls_cert: bytes | None = None            # when given, a kubernetes.io/tls Secret is emitted
+    tls_key: bytes | None = None
+    failure_policy: str = "Fail"
+    timeout_seconds: int = 10
+    replicas: int = 2
+    policy_namespaces: tuple[str, ...] = ("default",)
+    config: InjectorConfig = InjectorConfig()
+
+    def check(self) -> None:
+        if self.failure_policy not in FAILURE_POLICIES:
+            raise ValueError(f"failurePolicy must be one of {', '.join(FAILURE_POLICIES)}, "
+                             f"got {self.failure_policy!r}")
+        if not 1 <= self.timeout_seconds <= 30:
+            raise ValueError(f"timeoutSeconds must be between 1 and 30 (API server limit), "
+                             f"got {self.timeout_seconds}")
+        if self.replicas < 1:
+            raise ValueError(f"replicas must be at least 1, got {self.replicas}")
+        if self.ca_bundle is not None and b"-----BEGIN CERTIFICATE-----" not in self.ca_bundle:
+            raise ValueError("CA bundle is not a PEM certificate")
+
+
+def _labels() -> dict[str, str]:
+    return {"app.kubernetes.io/name": APP, "app.kubernetes.io/part-of": "palisade",
+            "app.kubernetes.io/version": __version__}
+
+
+def _meta(name: str, namespace: str | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "labels": _labels()}
+    if namespace:
+        meta["namespace"] = namespace
+    return meta
+
+
+def _client_config(opts: ManifestOptions, path: str) -> dict[str, Any]:
+    cc: dict[str, Any] = {"service": {"name": APP, "namespace": opts.namespace, "path": path, "port": 443}}
+    if opts.ca_bundle:
+        cc["caBundle"] = base64.b64encode(opts.ca_bundle).decode()
+    return cc
+
+
+def _system_namespaces(opts: ManifestOptions) -> list[str]:
+    return sorted({"kube-system", opts.namespace, *opts.config.ignored_namespaces})
+
+
+def deployment(opts: ManifestOptions) -> dict[str, Any]:
+    selector = {"app.kubernetes.io/name": APP}
+    probe = {"httpGet": {"path": "/readyz", "port": WEBHOOK_PORT, "scheme": "HTTPS"},
+             "periodSeconds": 5, "timeoutSeconds": 2, "failureThreshold": 3}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(APP, opts.namespace),
+        "spec": {
+            "replicas": opts.replicas,
+            "selector": {"matchLabels": selector},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "template": {
+                # The injector never injects itself, even if someone labels its namespace.
+                "metadata": {"labels": {**_labels(), ANN_INJECT: "false"}},
+                "spec": {
+                    "serviceAccountName": APP,
+                    "automountServiceAccountToken": False,
+                    "securityContext": {"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532,
+                                        "seccompProfile": {"type": "RuntimeDefault"}},
+                    "topologySpreadConstraints": [{
+                        "maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+                        "whenUnsatisfiable": "ScheduleAnyway", "labelSelector": {"matchLabels": selector},
+                    }],
+                    "containers": [{
+                        "name": "injector",
+                        "image": opts.config.image,
+                        "imagePullPolicy": opts.config.image_pull_policy,
+                        "command": ["python", "-m", "injector", "serve"],
+                        "args": ["--cert", f"{CERT_DIR}/tls.crt", "--key", f"{CERT_DIR}/tls.key",
+                                 "--port", str(WEBHOOK_PORT), "--config", f"{CONFIG_DIR}/config.yaml"],
+                        "ports": [{"name": "https", "containerPort": WEBHOOK_PORT, "protocol": "TCP"}],
+                        "readinessProbe": probe,
+                        "livenessProbe": {**probe, "httpGet": {**probe["httpGet"], "path": "/healthz"},
+                                          "periodSeconds": 10},
+                        "resources": {"requests": {"cpu": "100m", "memory": "96Mi"},
+                                      "limits": {"memory": "256Mi"}},
+                        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                            "capabilities": {"drop": ["ALL"]}},
+                        "volumeMounts": [
+                            {"name": "tls", "mountPath": CERT_DIR, "readOnly": True},
+                            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+                        ],
+                    }],
+                    "volumes": [
+                        {"name": "tls", "secret": {"secretName": TLS_SECRET}},
+                        {"name": "config", "configMap": {"name": CONFIG_MAP}},
+                    ],
+                },
+            },
+        },
+    }
+
+
+def mutating_webhook(opts: ManifestOptions) -> dict[str, Any]:
+    return {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": _meta(APP),
+        "webhooks": [{
+            "name": MUTATING_NAME,
+            "clientConfig": _client_config(opts, "/mutate"),
+            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                       "resources": ["pods"], "scope": "Namespaced"}],
+            "namespaceSelector": {"matchExpressions": [
+                {"key": LABEL_INJECTION, "operator": "In", "values": ["enabled"]},
+                {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": _system_namespaces(opts)},
+            ]},
+            "objectSelector": {"matchExpressions": [
+                {"key": ANN_INJECT, "operator": "NotIn", "values": ["false"]},
+            ]},
+            "sideEffects": "None",
+            "admissionReviewVersions": ["v1"],
+            "timeoutSeconds": opts.timeout_seconds,
+            "failurePolicy": opts.failure_policy,
+            "matchPolicy": "Equivalent",
+            "reinvocationPolicy": "IfNeeded",
+        }],
+    }
+
+
+def validating_webhook(opts: ManifestOptions) -> dict[str, Any]:
+    return {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingWebhookConfiguration",
+        "metadata": _meta("palisade-cde-guard"),
+        "webhooks": [{
+            "name": VALIDATING_NAME,
+            "clientConfig": _client_config(opts, "/validate"),
+            "rules": [{"operations": ["CREATE", "UPDATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                       "resources": ["pods"], "scope": "Namespaced"}],
+            # Every namespace, opted in or not: a CDE pod in a namespace nobody labelled is
+            # exactly the one that must be refused.
+            "namespaceSelector": {"matchExpressions": [
+                {"key": "kubernetes.io/metadata.name", "operator": "NotIn",
+                 "values": sorted({"kube-system", opts.namespace})},
+            ]},
+            "objectSelector": {"matchExpressions": [
+                {"key": LABEL_SCOPE, "operator": "In", "values": ["cde"]},
+            ]},
+            "sideEffects": "None",
+            "admissionReviewVersions": ["v1"],
+            "timeoutSeconds": opts.timeout_seconds,
+            "failurePolicy": "Fail",
+            "matchPolicy": "Equivalent",
+        }],
+    }
+
+
+def build(opts: ManifestOptions) -> list[dict[str, Any]]:
+    """All objects, in an order ``kubectl apply -f`` can create them in."""
+    opts.check()
+    ns = opts.namespace
+    objs: list[dict[str, Any]] = [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": _meta(ns)},
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(APP, ns),
+         "automountServiceAccountToken": False},
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(CONFIG_MAP, ns),
+         "data": {"config.yaml": yaml.safe_dump(opts.config.to_dict(), sort_keys=False)}},
+    ]
+    if opts.tls_cert and opts.tls_key:
+        objs.append({"apiVersion": "v1", "kind": "Secret", "metadata": _meta(TLS_SECRET, ns),
+                     "type": "kubernetes.io/tls",
+                     "data": {"tls.crt": base64.b64encode(opts.tls_cert).decode(),
+                              "tls.key": base64.b64encode(opts.tls_key).decode()}})
+    objs += [
+        deployment(opts),
+        {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": _meta(APP, ns),
+         "spec": {"minAvailable": 1, "selector": {"matchLabels": {"app.kubernetes.io/name": APP}}}},
+        {"apiVersion": "v1", "kind": "Service", "metadata": _meta(APP, ns),
+         "spec": {"selector": {"app.kubernetes.io/name": APP},
+                  "ports": [{"name": "https", "port": 443, "targetPort": "https", "protocol": "TCP"}]}},
+    ]
+    for policy_ns in opts.policy_namespaces:
+        objs.append({"apiVersion": "v1", "kind": "ConfigMap",
+                     "metadata": _meta(opts.config.policy_config_map, policy_ns),
+                     "data": {"baseline.yaml": BASELINE_POLICY}})
+    objs += [mutating_webhook(opts), validating_webhook(opts)]
+    return objs
+
+
+def to_yaml(objs: list[dict[str, Any]]) -> str:
+    header = ("# Generated by `python -m injector manifests` (palisade-injector "
+              f"{__version__}); edit the generator, not this file.\n")
+    return header + yaml.safe_dump_all(objs, sort_keys=False, explicit_start=True, width=120)
