@@ -234,6 +234,12 @@ def write_podinfo(directory: str, annotations: dict[str, str], labels: dict[str,
     3. the visible ``annotations``/``labels`` symlinks to ``..data/<name>`` (created once);
     4. the previous timestamped directory removed.
     """
+    write_podinfo_files(directory, {ANNOTATIONS_FILE: format_downward(annotations),
+                                    LABELS_FILE: format_downward(labels)})
+
+
+def write_podinfo_files(directory: str, files: dict[str, str]) -> None:
+    """The kubelet's swap with arbitrary file contents (tests feed malformed files this way)."""
     os.makedirs(directory, exist_ok=True)
     data_link = os.path.join(directory, DATA_LINK)
     old = os.readlink(data_link) if os.path.islink(data_link) else None
@@ -245,17 +251,17 @@ def write_podinfo(directory: str, annotations: dict[str, str], labels: dict[str,
             break
         except FileExistsError:
             continue
-    for fname, values in ((ANNOTATIONS_FILE, annotations), (LABELS_FILE, labels)):
+    for fname, text in files.items():
         path = os.path.join(directory, name, fname)
         with open(path, "w", encoding="utf-8") as fh:
-            fh.write(format_downward(values))
+            fh.write(text)
         os.chmod(path, 0o644)
     tmp_link = os.path.join(directory, "..data_tmp")
     if os.path.lexists(tmp_link):
         os.unlink(tmp_link)
     os.symlink(name, tmp_link)
     os.rename(tmp_link, data_link)
-    for fname in (ANNOTATIONS_FILE, LABELS_FILE):
+    for fname in files:
         visible = os.path.join(directory, fname)
         if not os.path.lexists(visible):
             os.symlink(os.path.join(DATA_LINK, fname), visible)
