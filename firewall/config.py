@@ -1,0 +1,171 @@
+"""Sidecar configuration: a YAML file (``--config``) with CLI flags overriding it.
+
+Unknown keys and bad values are rejected at start with the key's path
+(``config.yaml: proxy.idle_timeout: expected a number > 0, got 'x'``), because a
+sidecar that silently ignores a typo in ``mode`` is a firewall that is not there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from firewall import ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT, PROXY_GID, PROXY_UID
+
+MODES = ("learn", "monitor", "protect")
+
+
+class ConfigError(ValueError):
+    """One line: where and what."""
+
+
+@dataclass
+class Config:
+    # listeners
+    inbound_port: int = INBOUND_PORT
+    outbound_port: int = OUTBOUND_PORT
+    dns_port: int = 15053
+    admin_port: int = ADMIN_PORT
+    admin_address: str = "0.0.0.0"
+    inbound: bool = True
+    outbound: bool = True
+    dns: bool = True
+    ipv6: bool = True
+    # process
+    uid: int = PROXY_UID
+    gid: int = PROXY_GID
+    drop_privileges: bool = True
+    workers: int = 1
+    # relay
+    idle_timeout: float = 3600.0
+    connect_timeout: float = 10.0
+    drain_timeout: float = 20.0
+    header_timeout: float = 30.0
+    identify_timeout: float = 0.2
+    read_buffer_limit: int = 1 << 20
+    max_connections: int = 100_000
+    max_connections_per_peer: int = 10_000
+    # policy and identity
+    policy: list[str] = field(default_factory=list)
+    identity: str | None = None
+    kubernetes_identity: bool = False
+    podinfo: str | None = None
+    mode: str | None = None
+    pod_namespace: str | None = None
+    pod_name: str | None = None
+    pod_ip: str | None = None
+    host_ip: str | None = None
+    probe_ports: list[int] = field(default_factory=list)
+    reload_interval: float = 2.0
+    # inspection
+    l7: bool = True
+    l7_events: bool = False
+    dlp: bool = True
+    dlp_rules: list[str] = field(default_factory=list)
+    dlp_enable: list[str] | None = None
+    dlp_cache: str | None = None
+    # outputs
+    events: str | None = None
+    alert_webhook: str | None = None
+    webhook_flows: bool = False
+    pcap_dir: str | None = None
+    pcap_max_concurrent: int = 2
+    pcap_disk_budget: int = 500 << 20
+
+    def validate(self, where: str = "config") -> None:
+        for name in ("inbound_port", "outbound_port", "dns_port", "admin_port"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 65535:
+                raise ConfigError(f"{where}: {name}: expected a port 0-65535, got {v!r}")
+        for name in ("idle_timeout", "connect_timeout", "drain_timeout", "header_timeout",
+                     "identify_timeout", "reload_interval"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+                raise ConfigError(f"{where}: {name}: expected a number > 0, got {v!r}")
+        for name in ("workers", "read_buffer_limit", "max_connections", "max_connections_per_peer",
+                     "pcap_max_concurrent", "pcap_disk_budget"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{where}: {name}: expected an integer >= 1, got {v!r}")
+        if self.workers > 64:
+            raise ConfigError(f"{where}: workers: at most 64, got {self.workers}")
+        if self.mode is not None and self.mode not in MODES:
+            raise ConfigError(f"{where}: mode: expected one of {', '.join(MODES)}, got {self.mode!r}")
+        for p in self.probe_ports:
+            if not isinstance(p, int) or not 1 <= p <= 65535:
+                raise ConfigError(f"{where}: probe_ports: bad port {p!r}")
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _coerce(name: str, value: Any, where: str) -> Any:
+    f = _FIELDS[name]
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    t = str(f.type)
+    if value is None:
+        return None if "None" in t else default
+    if t.startswith("list"):
+        if isinstance(value, str | int):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: {name}: expected a list, got {type(value).__name__}")
+        return value
+    if t == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {name}: expected true or false, got {value!r}")
+        return value
+    if t == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: {name}: expected an integer, got {value!r}")
+        return value
+    if t == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: {name}: expected a number, got {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: {name}: expected a string, got {value!r}")
+    return value
+
+
+def load_config(path: str | None) -> Config:
+    cfg = Config()
+    if path:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = yaml.safe_load(fh)
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{line}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        for key, value in data.items():
+            k = str(key).replace("-", "_")
+            if k not in _FIELDS:
+                raise ConfigError(f"{path}: {key}: unknown key")
+            setattr(cfg, k, _coerce(k, value, path))
+        cfg.validate(path)
+    return cfg
+
+
+def from_environment(cfg: Config) -> None:
+    """Values the injector passes through the downward API (env), used when not set."""
+    env = os.environ
+    cfg.pod_namespace = cfg.pod_namespace or env.get("POD_NAMESPACE")
+    cfg.pod_name = cfg.pod_name or env.get("POD_NAME")
+    cfg.pod_ip = cfg.pod_ip or env.get("POD_IP")
+    cfg.host_ip = cfg.host_ip or env.get("HOST_IP")
+    if not cfg.probe_ports and env.get("PALISADE_PROBE_PORTS"):
+        try:
+            cfg.probe_ports = [int(p) for p in env["PALISADE_PROBE_PORTS"].split(",") if p.strip()]
+        except ValueError:
+            raise ConfigError("env PALISADE_PROBE_PORTS: expected a comma list of ports") from None

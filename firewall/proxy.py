@@ -1,0 +1,604 @@
+"""The relay: sockets in, sockets out, nothing else ("no await beyond this point").
+
+One ``Flow`` joins two asyncio Protocols (client side, server side).  Bytes read
+on one side go through ``Session.feed`` and are written to the other; flow
+control is the transports' own: when one side's write buffer passes its high-water
+mark, its protocol's ``pause_writing`` pauses *reading* on the other side, so a
+slow receiver never makes memory grow.  Half-close is passed on with
+``write_eof``; a reset on one side becomes a reset (SO_LINGER 0) on the other.
+
+Inbound flows arrive on a transparent (TPROXY) listener whose accepted socket's
+local address *is* the original destination; the upstream socket is bound to the
+client's address with IP_TRANSPARENT and marked, so the application sees the true
+client IP.  Outbound flows arrive through REDIRECT and SO_ORIGINAL_DST tells where
+they were going.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import struct
+import time
+from collections import defaultdict
+from typing import Any
+
+from firewall import metrics
+from firewall.protocols.base import TOCLIENT, TOSERVER
+from firewall.session import Inspection, Session
+
+log = logging.getLogger("palisade.proxy")
+
+SOL_IP = 0
+SOL_IPV6 = 41
+IP_TRANSPARENT = 19
+IPV6_TRANSPARENT = 75
+SO_ORIGINAL_DST = 80
+IP6T_SO_ORIGINAL_DST = 80
+SO_MARK = 36
+IP_RECVORIGDSTADDR = 20
+IPV6_RECVORIGDSTADDR = 74
+MARK = 0x539
+HIGH_WATER = 1 << 20
+LOW_WATER = 256 << 10
+_LINGER0 = struct.pack("ii", 1, 0)
+
+
+def original_dst(sock: socket.socket) -> tuple[str, int]:
+    """Where a REDIRECTed connection was going (conntrack's original tuple)."""
+    if sock.family == socket.AF_INET6:
+        raw = sock.getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST, 28)
+        port = struct.unpack_from("!H", raw, 2)[0]
+        return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port
+    raw = sock.getsockopt(SOL_IP, SO_ORIGINAL_DST, 16)
+    port = struct.unpack_from("!H", raw, 2)[0]
+    return socket.inet_ntoa(raw[4:8]), port
+
+
+def _norm(addr: tuple) -> tuple[str, int]:
+    ip = addr[0]
+    if ip.startswith("::ffff:") and "." in ip:
+        ip = ip[7:]
+    return ip, addr[1]
+
+
+def listen_socket(host: str, port: int, *, transparent: bool, udp: bool = False,
+                  reuseport: bool = False) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuseport:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if family == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    if transparent:
+        if family == socket.AF_INET6:
+            s.setsockopt(SOL_IPV6, IPV6_TRANSPARENT, 1)
+        else:
+            s.setsockopt(SOL_IP, IP_TRANSPARENT, 1)
+    if udp and transparent:
+        if family == socket.AF_INET6:
+            s.setsockopt(SOL_IPV6, IPV6_RECVORIGDSTADDR, 1)
+        else:
+            s.setsockopt(SOL_IP, IP_RECVORIGDSTADDR, 1)
+    s.bind((host, port))
+    if not udp:
+        s.listen(4096)
+    s.setblocking(False)
+    return s
+
+
+def _reset(transport: asyncio.BaseTransport | None) -> None:
+    """Close with RST (SO_LINGER 0), which is how a refusal or a peer's reset is propagated."""
+    if transport is None or transport.is_closing():
+        if transport is not None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
+                except OSError:
+                    pass
+            transport.abort()
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
+        except OSError:
+            pass
+    transport.abort()
+
+
+class _Side(asyncio.Protocol):
+    __slots__ = ("flow", "d", "transport")
+
+    def __init__(self, flow: Flow, d: int) -> None:
+        self.flow = flow
+        self.d = d  # direction of the bytes this side READS
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.flow.side_made(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.flow.on_data(self.d, data)
+
+    def eof_received(self) -> bool:
+        self.flow.on_eof(self.d)
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.flow.on_lost(self.d, exc)
+
+    def pause_writing(self) -> None:
+        self.flow.pause_reading(1 - self.d)
+
+    def resume_writing(self) -> None:
+        self.flow.resume_reading(1 - self.d)
+
+
+class Flow:
+    """Both halves of one relayed TCP connection and their session."""
+
+    __slots__ = ("proxy", "session", "sides", "early", "early_len", "eof", "lost", "closed",
+                 "last", "paused", "done", "reset_seen", "connected", "peer_key", "hold_timer",
+                 "_fast")
+
+    def __init__(self, proxy: Proxy, session: Session, client: _Side) -> None:
+        self.proxy = proxy
+        self.session = session
+        self.sides: list[_Side | None] = [client, None]  # index = direction its reads travel
+        self.early: list[bytes] = []
+        self.early_len = 0
+        self.eof = [False, False]
+        self.lost = [False, False]
+        self.closed = False
+        self.done = False
+        self.last = time.monotonic()
+        self.paused = [False, False]
+        self.reset_seen = False
+        self.connected = False
+        self.peer_key = ""
+        self.hold_timer: asyncio.TimerHandle | None = None
+        self._fast = False
+
+    # -- wiring
+    def side_made(self, side: _Side) -> None:
+        pass
+
+    def attach_server(self, server: _Side) -> None:
+        self.sides[TOCLIENT] = server
+        server.transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)  # type: ignore[union-attr]
+        self.connected = True
+        self._fast = self.session.passthrough
+        early, self.early = self.early, []
+        self.early_len = 0
+        for chunk in early:
+            self.on_data(TOSERVER, chunk)
+            if self.closed:
+                return
+        if self.eof[TOSERVER] and not self.closed:
+            self._pass_eof(TOSERVER)
+        if self.paused[TOSERVER] and not self.closed:
+            self.resume_reading(TOSERVER)
+
+    # -- data
+    def on_data(self, d: int, data: bytes) -> None:
+        if self.closed:
+            return
+        self.last = time.monotonic()
+        if not self.connected:
+            self.early.append(data)
+            self.early_len += len(data)
+            if self.early_len > self.proxy.cfg.read_buffer_limit:
+                self.pause_reading(TOSERVER)
+            return
+        s = self.session
+        s.bytes[d] += len(data)
+        dst = self.sides[1 - d]
+        if self._fast and s.passthrough:
+            dst.transport.write(data)  # type: ignore[union-attr]
+            return
+        out, stop = s.feed(d, data)
+        self._fast = s.passthrough
+        if out:
+            dst.transport.write(out)  # type: ignore[union-attr]
+        if stop is not None:
+            self._stop(stop, d)
+        elif s.holding(d):
+            self._arm_hold(d)
+
+    def _arm_hold(self, d: int) -> None:
+        """Bytes are held while a protocol is identified or a request head completes;
+        a peer that stops sending must not be stalled forever (identify_timeout)."""
+        if self.hold_timer is not None:
+            return
+        loop = self.proxy.loop
+
+        def fire() -> None:
+            self.hold_timer = None
+            if self.closed:
+                return
+            s = self.session
+            if s._ident is not None:  # identification still undecided: give up, forward
+                out = s.release(d)
+                if out:
+                    self.sides[1 - d].transport.write(out)  # type: ignore[union-attr]
+                self._fast = s.passthrough
+            elif s.holding(d):
+                # an incomplete request head: wait up to header_timeout, then refuse
+                if time.monotonic() - self.last > self.proxy.cfg.header_timeout:
+                    s.close_reason = "header-timeout"
+                    self.close(reset=True)
+                else:
+                    self.hold_timer = loop.call_later(self.proxy.cfg.identify_timeout, fire)
+
+        self.hold_timer = loop.call_later(self.proxy.cfg.identify_timeout, fire)
+
+    def _stop(self, stop: Any, d: int) -> None:
+        s = self.session
+        s.close_reason = stop.reason.split(":")[0]
+        if stop.reply:
+            # answer the sender of the offending bytes (the client for requests)
+            replier = self.sides[d]
+            if replier is not None and replier.transport is not None and not replier.transport.is_closing():
+                replier.transport.write(stop.reply)
+                other = self.sides[1 - d]
+                _reset(other.transport if other else None)
+                replier.transport.close()  # graceful: the 403 is delivered, then FIN
+                return
+        self.close(reset=True)
+
+    def on_eof(self, d: int) -> None:
+        self.eof[d] = True
+        if self.closed:
+            return
+        if not self.connected:
+            return  # passed on after the upstream connects
+        self._pass_eof(d)
+
+    def _pass_eof(self, d: int) -> None:
+        s = self.session
+        if not s.passthrough:
+            out, stop = s.eof(d)
+            dst = self.sides[1 - d]
+            if out and dst is not None:
+                dst.transport.write(out)  # type: ignore[union-attr]
+            if stop is not None:
+                self._stop(stop, d)
+                return
+        dst = self.sides[1 - d]
+        if dst is not None and dst.transport is not None and not dst.transport.is_closing():
+            try:
+                if dst.transport.can_write_eof():
+                    dst.transport.write_eof()
+            except OSError:
+                pass
+        if self.eof[TOSERVER] and self.eof[TOCLIENT]:
+            self.close(reset=False)
+
+    def on_lost(self, d: int, exc: Exception | None) -> None:
+        self.lost[d] = True
+        if exc is not None and not self.closed:
+            self.reset_seen = True
+            if self.session.close_reason == "eof":
+                self.session.close_reason = "reset"
+            metrics.RELAY_ERRORS.labels("reset").inc()
+            other = self.sides[1 - d]
+            _reset(other.transport if other else None)
+            self.closed = True
+        elif not self.closed:
+            # closed without our close(): treat like EOF on that side, then close the other
+            other = self.sides[1 - d]
+            if other is not None and other.transport is not None:
+                other.transport.close()
+            self.closed = True
+        self._maybe_done()
+
+    def _maybe_done(self) -> None:
+        if self.done:
+            return
+        need = [self.sides[0] is not None, self.sides[1] is not None]
+        if all(self.lost[i] or not need[i] for i in (0, 1)):
+            self.done = True
+            if self.hold_timer is not None:
+                self.hold_timer.cancel()
+            self.proxy.flow_done(self)
+
+    # -- flow control
+    def pause_reading(self, d: int) -> None:
+        side = self.sides[d]
+        if side is not None and side.transport is not None and not self.paused[d]:
+            self.paused[d] = True
+            try:
+                side.transport.pause_reading()
+            except (RuntimeError, AttributeError):
+                pass
+
+    def resume_reading(self, d: int) -> None:
+        side = self.sides[d]
+        if side is not None and side.transport is not None and self.paused[d]:
+            self.paused[d] = False
+            try:
+                side.transport.resume_reading()
+            except (RuntimeError, AttributeError):
+                pass
+
+    def close(self, reset: bool) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for side in self.sides:
+            if side is None or side.transport is None:
+                continue
+            if reset:
+                _reset(side.transport)
+            else:
+                side.transport.close()
+        if self.sides[TOCLIENT] is None:
+            self.lost[TOCLIENT] = True
+
+
+class Proxy:
+    """Listeners + the set of open flows; the policy/DLP state lives in ``inspection``."""
+
+    def __init__(self, cfg: Any, inspection: Inspection, emit: Any) -> None:
+        self.cfg = cfg
+        self.inspection = inspection
+        self.emit = emit
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
+        self.flows: set[Flow] = set()
+        self.servers: list[Any] = []
+        self.sockets: list[socket.socket] = []
+        self.udp: list[Any] = []
+        self.ready = False
+        self.per_peer: dict[str, int] = defaultdict(int)
+        self._sweeper: asyncio.Task | None = None
+        self.transparent_upstream = True
+
+    # ---------------------------------------------------------------- listeners
+    def bind(self, reuseport: bool = False) -> None:
+        """Create listening sockets (as root, before dropping privileges)."""
+        cfg = self.cfg
+        specs: list[tuple[str, int, bool, bool, str]] = []
+        hosts4 = ["0.0.0.0"]
+        if cfg.inbound:
+            specs.append(("0.0.0.0", cfg.inbound_port, True, False, "inbound"))
+            if cfg.ipv6 and socket.has_ipv6:
+                specs.append(("::", cfg.inbound_port, True, False, "inbound"))
+        if cfg.outbound:
+            specs.append(("0.0.0.0", cfg.outbound_port, False, False, "outbound"))
+            if cfg.ipv6 and socket.has_ipv6:
+                specs.append(("::", cfg.outbound_port, False, False, "outbound"))
+        if cfg.dns:
+            specs.append(("0.0.0.0", cfg.dns_port, True, True, "dns"))
+            if cfg.ipv6 and socket.has_ipv6:
+                specs.append(("::", cfg.dns_port, True, True, "dns"))
+        del hosts4
+        self._specs = []
+        for host, port, transparent, udp, kind in specs:
+            try:
+                s = listen_socket(host, port, transparent=transparent, udp=udp, reuseport=reuseport)
+            except OSError as exc:
+                if ":" in host and exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                    continue  # no IPv6 in this namespace
+                raise OSError(exc.errno, f"cannot listen on [{host}]:{port} ({kind}): {exc.strerror}") from None
+            self._specs.append((s, kind))
+
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        for s, kind in self._specs:
+            if kind == "dns":
+                from firewall.dnsrelay import DnsRelay
+
+                relay = DnsRelay(self, s)
+                await relay.start()
+                self.udp.append(relay)
+                continue
+            srv = await self.loop.create_server(
+                (lambda k=kind: _Accept(self, k)), sock=s, backlog=4096)
+            self.servers.append(srv)
+        self._sweeper = self.loop.create_task(self._sweep())
+        self.ready = True
+
+    async def stop_listening(self) -> None:
+        self.ready = False
+        for srv in self.servers:
+            srv.close()
+        for u in self.udp:
+            u.close()
+
+    async def drain(self, timeout: float) -> int:
+        """Wait for open flows to finish, up to ``timeout``; reset the rest. Returns how many were cut."""
+        deadline = self.loop.time() + timeout
+        while self.flows and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        cut = len(self.flows)
+        for f in list(self.flows):
+            f.session.close_reason = "shutdown"
+            f.close(reset=True)
+        await asyncio.sleep(0)
+        return cut
+
+    async def _sweep(self) -> None:
+        """Idle timeouts and event-loop lag, once a second (no per-flow timers)."""
+        idle = self.cfg.idle_timeout
+        while True:
+            t0 = self.loop.time()
+            await asyncio.sleep(1.0)
+            metrics.EVENT_LOOP_LAG.set(max(0.0, self.loop.time() - t0 - 1.0))
+            now = time.monotonic()
+            for f in list(self.flows):
+                if not f.closed and now - f.last > idle:
+                    f.session.close_reason = "idle-timeout"
+                    f.close(reset=True)
+
+    def cut_all(self, reason: str) -> int:
+        """Quarantine/reload: re-evaluate open flows; cut those the new state denies."""
+        n = 0
+        for f in list(self.flows):
+            if f.closed:
+                continue
+            s = f.session
+            if self.inspection.quarantined:
+                s.close_reason = reason
+                s.verdict = "deny"
+                s.rule = "quarantine"
+                f.close(reset=True)
+                n += 1
+                continue
+            pol = self.inspection.policy
+            if pol is not None and s.flowinfo is not None:
+                try:
+                    d = pol.decide(s.flowinfo, mode_override=self.inspection.mode_override)
+                except Exception:  # noqa: BLE001
+                    continue
+                if d.verdict == "deny" and d.enforced:
+                    s.close_reason = reason
+                    s.verdict = "deny"
+                    s.rule = d.rule
+                    f.close(reset=True)
+                    n += 1
+        return n
+
+    # ---------------------------------------------------------------- flows
+    def accepted(self, kind: str, client: _Side, transport: asyncio.Transport) -> None:
+        sock = transport.get_extra_info("socket")
+        try:
+            peer = _norm(transport.get_extra_info("peername"))
+            if kind == "inbound":
+                dst = _norm(transport.get_extra_info("sockname"))
+            else:
+                dst = original_dst(sock)
+        except (OSError, TypeError) as exc:
+            metrics.RELAY_ERRORS.labels("original-dst").inc()
+            log.warning("cannot recover the original destination: %s", exc)
+            _reset(transport)
+            return
+        direction = "inbound" if kind == "inbound" else "outbound"
+        session = Session(self.inspection, direction, peer, dst)
+        flow = Flow(self, session, client)
+        client.flow = flow
+        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
+        # connection limits (per peer address; the pod itself for outbound)
+        key = peer[0]
+        if self.per_peer[key] >= self.cfg.max_connections_per_peer or len(self.flows) >= self.cfg.max_connections:
+            metrics.PEER_LIMITED.inc()
+            session.verdict, session.rule, session.close_reason = "deny", "connection-limit", "limit"
+            self._refuse(flow, transport)
+            return
+        try:
+            allowed = session.open()
+        except Exception as exc:  # noqa: BLE001 - a policy bug fails closed for this flow only
+            log.exception("policy evaluation failed")
+            session.verdict, session.rule, session.close_reason = "deny", "error", f"policy-error:{exc}"
+            allowed = False
+        if not allowed:
+            self._refuse(flow, transport)
+            return
+        flow.peer_key = key
+        self.per_peer[key] += 1
+        self.flows.add(flow)
+        metrics.CONNECTIONS_ACTIVE.labels(direction).inc()
+        self.loop.create_task(self._connect(flow, dst, peer, kind))
+
+    def _refuse(self, flow: Flow, transport: asyncio.Transport) -> None:
+        flow.closed = True
+        flow.done = True
+        _reset(transport)
+        s = flow.session
+        metrics.CONNECTIONS_TOTAL.labels(s.direction, "deny").inc()
+        self.emit(s.record())
+
+    async def _connect(self, flow: Flow, dst: tuple[str, int], peer: tuple[str, int], kind: str) -> None:
+        family = socket.AF_INET6 if ":" in dst[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        s = flow.session
+        try:
+            if kind == "inbound" and self.transparent_upstream:
+                try:
+                    if family == socket.AF_INET6:
+                        sock.setsockopt(SOL_IPV6, IPV6_TRANSPARENT, 1)
+                    else:
+                        sock.setsockopt(SOL_IP, IP_TRANSPARENT, 1)
+                    sock.setsockopt(socket.SOL_SOCKET, SO_MARK, MARK)
+                    sock.bind((peer[0], 0))
+                except OSError as exc:
+                    log.warning("cannot preserve the client address (%s); connecting from the pod", exc)
+                    self.transparent_upstream = False
+                    s.source_preserved = False
+                    sock.close()
+                    sock = socket.socket(family, socket.SOCK_STREAM)
+                    sock.setblocking(False)
+            else:
+                s.source_preserved = kind == "inbound" and self.transparent_upstream
+            await asyncio.wait_for(self.loop.sock_connect(sock, dst), self.cfg.connect_timeout)
+            if flow.closed:
+                sock.close()
+                return
+            server = _Side(flow, TOCLIENT)
+            await self.loop.create_connection(lambda: server, sock=sock)
+        except (OSError, TimeoutError) as exc:
+            sock.close()
+            if isinstance(exc, TimeoutError):
+                reason = "upstream-timeout"
+            elif getattr(exc, "errno", None) == errno.ECONNREFUSED:
+                reason = "upstream-refused"
+            else:
+                reason = "upstream-unreachable"
+            metrics.RELAY_ERRORS.labels(reason).inc()
+            s.close_reason = reason
+            flow.close(reset=True)
+            flow.lost[TOCLIENT] = True
+            return
+        flow.attach_server(server)
+
+    def flow_done(self, flow: Flow) -> None:
+        if flow in self.flows:
+            self.flows.discard(flow)
+            metrics.CONNECTIONS_ACTIVE.labels(flow.session.direction).dec()
+            if flow.peer_key:
+                n = self.per_peer[flow.peer_key] - 1
+                if n <= 0:
+                    self.per_peer.pop(flow.peer_key, None)
+                else:
+                    self.per_peer[flow.peer_key] = n
+        s = flow.session
+        end = time.time()
+        metrics.CONNECTIONS_TOTAL.labels(s.direction, s.verdict).inc()
+        metrics.BYTES_TOTAL.labels("toserver", s.direction).inc(s.bytes[TOSERVER])
+        metrics.BYTES_TOTAL.labels("toclient", s.direction).inc(s.bytes[TOCLIENT])
+        metrics.FLOW_DURATION.observe(end - s.start)
+        self.emit(s.record(end))
+
+
+class _Accept(_Side):
+    """The client side of a new flow; it creates the Flow when the connection arrives."""
+
+    __slots__ = ("kind", "proxy")
+
+    def __init__(self, proxy: Proxy, kind: str) -> None:
+        super().__init__(None, TOSERVER)  # type: ignore[arg-type]
+        self.proxy = proxy
+        self.kind = kind
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.proxy.accepted(self.kind, self, transport)  # type: ignore[arg-type]
+
+    def data_received(self, data: bytes) -> None:
+        if self.flow is not None:
+            self.flow.on_data(TOSERVER, data)
+
+    def eof_received(self) -> bool:
+        if self.flow is not None:
+            self.flow.on_eof(TOSERVER)
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.flow is not None and not self.flow.done:
+            self.flow.on_lost(TOSERVER, exc)
