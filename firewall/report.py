@@ -480,7 +480,8 @@ def _rule_hits(policies: list[PolicyDoc], stats: EventStats,
         if rule is None:
             u = unmatched.setdefault(name, {"rule": name, "count": 0, "last": None})
             u["count"] += n
-            u["last"] = max(filter(None, [u["last"], last]), default=None)
+            if last is not None and (u["last"] is None or last > u["last"]):
+                u["last"] = last
             return
         h = hits.setdefault(rule.id, {"allowed": 0, "denied": 0, "alerts": 0, "dlp_findings": 0,
                                       "first": None, "last": None})
@@ -514,9 +515,12 @@ def _rule_hits(policies: list[PolicyDoc], stats: EventStats,
                         "dlp_findings": h["dlp_findings"], "first_hit": iso(h["first"]),
                         "last_hit": iso(h["last"]), "never_hit": total == 0,
                         "review_flags": (["never hit in the event window"] if total == 0 else [])
-                        + ([] if r.description else ["no business justification (description)"])})
+                        + ([] if r.description or r.action != "allow"
+                           else ["no business justification (description)"])})
             rows.append(row)
     rows.sort(key=lambda r: (not r["touches_cde"], r["file"]))
+    for u in unmatched.values():
+        u["last"] = iso(u["last"])
     return rows, sorted(unmatched.values(), key=lambda u: -u["count"])
 
 

@@ -10,6 +10,7 @@ browser can print.
 from __future__ import annotations
 
 import html
+import json
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -137,7 +138,7 @@ def _diagram(rep: dict[str, Any]) -> str:
 def _rule_rows(rules: list[dict[str, Any]]) -> tuple[list[list[str]], list[bool]]:
     rows, flags = [], []
     for r in rules:
-        l7 = "; ".join(f"{k}: {v}" for k, v in r["l7"].items())
+        l7 = "; ".join(f"{k}: {json.dumps(v, separators=(',', ':'))}" for k, v in r["l7"].items())
         proto = " ".join(x for x in [e(r["app_proto"] or ""), e(l7)] if x)
         if r["packs"]:
             proto = (proto + " packs: " + e(", ".join(r["packs"]))).strip()
@@ -146,7 +147,7 @@ def _rule_rows(rules: list[dict[str, Any]]) -> tuple[list[list[str]], list[bool]
             + (f"<br><span class='muted'>{e(r['namespace'])}</span>" if r["namespace"] else ""),
             f"<b>{e(r['name'])}</b>", e(r["direction"]), "<br>".join(e(p) for p in r["peers_text"]),
             e(", ".join(r["ports"]) or "any"), proto, e(r["action"]),
-            e(r["description"]) or '<span class="warn">missing</span>',
+            e(r["description"]) or ('<span class="warn">missing</span>' if r["action"] == "allow" else ""),
             e(r["hits"]), e(f"{r['allowed']} / {r['denied']}"), e(r["last_hit"] or "never"),
             "<br>".join(e(f) for f in r["review_flags"]),
         ])
@@ -181,7 +182,7 @@ def _rules(rep: dict[str, Any]) -> str:
                        f'<span class="{"bad" if p["review_flagged"] else "ok"}">{e(p["review_status"])}</span>']
                       for p in pol], [p["review_flagged"] for p in pol]))
     if rep["unmatched_rules_in_events"]:
-        out.append("<h3>Rule names in events not found in these policy files</h3>")
+        out.append("<h3>Rule names in events not found in these policy files (e.g. the policy default)</h3>")
         out.append(table(["rule", "count#", "last"], [[e(u["rule"]), e(u["count"]), e(u["last"])]
                                                        for u in rep["unmatched_rules_in_events"]]))
     return "".join(out)
