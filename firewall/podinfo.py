@@ -83,7 +83,7 @@ def _unquote(quoted: str, lineno: int) -> str:
             i = j
             continue
         if i + 1 >= n:
-            raise PodinfoError(f"line {lineno}: value ends with a lone backslash")
+            raise PodinfoError(f"line {lineno}: value is not terminated (its closing quote is escaped)")
         e = body[i + 1]
         if e in _SIMPLE_ESCAPES:
             out += _SIMPLE_ESCAPES[e]
