@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 TOSERVER = 0  # client -> server
 TOCLIENT = 1  # server -> client
@@ -46,3 +46,21 @@ class L7Event:
 
 class ParseError(Exception):
     """The one error type a parser may raise internally; it is turned into an anomaly event."""
+
+
+class Parser(Protocol):
+    """What ``make_parser`` returns; the session drives one per identified flow.
+
+    ``feed`` never raises: malformed or oversized input becomes one
+    ``L7Event(kind="anomaly")`` and that direction is then only counted.
+    ``hold_from`` names the absolute offset of a message head still arriving
+    (bytes the session should not forward before the parser has seen them).
+    """
+
+    app_proto: str
+
+    def feed(self, data: bytes, direction: int) -> list[L7Event]: ...
+
+    def hold_from(self, direction: int) -> int | None: ...
+
+    def summary(self) -> dict[str, Any]: ...

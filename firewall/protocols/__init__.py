@@ -1,0 +1,144 @@
+"""L7 protocol identification and parsers (sans-IO: bytes in, ``L7Event``s out).
+
+Two steps per flow, both driven by the session with the bytes it relays:
+
+1. ``Identifier(dest_port).feed(data, direction)`` looks at the first bytes of
+   each direction and names the protocol (``http``, ``http2``, ``tls``, ``ssh``,
+   ``dns``, ``redis``, ``pgsql``, ``mysql``) or ``unknown``. Every protocol in
+   ``REGISTRY`` has a probe per direction it may speak first in; a probe answers
+   match / no match / need more. The answer is ``unknown`` as soon as every
+   candidate said no (usually on the first byte), so a client is never kept
+   waiting for bytes it will not send. Server-first protocols (MySQL's greeting,
+   an SSH server banner) are recognised from server-to-client bytes. Ports only
+   break ties: SSH on port 80 is still SSH.
+2. ``make_parser(app_proto)`` returns the protocol's incremental parser, fed the
+   stream again from offset 0. Parsers never raise (bad input is an ``anomaly``
+   event), buffer only bounded message heads, and skip bodies by counting.
+
+The registry is one explicit list - no import side effects, no plugin magic -
+in the order that breaks ties when no port hint applies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from firewall.protocols import dns, http, http2, mysql, pgsql, redis, ssh, tls
+from firewall.protocols.base import TOCLIENT, TOSERVER, L7Event, ParseError, Parser, Probe
+
+ProbeFn = Callable[[bytes], Probe]
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolSpec:
+    """One protocol: how to recognise it and how to parse it."""
+
+    name: str
+    ports: frozenset[int]
+    probe_toserver: ProbeFn | None  # None: never speaks first client-to-server
+    probe_toclient: ProbeFn | None  # None: never speaks first server-to-client
+    min_depth: int  # bytes a probe needs before it can say MATCH
+    max_depth: int  # bytes after which NEED_MORE counts as NO_MATCH
+    parser: Callable[..., Parser]
+
+    def probe(self, direction: int) -> ProbeFn | None:
+        return self.probe_toserver if direction == TOSERVER else self.probe_toclient
+
+
+REGISTRY: list[ProtocolSpec] = [
+    ProtocolSpec("http2", http2.DEFAULT_PORTS, http2.probe_toserver, http2.probe_toclient,
+                 len(http2.PREFACE), 2048, http2.Http2Parser),
+    ProtocolSpec("http", http.DEFAULT_PORTS, http.probe_toserver, None, 5, 2048, http.HttpParser),
+    ProtocolSpec("tls", tls.DEFAULT_PORTS, tls.probe_toserver, None, 6, 6, tls.TlsParser),
+    ProtocolSpec("ssh", ssh.DEFAULT_PORTS, ssh.probe_toserver, ssh.probe_toclient, 8, 9, ssh.SshParser),
+    ProtocolSpec("dns", dns.DEFAULT_PORTS, dns.probe_toserver, None, 15, 15, dns.DnsTcpParser),
+    ProtocolSpec("redis", redis.DEFAULT_PORTS, redis.probe_toserver, None, 5, 16, redis.RedisParser),
+    ProtocolSpec("pgsql", pgsql.DEFAULT_PORTS, pgsql.probe_toserver, None, 8, 8, pgsql.PgsqlParser),
+    ProtocolSpec("mysql", mysql.DEFAULT_PORTS, None, mysql.probe_toclient, 6, 70, mysql.MysqlParser),
+]
+
+_BY_NAME: dict[str, ProtocolSpec] = {spec.name: spec for spec in REGISTRY}
+_ALIASES = {"grpc": "http2"}
+UNKNOWN = "unknown"
+
+
+class Identifier:
+    """Decides a flow's ``app_proto`` from the first bytes of either direction.
+
+    ``feed`` returns the name once decided (and keeps returning it), ``None``
+    while some protocol still needs more bytes. At most ``max_depth`` bytes per
+    direction are kept; a probe still undecided then is ruled out, so a
+    decision always comes within ``max_depth`` bytes. Never raises.
+    """
+
+    __slots__ = ("dest_port", "max_depth", "result", "_bufs", "_alive")
+
+    def __init__(self, dest_port: int, max_depth: int = 2048) -> None:
+        self.dest_port = dest_port
+        self.max_depth = max(1, max_depth)
+        self.result: str | None = None
+        self._bufs = (bytearray(), bytearray())
+        self._alive: list[ProtocolSpec] = list(REGISTRY)
+
+    def feed(self, data: bytes, direction: int) -> str | None:
+        if self.result is not None or not data:
+            return self.result
+        buf = self._bufs[direction]
+        room = self.max_depth - len(buf)
+        if room > 0:
+            buf += data[:room]
+        view = bytes(buf)
+        matched: list[ProtocolSpec] = []
+        alive: list[ProtocolSpec] = []
+        for spec in self._alive:
+            probe = spec.probe(direction)
+            if probe is None:
+                continue
+            depth = min(spec.max_depth, self.max_depth)
+            try:
+                answer = probe(view[:depth])
+            except Exception:  # noqa: BLE001 - a probe bug must not break the flow
+                answer = Probe.NO_MATCH
+            if answer is Probe.MATCH:
+                matched.append(spec)
+            elif answer is Probe.NEED_MORE and len(view) < depth:
+                alive.append(spec)
+        if matched:
+            hinted = [s for s in matched if self.dest_port in s.ports]
+            self.result = (hinted or matched)[0].name
+        elif not alive:
+            self.result = UNKNOWN
+        self._alive = alive
+        return self.result
+
+    def eof(self, direction: int) -> str | None:
+        """The peer half-closed ``direction``: protocols still waiting on it are ruled out."""
+        if self.result is None and self._bufs[direction]:
+            self._alive = [s for s in self._alive if s.probe(direction) is None]
+            if not self._alive:
+                self.result = UNKNOWN
+        return self.result
+
+
+def make_parser(app_proto: str, **options: Any) -> Parser | None:
+    """A fresh parser for an identified flow; ``None`` for ``unknown``.
+
+    ``options`` reach the parser's constructor (e.g. ``max_head=8192`` for HTTP).
+    """
+    spec = _BY_NAME.get(_ALIASES.get(app_proto, app_proto))
+    if spec is None:
+        return None
+    return spec.parser(**options)
+
+
+def make_udp_parser(app_proto: str) -> Parser | None:
+    """Parser for a UDP flow: each ``feed`` is one datagram (only DNS today)."""
+    return dns.DnsUdpParser() if app_proto == "dns" else None
+
+
+__all__ = [
+    "REGISTRY", "ProtocolSpec", "Identifier", "make_parser", "make_udp_parser", "UNKNOWN",
+    "L7Event", "ParseError", "Parser", "Probe", "TOSERVER", "TOCLIENT",
+]

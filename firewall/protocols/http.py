@@ -1,0 +1,380 @@
+"""HTTP/1.0 and HTTP/1.1: request/response heads, bodies skipped by counting.
+
+Only heads are parsed (bounded by ``max_head``, 64 KiB by default); bodies are
+skipped with integer arithmetic once their length is known (Content-Length, or
+chunk by chunk for ``Transfer-Encoding: chunked``), so a 1 GiB download costs a
+handful of Python operations. Keep-alive and pipelining work because every
+message's end is computed, and responses are matched to requests in order (a
+response to HEAD has no body however it is framed).
+
+Framing ambiguities that request smuggling relies on are refused rather than
+resolved: both Content-Length and Transfer-Encoding, differing Content-Lengths,
+a Transfer-Encoding that does not end in ``chunked``, obs-folded or
+space-before-colon header lines, invalid chunk sizes. Each becomes
+``anomaly="smuggling:<shape>"`` and parsing of that direction stops, so the
+session can refuse the flow instead of guessing what the server will see.
+
+``CONNECT`` and ``Upgrade`` (websocket, h2c) turn the connection into a tunnel:
+parsing stops once the switch is answered.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from firewall.protocols.base import TOCLIENT, TOSERVER, L7Event, ParseError, Probe
+from firewall.protocols.stream import DirState, StreamParser, find_line
+
+APP_PROTO = "http"
+DEFAULT_PORTS = frozenset({80, 8000, 8080, 8888, 3000, 5000, 9000})
+
+#: methods recognised by the identifier; the parser itself accepts any token
+METHODS = (
+    b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE", b"PATCH",
+    b"PROPFIND", b"PROPPATCH", b"MKCOL", b"COPY", b"MOVE", b"LOCK", b"UNLOCK", b"REPORT",
+    b"SEARCH", b"PURGE", b"MKCALENDAR", b"LINK", b"UNLINK",
+)
+_MAX_METHOD = max(len(m) for m in METHODS)
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_VERSION = re.compile(r"HTTP/(\d)\.(\d)\Z")
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
+_CONNECT_LINE = re.compile(rb" HTTP/1\.[01]\r?\Z")
+_KNOWN_CODINGS = frozenset({"chunked", "gzip", "x-gzip", "deflate", "compress", "identity", "br", "zstd"})
+
+MAX_SUMMARY_PAIRS = 32
+
+# direction modes
+_HEAD, _CHUNK_SIZE, _CHUNK_CRLF, _TRAILERS = range(4)
+
+
+def probe_toserver(buf: bytes) -> Probe:
+    """An HTTP/1.x request line: a known method, a space, and a request target.
+
+    Decides after a few bytes (``GET /``) so a client is never kept waiting on
+    the identifier; for targets that do not start with ``/``, ``*`` or
+    ``http(s)://`` (CONNECT's authority form) it waits for `` HTTP/1.``.
+    """
+    sp = buf.find(b" ", 0, _MAX_METHOD + 1)
+    if sp < 0:
+        head = buf[: _MAX_METHOD + 1]
+        if len(head) > _MAX_METHOD or not any(m.startswith(head) for m in METHODS):
+            return Probe.NO_MATCH
+        return Probe.NEED_MORE
+    if buf[:sp] not in METHODS:
+        return Probe.NO_MATCH
+    target = buf[sp + 1 : sp + 9]
+    if not target:
+        return Probe.NEED_MORE
+    if target[:1] in (b"/", b"*"):
+        return Probe.MATCH
+    lowered = target.lower()
+    for scheme in (b"http://", b"https://"):
+        if lowered.startswith(scheme):
+            return Probe.MATCH
+        if scheme.startswith(lowered):
+            return Probe.NEED_MORE
+    if buf[:sp] != b"CONNECT":
+        return Probe.NO_MATCH
+    eol = buf.find(b"\n", sp)
+    if eol < 0:
+        return Probe.NEED_MORE
+    return Probe.MATCH if _CONNECT_LINE.search(buf[:eol]) else Probe.NO_MATCH
+
+
+@dataclass(slots=True)
+class _Head:
+    start_line: list[str]
+    headers: dict[str, list[str]]
+
+
+def _parse_head(raw: bytes, request: bool) -> _Head:
+    text = raw.decode("latin-1")
+    lines = text.split("\n")
+    lines = [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
+    while lines and lines[-1] == "":
+        lines.pop()
+    first = lines[0]
+    if request:
+        parts = first.split(" ")
+        if len(parts) != 3 or not _TOKEN.match(parts[0]) or not parts[1]:
+            raise ParseError("bad-request-line")
+        if not _VERSION.match(parts[2]):
+            raise ParseError("bad-version")
+    else:
+        parts = first.split(" ", 2)
+        if len(parts) < 2 or not _VERSION.match(parts[0]) or not (len(parts[1]) == 3 and parts[1].isdigit()):
+            raise ParseError("bad-status-line")
+    headers: dict[str, list[str]] = {}
+    for line in lines[1:]:
+        if line[:1] in (" ", "\t"):
+            raise ParseError("smuggling:obs-fold")
+        name, sep, value = line.partition(":")
+        if not sep or not name:
+            raise ParseError("bad-header-line")
+        if not _TOKEN.match(name):
+            if name.rstrip(" \t") != name:
+                raise ParseError("smuggling:space-before-colon")
+            raise ParseError("bad-header-name")
+        if "\r" in value or "\x00" in value:
+            raise ParseError("bad-header-value")
+        headers.setdefault(name.lower(), []).append(value.strip(" \t"))
+    return _Head(parts, headers)
+
+
+def _tokens(values: list[str]) -> list[str]:
+    return [t.strip().lower() for v in values for t in v.split(",") if t.strip()]
+
+
+def _content_length(values: list[str] | None, prefix: str) -> int | None:
+    if not values:
+        return None
+    lengths = set()
+    for v in values:
+        for t in v.split(","):
+            t = t.strip()
+            if not (t.isdigit() and t.isascii()) or len(t) > 18:
+                raise ParseError(f"{prefix}invalid-content-length")
+            lengths.add(int(t))
+    if len(lengths) != 1:
+        raise ParseError(f"{prefix}duplicate-content-length")
+    return lengths.pop()
+
+
+class HttpParser(StreamParser):
+    """Incremental HTTP/1.x parser for both directions of one connection."""
+
+    app_proto = APP_PROTO
+    oversize_anomaly = "oversized-header"
+
+    def __init__(self, max_head: int = 65536) -> None:
+        super().__init__()
+        self.max_head = max_head
+        self.max_buffer = max_head
+        self._mode = [_HEAD, _HEAD]
+        self._scanned = [0, 0]  # head bytes already searched for the blank line
+        self._trailer_bytes = [0, 0]
+        self._pending: deque[str] = deque()  # request methods awaiting a response
+        self._tunnel_after: str | None = None  # method of the request that asked to switch
+        self.requests = 0
+        self.responses = 0
+        self.first_host: str | None = None
+        self.first_path: str | None = None
+        self.pairs: list[list[str]] = []
+        self.statuses: dict[int, int] = {}
+
+    # -- driver ---------------------------------------------------------------
+    def _parse(self, st: DirState, out: list[L7Event]) -> None:
+        d = st.direction
+        while st.buf and not st.stopped and not st.skip:
+            mode = self._mode[d]
+            if mode == _HEAD:
+                if not self._head(st, out):
+                    break
+            elif mode == _CHUNK_SIZE:
+                k = find_line(st.buf, 0, 4096)
+                if k < 0:
+                    break
+                size_field = bytes(st.buf[:k]).rstrip(b"\r\n").split(b";", 1)[0].rstrip(b" \t")
+                if not _HEX.match(size_field):
+                    raise ParseError(("smuggling:" if d == TOSERVER else "") + "invalid-chunk-size")
+                size = int(size_field, 16)
+                st.advance(k)
+                if size == 0:
+                    self._mode[d] = _TRAILERS
+                    self._trailer_bytes[d] = 0
+                else:
+                    self._mode[d] = _CHUNK_CRLF
+                    st.advance(size)
+            elif mode == _CHUNK_CRLF:
+                if st.buf[:2] == b"\r\n":
+                    st.advance(2)
+                elif st.buf[:1] == b"\n":
+                    st.advance(1)
+                elif st.buf == b"\r":
+                    break
+                else:
+                    raise ParseError(("smuggling:" if d == TOSERVER else "") + "bad-chunk-terminator")
+                self._mode[d] = _CHUNK_SIZE
+            else:  # _TRAILERS
+                k = find_line(st.buf, 0, self.max_head)
+                if k < 0:
+                    break
+                self._trailer_bytes[d] += k
+                if self._trailer_bytes[d] > self.max_head:
+                    raise ParseError("oversized-header")
+                blank = not bytes(st.buf[:k]).strip(b"\r\n")
+                st.advance(k)
+                if blank:
+                    self._end_of_message(st)
+        st.hold = st.pos if (d == TOSERVER and self._mode[d] == _HEAD and st.buf and not st.stopped) else None
+
+    def _end_of_message(self, st: DirState) -> None:
+        self._mode[st.direction] = _HEAD
+        if st.direction == TOSERVER and self._tunnel_after is not None:
+            st.stop()
+
+    def _head(self, st: DirState, out: list[L7Event]) -> bool:
+        buf = st.buf
+        d = st.direction
+        # tolerate empty lines between messages (RFC 9112 section 2.2)
+        while buf[:2] == b"\r\n" or buf[:1] == b"\n":
+            st.advance(2 if buf[:1] == b"\r" else 1)
+            self._scanned[d] = 0
+        if not buf or buf == b"\r":
+            return False
+        start = max(0, self._scanned[d] - 3)
+        end = buf.find(b"\n\r\n", start, self.max_head + 1)
+        end2 = buf.find(b"\n\n", start, self.max_head + 1)
+        if end2 >= 0 and (end < 0 or end2 < end):
+            head_len = end2 + 2
+        elif end >= 0:
+            head_len = end + 3
+        else:
+            head_len = -1
+        if head_len < 0 or head_len > self.max_head:
+            if head_len > self.max_head or len(buf) >= self.max_head:
+                st.hold = st.pos
+                raise ParseError("oversized-header")
+            self._scanned[d] = len(buf)
+            st.hold = st.pos if d == TOSERVER else None
+            return False
+        self._scanned[d] = 0
+        st.hold = st.pos if d == TOSERVER else None
+        raw = bytes(buf[:head_len])
+        if d == TOSERVER:
+            self._request(st, raw, head_len, out)
+        else:
+            self._response(st, raw, head_len, out)
+        return True
+
+    # -- requests ---------------------------------------------------------------
+    def _request(self, st: DirState, raw: bytes, head_len: int, out: list[L7Event]) -> None:
+        head = _parse_head(raw, request=True)
+        method, target, version = head.start_line
+        h = head.headers
+        hosts = h.get("host", [])
+        if len(set(hosts)) > 1:
+            raise ParseError("smuggling:duplicate-host")
+        host = hosts[0] if hosts else None
+        path = target
+        low = target.lower()
+        if low.startswith(("http://", "https://")):
+            rest = target.split("://", 1)[1]
+            authority, slash, tail = rest.partition("/")
+            host = authority or host
+            path = slash + tail if slash else "/"
+        elif method == "CONNECT":
+            host = host or target
+        te = _tokens(h.get("transfer-encoding", []))
+        cl_values = h.get("content-length")
+        chunked = False
+        length: int | None
+        if te:
+            if cl_values:
+                raise ParseError("smuggling:cl-te")
+            if te[-1] != "chunked" or te.count("chunked") != 1 or any(t not in _KNOWN_CODINGS for t in te):
+                raise ParseError("smuggling:bad-transfer-encoding")
+            if version == "HTTP/1.0":
+                raise ParseError("smuggling:te-in-http1.0")
+            chunked = True
+            length = None
+        else:
+            length = _content_length(cl_values, "smuggling:")
+        body = length or 0
+        end = -1 if chunked else st.pos + head_len + body
+        upgrade = bool(h.get("upgrade")) or method == "CONNECT"
+        enc = _tokens(h.get("content-encoding", []))
+        fields: dict[str, Any] = {
+            "method": method,
+            "host": host,
+            "path": path,
+            "version": version.split("/", 1)[1],
+            "content_length": length,
+            "chunked": chunked,
+            "content_encoding": enc[-1] if enc else None,
+            "content_type": (h.get("content-type") or [None])[0],
+            "upgrade": (h.get("upgrade") or [None])[0],
+        }
+        out.append(L7Event(APP_PROTO, "request", TOSERVER, st.pos, fields, end))
+        self.requests += 1
+        if self.first_host is None and self.first_path is None:
+            self.first_host, self.first_path = host, path
+        pair = [method, path]
+        if len(self.pairs) < MAX_SUMMARY_PAIRS and pair not in self.pairs:
+            self.pairs.append(pair)
+        self._pending.append(method)
+        st.advance(head_len)
+        st.hold = None
+        if upgrade:
+            self._tunnel_after = method
+        if chunked:
+            self._mode[TOSERVER] = _CHUNK_SIZE
+        else:
+            if body:
+                st.advance(body)
+            self._end_of_message(st)
+
+    # -- responses --------------------------------------------------------------
+    def _response(self, st: DirState, raw: bytes, head_len: int, out: list[L7Event]) -> None:
+        head = _parse_head(raw, request=False)
+        version, code = head.start_line[0], int(head.start_line[1])
+        h = head.headers
+        interim = 100 <= code < 200 and code != 101
+        method = None
+        if not interim and self._pending:
+            method = self._pending.popleft()
+        te = _tokens(h.get("transfer-encoding", []))
+        chunked = bool(te) and te[-1] == "chunked"
+        length = None if te else _content_length(h.get("content-length"), "")
+        no_body = interim or code in (101, 204, 304) or method == "HEAD"
+        tunnel = code == 101 or (method == "CONNECT" and 200 <= code < 300)
+        until_close = not no_body and not chunked and length is None and not tunnel
+        if no_body:
+            body, chunked, end = 0, False, st.pos + head_len
+        elif chunked:
+            body, end = 0, -1
+        elif length is not None:
+            body, end = length, st.pos + head_len + length
+        else:
+            body, end = 0, -1
+        enc = _tokens(h.get("content-encoding", []))
+        fields = {
+            "status": code,
+            "version": version.split("/", 1)[1],
+            "content_length": length,
+            "chunked": chunked,
+            "content_encoding": enc[-1] if enc else None,
+            "content_type": (h.get("content-type") or [None])[0],
+        }
+        out.append(L7Event(APP_PROTO, "response", TOCLIENT, st.pos, fields, end))
+        if not interim:
+            self.responses += 1
+        self.statuses[code] = self.statuses.get(code, 0) + 1
+        st.advance(head_len)
+        if tunnel or until_close:
+            st.stop()
+            return
+        if method is not None and method == self._tunnel_after:
+            # the switch was declined: the client may keep talking HTTP, but we
+            # stopped its direction already; keep parsing responses only
+            self._tunnel_after = None
+        if chunked:
+            self._mode[TOCLIENT] = _CHUNK_SIZE
+        elif body:
+            st.advance(body)
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "requests": self.requests,
+            "responses": self.responses,
+            "host": self.first_host,
+            "path": self.first_path,
+            "methods_paths": [list(p) for p in self.pairs],
+            "statuses": dict(self.statuses),
+        }
+        out.update(self._base_summary())
+        return out
