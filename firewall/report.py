@@ -403,7 +403,7 @@ def _inventory(workloads: dict[str, Workload]) -> dict[str, Any]:
         ns[w.scope] = ns.get(w.scope, 0) + 1
     for s in scopes.values():
         s["namespaces"].sort()
-    world = [w for w in workloads.values() if w.is_world]
+    world = [w for w in workloads.values() if w.is_world and w.id != "world:?"]  # "?": event had no address
     return {
         "scopes": dict(sorted(scopes.items(), key=lambda kv: scope_rank(kv[0]))),
         "namespaces": [{"name": k, "workloads_by_scope": v} for k, v in sorted(namespaces.items())],

@@ -101,7 +101,7 @@ def load_identity(path: str) -> dict[str, dict[str, Any]]:
     except OSError as exc:
         raise ReportError(f"{path}: cannot read identity file: {exc.strerror}") from None
     except yaml.YAMLError as exc:
-        raise ReportError(f"{path}: invalid YAML: {_yaml_problem(exc)}") from None
+        raise ReportError(f"{path}: identity file is not valid YAML: {_yaml_problem(exc)}") from None
     if data is None:
         return {}
     if isinstance(data, dict) and isinstance(data.get("workloads"), list):
