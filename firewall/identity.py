@@ -7,7 +7,13 @@ lookup and never I/O.
 
 from __future__ import annotations
 
+import ipaddress
+import logging
+import random
+import threading
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from firewall import LABEL_SCOPE
 
@@ -50,3 +56,287 @@ class Identity:
     def make(ip: str, namespace: str | None = None, pod: str | None = None,
              labels: dict[str, str] | None = None, service_account: str | None = None) -> Identity:
         return Identity(ip, namespace, pod, tuple(sorted((labels or {}).items())), service_account)
+
+
+# --- resolvers --------------------------------------------------------------------------------
+
+log = logging.getLogger(__name__)
+
+
+class IdentityError(Exception):
+    """Bad identity input; ``str()`` is ``file:line: message`` lines."""
+
+
+class IdentityMap:
+    """Immutable ip -> Identity map; unknown addresses resolve to ``world``.
+
+    Built once and replaced whole (a reference swap is atomic), so readers on the
+    hot path never see a half-updated map and never take a lock.
+    """
+
+    __slots__ = ("_by_ip", "_by_pod")
+
+    def __init__(self, identities: Iterable[Identity] = ()) -> None:
+        by_ip: dict[str, Identity] = {}
+        by_pod: dict[tuple[str, str], Identity] = {}
+        for ident in identities:
+            by_ip[_canonical_ip(ident.ip)] = ident
+            if ident.namespace is not None and ident.pod is not None:
+                by_pod.setdefault((ident.namespace, ident.pod), ident)
+        self._by_ip: Mapping[str, Identity] = MappingProxyType(by_ip)
+        self._by_pod: Mapping[tuple[str, str], Identity] = MappingProxyType(by_pod)
+
+    def resolve(self, ip: str) -> Identity:
+        ident = self._by_ip.get(ip)
+        if ident is None:
+            ident = self._by_ip.get(_canonical_ip(ip))
+        return ident if ident is not None else Identity(ip)
+
+    def by_pod(self, namespace: str, pod: str) -> Identity | None:
+        return self._by_pod.get((namespace, pod))
+
+    def __len__(self) -> int:
+        return len(self._by_ip)
+
+    def __iter__(self):
+        return iter(self._by_ip.values())
+
+
+def _canonical_ip(ip: str) -> str:
+    """``::ffff:10.0.0.1`` -> ``10.0.0.1``; invalid strings are returned unchanged."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(addr)
+
+
+_ENTRY_KEYS = {"ip", "ips", "namespace", "pod", "labels", "serviceAccount"}
+
+
+def load_identity_file(path: str) -> IdentityMap:
+    """YAML list of ``{ip, namespace, pod, labels, serviceAccount}`` (``ips: [...]`` for dual stack).
+
+    The PCI scope comes from the ``pci.palisade.dev/scope`` label like on a real pod.
+    """
+    from firewall.policy_yaml import YamlSourceError, load_file
+
+    try:
+        docs = load_file(path)
+    except YamlSourceError as exc:
+        raise IdentityError(str(exc)) from None
+    problems: list[str] = []
+    out: list[Identity] = []
+    for doc in docs:
+        items = doc.value
+        if isinstance(items, dict) and isinstance(items.get("identities"), list):
+            items, base = items["identities"], ("identities",)
+        else:
+            base = ()
+        if not isinstance(items, list):
+            problems.append(f"{path}:{doc.line}: expected a list of {{ip, namespace, pod, labels}}")
+            continue
+        for i, item in enumerate(items):
+            here = (*base, i)
+            line = doc.line_of(here)
+            if not isinstance(item, dict):
+                problems.append(f"{path}:{line}: [{i}]: expected a mapping")
+                continue
+            for key in item:
+                if key not in _ENTRY_KEYS:
+                    problems.append(f"{path}:{doc.line_of((*here, str(key)))}: [{i}].{key}: unknown field")
+            ips = item.get("ips") or ([item["ip"]] if "ip" in item else [])
+            if not ips or not isinstance(ips, list):
+                problems.append(f"{path}:{line}: [{i}]: ip is required")
+                continue
+            labels = item.get("labels") or {}
+            if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
+                problems.append(f"{path}:{doc.line_of((*here, 'labels'))}: [{i}].labels: "
+                                "expected a mapping of strings (quote numbers)")
+                continue
+            ns, pod, sa = item.get("namespace"), item.get("pod"), item.get("serviceAccount")
+            if ns is not None and not isinstance(ns, str) or pod is not None and not isinstance(pod, str):
+                problems.append(f"{path}:{line}: [{i}]: namespace and pod must be strings")
+                continue
+            for ip in ips:
+                try:
+                    ipaddress.ip_address(str(ip))
+                except ValueError:
+                    problems.append(f"{path}:{doc.line_of((*here, 'ip'))}: [{i}].ip: invalid address {ip!r}")
+                    continue
+                if ns is None:
+                    problems.append(f"{path}:{line}: [{i}]: namespace is required (unknown IPs are world)")
+                    break
+                out.append(Identity.make(_canonical_ip(str(ip)), ns, pod, {str(k): v for k, v in labels.items()},
+                                         sa if isinstance(sa, str) else None))
+    if problems:
+        raise IdentityError("\n".join(problems))
+    return IdentityMap(out)
+
+
+def identities_from_pod(pod: Mapping) -> list[Identity]:
+    """Pod JSON (as the API server sends it) -> one Identity per pod IP; none for host-network
+    or finished pods, whose addresses belong to the node or may already be reused."""
+    meta = pod.get("metadata") or {}
+    spec = pod.get("spec") or {}
+    status = pod.get("status") or {}
+    if spec.get("hostNetwork") or status.get("phase") in ("Succeeded", "Failed"):
+        return []
+    ips = [p.get("ip") for p in status.get("podIPs") or [] if p.get("ip")]
+    if not ips and status.get("podIP"):
+        ips = [status["podIP"]]
+    labels = {str(k): str(v) for k, v in (meta.get("labels") or {}).items()}
+    sa = spec.get("serviceAccountName") or spec.get("serviceAccount")
+    return [Identity.make(_canonical_ip(ip), meta.get("namespace"), meta.get("name"), labels, sa) for ip in ips]
+
+
+class KubernetesIdentitySource:
+    """Pod IP -> Identity from the Kubernetes API: list, then watch from that resourceVersion.
+
+    Runs in a daemon thread.  On a disconnect it resumes the watch from the last
+    resourceVersion seen; on ``410 Gone`` (history compacted) it relists.  Errors back
+    off exponentially (with jitter) up to ``max_backoff``.  Every change builds a new
+    IdentityMap and swaps the reference, so ``current()`` is always a consistent snapshot.
+    """
+
+    def __init__(self, api_client=None, *, namespace: str | None = None,
+                 on_change: Callable[[IdentityMap], None] | None = None,
+                 watch_timeout: int = 300, min_backoff: float = 0.5, max_backoff: float = 30.0) -> None:
+        self._api_client = api_client
+        self.namespace = namespace
+        self.on_change = on_change
+        self.watch_timeout = watch_timeout
+        self.min_backoff = min_backoff
+        self.max_backoff = max_backoff
+        self._pods: dict[str, dict] = {}  # uid -> pod json
+        self._map = IdentityMap()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._watch = None
+        self.resource_version: str | None = None
+        self.relists = 0
+        self.errors = 0
+
+    # public
+    def current(self) -> IdentityMap:
+        return self._map
+
+    def resolve(self, ip: str) -> Identity:
+        return self._map.resolve(ip)
+
+    def start(self) -> KubernetesIdentitySource:
+        self._thread = threading.Thread(target=self._run, name="identity-k8s", daemon=True)
+        self._thread.start()
+        return self
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """True once the first list has been applied."""
+        return self._ready.wait(timeout)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        w = self._watch
+        if w is not None:
+            w.stop()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # internals
+    def _api(self):
+        from kubernetes import client, config
+
+        if self._api_client is None:
+            config.load_incluster_config()
+            self._api_client = client.ApiClient()
+        return client.CoreV1Api(self._api_client)
+
+    def _list_call(self, api):
+        if self.namespace:
+            return api.list_namespaced_pod, (self.namespace,)
+        return api.list_pod_for_all_namespaces, ()
+
+    def _publish(self) -> None:
+        idents = [i for pod in self._pods.values() for i in identities_from_pod(pod)]
+        self._map = IdentityMap(idents)
+        if self.on_change is not None:
+            try:
+                self.on_change(self._map)
+            except Exception:  # noqa: BLE001 - a consumer bug must not stop the watch
+                log.exception("identity on_change callback failed")
+
+    def _relist(self, api) -> None:
+        import json
+
+        fn, args = self._list_call(api)
+        resp = fn(*args, _preload_content=False, _request_timeout=30)
+        body = json.loads(resp.data)
+        self._pods = {(p.get("metadata") or {}).get("uid") or f"{i}": p
+                      for i, p in enumerate(body.get("items") or [])}
+        self.resource_version = (body.get("metadata") or {}).get("resourceVersion")
+        self.relists += 1
+        self._publish()
+        self._ready.set()
+
+    def _apply(self, event: dict) -> None:
+        kind = event.get("type")
+        obj = event.get("raw_object") or event.get("object") or {}
+        meta = obj.get("metadata") or {}
+        if meta.get("resourceVersion"):
+            self.resource_version = meta["resourceVersion"]
+        if kind == "BOOKMARK":
+            return
+        uid = meta.get("uid") or f"{meta.get('namespace')}/{meta.get('name')}"
+        if kind == "DELETED":
+            self._pods.pop(uid, None)
+        elif kind in ("ADDED", "MODIFIED"):
+            self._pods[uid] = obj
+        else:
+            return
+        self._publish()
+
+    def _run(self) -> None:
+        from kubernetes import watch
+        from kubernetes.client.rest import ApiException
+
+        backoff = self.min_backoff
+        need_list = True
+        api = None
+        while not self._stop.is_set():
+            try:
+                if api is None:
+                    api = self._api()
+                if need_list:
+                    self._relist(api)
+                    need_list = False
+                fn, args = self._list_call(api)
+                self._watch = w = watch.Watch()
+                for event in w.stream(fn, *args, resource_version=self.resource_version,
+                                      timeout_seconds=self.watch_timeout, allow_watch_bookmarks=True,
+                                      deserialize=False, _request_timeout=self.watch_timeout + 10):
+                    if self._stop.is_set():
+                        break
+                    self._apply(event)
+                    backoff = self.min_backoff
+                # a clean end of the watch (server timeout): resume from resource_version
+            except ApiException as exc:
+                self.errors += 1
+                if exc.status == 410:
+                    need_list = True  # our resourceVersion is too old: relist
+                    continue
+                log.warning("kubernetes pod watch failed: %s %s", exc.status, exc.reason)
+                need_list = need_list or exc.status in (401, 403)
+                self._sleep(backoff)
+                backoff = min(backoff * 2, self.max_backoff)
+            except Exception as exc:  # noqa: BLE001 - network errors of every flavour: retry
+                self.errors += 1
+                log.warning("kubernetes pod watch error: %s", exc)
+                self._sleep(backoff)
+                backoff = min(backoff * 2, self.max_backoff)
+            finally:
+                self._watch = None
+
+    def _sleep(self, seconds: float) -> None:
+        self._stop.wait(seconds * (0.5 + random.random() / 2))

@@ -1,0 +1,317 @@
+"""Flow records -> a minimal, readable FirewallPolicy per workload (``policy learn``).
+
+What a reviewer needs from a learned policy: peers named by what they are
+(namespace + app labels, never pod IPs), one rule per peer and direction with
+the ports and protocol seen, HTTP narrowed to the method and path prefixes
+actually used, and a comment with how often and when the traffic was seen.
+The output must validate and, in protect mode, allow exactly the learned
+traffic - so the same path normalisation as the engine is used, and a learned
+out-of-scope -> cde flow becomes an explicit ``exception: true`` rule rather
+than silently being denied by the built-in segmentation rule.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from firewall import LABEL_SCOPE
+from firewall.events import read_events
+from firewall.policy_match import normalize_path
+
+# Labels that differ between replicas or revisions of one workload.
+VOLATILE_LABELS = frozenset({
+    "pod-template-hash", "controller-revision-hash", "statefulset.kubernetes.io/pod-name",
+    "pod-template-generation", "apps.kubernetes.io/pod-index", "batch.kubernetes.io/controller-uid",
+    "controller-uid", "security.istio.io/tlsMode", "service.istio.io/canonical-revision",
+})
+# The labels that name a workload, in order of preference.
+NAME_LABELS = (("app.kubernetes.io/name", "app.kubernetes.io/instance"), ("app",), ("k8s-app",), ("name",))
+_ID_SEGMENT = re.compile(r"^(\d+|[0-9a-fA-F-]{8,}|[A-Za-z0-9_-]{20,})$")
+_MAX_PREFIX_SEGMENTS = 2
+L7_HTTP = ("http", "http2", "grpc")
+_NO_APP = ("", "unknown", "failed", None)
+
+
+class LearnError(Exception):
+    """Unusable input (unreadable file, no flow records)."""
+
+
+def selector_labels(labels: dict[str, str]) -> dict[str, str]:
+    """The stable labels that identify a workload (app name if present, else all stable ones)."""
+    for keys in NAME_LABELS:
+        if keys[0] in labels:
+            return {k: labels[k] for k in keys if k in labels}
+    return {k: v for k, v in labels.items() if k not in VOLATILE_LABELS and k != LABEL_SCOPE}
+
+
+def path_prefix(path: str) -> str:
+    """Common prefix worth allowing: up to two segments, stopping before an ID-like segment."""
+    segs = [s for s in normalize_path(path).split("/") if s]
+    keep: list[str] = []
+    for s in segs[:_MAX_PREFIX_SEGMENTS]:
+        if _ID_SEGMENT.match(s) and any(c.isdigit() for c in s):
+            break
+        keep.append(s)
+    return "/" + "/".join(keep)
+
+
+def _slug(text: str) -> str:
+    s = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+    return re.sub(r"-{2,}", "-", s)[:40].strip("-") or "peer"
+
+
+@dataclass
+class _Agg:
+    direction: str
+    peer: tuple  # hashable peer key
+    peer_doc: dict[str, Any]
+    peer_name: str
+    app: str | None
+    exception: bool
+    ports: set[tuple[int, str]] = field(default_factory=set)
+    flows: int = 0
+    pods: set[str] = field(default_factory=set)
+    first: str = ""
+    last: str = ""
+    http: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))  # prefix -> methods
+
+
+@dataclass
+class LearnedPolicy:
+    namespace: str
+    name: str
+    selector: dict[str, str]
+    local_scope: str
+    rules: list[_Agg]
+    flows: int = 0
+
+    def document(self) -> dict[str, Any]:
+        spec: dict[str, Any] = {"selector": {"matchLabels": dict(self.selector)}, "mode": "protect",
+                                "default": "deny"}
+        for direction in ("ingress", "egress"):
+            rules = [_rule_doc(r) for r in self.rules if r.direction == direction]
+            if rules:
+                spec[direction] = rules
+        return {"apiVersion": "palisade.dev/v1", "kind": "FirewallPolicy",
+                "metadata": {"name": self.name, "namespace": self.namespace}, "spec": spec}
+
+
+def _workload(obj: Any) -> dict[str, Any] | None:
+    return obj if isinstance(obj, dict) else None
+
+
+def _peer_key(w: dict[str, Any], local_ns: str) -> tuple[tuple, dict[str, Any], str]:
+    if w.get("world") or not w.get("namespace"):
+        ip = str(w.get("ip") or "")
+        cidr = f"{ip}/128" if ":" in ip else f"{ip}/32"
+        return ("world", cidr), {"cidr": cidr}, "world-" + _slug(ip.replace(".", "-").replace(":", "-"))
+    labels = {str(k): str(v) for k, v in (w.get("labels") or {}).items()}
+    sel = selector_labels(labels)
+    doc: dict[str, Any] = {"namespace": w["namespace"]}
+    if sel:
+        doc["labels"] = sel
+    main = next((sel[k[0]] for k in NAME_LABELS if k[0] in sel), None)
+    name = main or (w.get("pod") or w["namespace"])
+    if w["namespace"] != local_ns:
+        name = f"{w['namespace']}-{name}"
+    return ("pod", w["namespace"], tuple(sorted(sel.items()))), doc, _slug(name)
+
+
+def _scope(w: dict[str, Any]) -> str:
+    if w.get("world"):
+        return "out-of-scope"
+    return (w.get("labels") or {}).get(LABEL_SCOPE) or w.get("scope") or "out-of-scope"
+
+
+def learn_from_events(events: list[dict[str, Any]], *, namespace: str | None = None) -> list[LearnedPolicy]:
+    """Aggregate flow records into one LearnedPolicy per local workload (sorted, deterministic)."""
+    groups: dict[tuple, dict[tuple, _Agg]] = defaultdict(dict)
+    meta: dict[tuple, tuple[str, dict[str, str], str]] = {}
+    counts: dict[tuple, int] = defaultdict(int)
+    for ev in events:
+        if ev.get("event_type") != "flow":
+            continue
+        if ev.get("verdict") == "deny" and ev.get("mode") == "protect":
+            continue  # traffic that policy actually refused is not traffic to allow
+        raw_dir = ev.get("direction")
+        direction = {"inbound": "ingress", "outbound": "egress"}.get(raw_dir, raw_dir)
+        if direction not in ("ingress", "egress"):
+            continue
+        src, dst = _workload(ev.get("src_workload")), _workload(ev.get("dest_workload"))
+        local, peer = (dst, src) if direction == "ingress" else (src, dst)
+        if not local or not peer or not local.get("namespace") or local.get("world"):
+            continue
+        if namespace and local["namespace"] != namespace:
+            continue
+        try:
+            port = int(ev.get("dest_port"))
+        except (TypeError, ValueError):
+            continue
+        transport = str(ev.get("proto") or "TCP").upper()
+        transport = transport if transport in ("TCP", "UDP") else "TCP"
+        local_labels = {str(k): str(v) for k, v in (local.get("labels") or {}).items()}
+        lsel = selector_labels(local_labels)
+        lkey = (local["namespace"], tuple(sorted(lsel.items())))
+        local_scope = _scope(local)
+        meta[lkey] = (local["namespace"], lsel, local_scope)
+        counts[lkey] += 1
+        pkey, pdoc, pname = _peer_key(peer, local["namespace"])
+        app = ev.get("app_proto")
+        app = None if app in _NO_APP else str(app).lower()
+        peer_scope = _scope(peer)
+        exception = (direction == "ingress" and local_scope == "cde" and peer_scope == "out-of-scope") or (
+            direction == "egress" and local_scope == "out-of-scope" and peer_scope == "cde")
+        akey = (direction, pkey, app)
+        agg = groups[lkey].get(akey)
+        if agg is None:
+            agg = groups[lkey][akey] = _Agg(direction, pkey, pdoc, pname, app, exception)
+        agg.ports.add((port, transport))
+        agg.flows += 1
+        if (peer.get("pod")):
+            agg.pods.add(f"{peer.get('namespace')}/{peer['pod']}")
+        ts = str(ev.get("timestamp") or (ev.get("flow") or {}).get("start") or "")
+        if ts:
+            agg.first = min(agg.first, ts) if agg.first else ts
+            agg.last = max(agg.last, ts)
+        if app in L7_HTTP:
+            for mp in ((ev.get("l7") or {}).get("methods_paths") or []):
+                if isinstance(mp, list | tuple) and len(mp) == 2:
+                    agg.http[path_prefix(str(mp[1]))].add(str(mp[0]).upper())
+    out = []
+    for lkey in sorted(groups):
+        ns, lsel, scope = meta[lkey]
+        main = next((lsel[k[0]] for k in NAME_LABELS if k[0] in lsel), None) or ns
+        rules = sorted(groups[lkey].values(), key=lambda a: (a.direction != "ingress", a.peer_name, a.app or ""))
+        _name_rules(rules)
+        out.append(LearnedPolicy(ns, _slug(f"learned-{main}"), lsel, scope, rules, counts[lkey]))
+    return out
+
+
+def _name_rules(rules: list[_Agg]) -> None:
+    used: set[str] = set()
+    for r in rules:
+        base = ("from-" if r.direction == "ingress" else "to-") + r.peer_name
+        if r.app:
+            base += f"-{r.app}"
+        base = _slug(base)
+        name, n = base, 2
+        while name in used:
+            name, n = f"{base}-{n}", n + 1
+        used.add(name)
+        r.peer_name = name  # reused as the rule name from here on
+
+
+def _http_entries(http: dict[str, set[str]]) -> list[dict[str, Any]]:
+    # Drop a prefix when a shorter segment-prefix already allows the same methods.
+    prefixes = sorted(http, key=lambda p: (p.count("/"), p))
+    kept: dict[str, set[str]] = {}
+    for p in prefixes:
+        methods = set(http[p])
+        for k, km in kept.items():
+            if (k == "/" or p == k or p.startswith(k + "/")) and methods <= km:
+                methods = set()
+                break
+        if methods:
+            kept[p] = methods
+    by_methods: dict[tuple[str, ...], list[str]] = defaultdict(list)
+    for p, m in kept.items():
+        by_methods[tuple(sorted(m))].append(p)
+    entries = []
+    for methods, paths in sorted(by_methods.items()):
+        for p in sorted(paths):
+            entries.append({"methods": list(methods), "pathPrefix": p})
+    return entries
+
+
+def _rule_doc(r: _Agg) -> dict[str, Any]:
+    doc: dict[str, Any] = {"name": r.peer_name}
+    if r.exception:
+        doc["description"] = ("EXCEPTION to cde-segmentation (out-of-scope <-> cde) learned from traffic: "
+                              "replace with the business justification or delete")
+    else:
+        doc["description"] = "learned from traffic: replace with the business justification"
+    doc["from" if r.direction == "ingress" else "to"] = [dict(r.peer_doc)]
+    doc["ports"] = [{"port": p, "protocol": t} for p, t in sorted(r.ports)]
+    if r.app:
+        doc["appProto"] = r.app
+    if r.app in L7_HTTP and r.http:
+        doc["http"] = _http_entries(r.http)
+    doc["action"] = "allow"
+    if r.exception:
+        doc["exception"] = True
+    return doc
+
+
+def _comment(r: _Agg) -> str:
+    pods = f" from {len(r.pods)} pod{'s' if len(r.pods) != 1 else ''}" if r.pods else ""
+    seen = f", first seen {r.first}, last seen {r.last}" if r.first else ""
+    return f"# {r.flows} flow{'s' if r.flows != 1 else ''}{pods}{seen}"
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block style for structure, flow style for leaves (``labels: {app: x}``, ``methods: [GET]``)."""
+
+
+def _is_leaf(value: Any) -> bool:
+    items = value.values() if isinstance(value, dict) else value
+    return all(not isinstance(v, dict | list) for v in items)
+
+
+def _repr_dict(dumper: yaml.SafeDumper, data: dict) -> yaml.Node:
+    return dumper.represent_mapping("tag:yaml.org,2002:map", data.items(), flow_style=bool(data) and _is_leaf(data))
+
+
+def _repr_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=bool(data) and _is_leaf(data))
+
+
+_Dumper.add_representer(dict, _repr_dict)
+_Dumper.add_representer(list, _repr_list)
+
+
+def _dump(value: Any) -> str:
+    return yaml.dump(value, Dumper=_Dumper, sort_keys=False, width=100)
+
+
+def render_policy(p: LearnedPolicy) -> str:
+    doc = p.document()
+    spec = doc.pop("spec")
+    rules = {d: spec.pop(d, []) for d in ("ingress", "egress")}
+    head = yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)
+    body = _dump({"spec": spec})
+    lines = [f"# Learned from {p.flows} flow records by `python -m firewall policy learn`.",
+             f"# Workload scope: {p.local_scope}. Review every rule before deploying in protect mode.",
+             head.rstrip("\n"), body.rstrip("\n")]
+    by_name = {r.peer_name: r for r in p.rules}
+    for direction in ("ingress", "egress"):
+        if not rules[direction]:
+            continue
+        lines.append(f"  {direction}:")
+        for rd in rules[direction]:
+            lines.append("    " + _comment(by_name[rd["name"]]))
+            dumped = _dump([rd]).rstrip("\n")
+            lines.extend("    " + ln for ln in dumped.splitlines())
+    return "\n".join(lines) + "\n"
+
+
+def render_policies(policies: list[LearnedPolicy]) -> str:
+    if not policies:
+        return "# no flows learned\n"
+    return "---\n".join(render_policy(p) for p in policies)
+
+
+def learn_policies(paths: list[str], *, namespace: str | None = None) -> list[LearnedPolicy]:
+    events: list[dict[str, Any]] = []
+    for path in paths:
+        try:
+            events.extend(read_events(path))
+        except OSError as exc:
+            raise LearnError(f"{path}: {exc.strerror or exc}") from None
+    if not any(e.get("event_type") == "flow" for e in events):
+        raise LearnError(f"no flow records in {', '.join(paths)}")
+    return learn_from_events(events, namespace=namespace)
