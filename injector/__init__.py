@@ -73,4 +73,4 @@ PROBE_PORTS_ENV = "PALISADE_PROBE_PORTS"
 RESERVED_PORTS = (OUTBOUND_PORT, INBOUND_PORT, ADMIN_PORT)
 # Proxies of other meshes: running two transparent proxies in one pod fights over the same
 # packets, so by default such pods are left alone with a warning.
-OTHER_MESH_PROXIES = ("istio-proxy", "linkerd-proxy", "istio-validation", "linkerd-init")
+OTHER_MESH_PROXIES = ("istio-proxy", "istio-init", "istio-validation", "linkerd-proxy", "linkerd-init")

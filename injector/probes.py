@@ -64,7 +64,7 @@ def probe_ports(containers: Iterable[dict]) -> ProbePorts:
                 port = _resolve(container, spec.get("port"))
                 if port is None:
                     warnings.append(
-                        f"container {name}: {kind} port {spec.get('port')!r} does not resolve to a "
+                        f"palisade: container {name}: {kind} port {spec.get('port')!r} does not resolve to a "
                         "port of the container; the kubelet probe will fail, and Palisade cannot "
                         "allow it")
                 else:

@@ -16,13 +16,12 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-import jsonpatch
-
 from injector import ANN_STATUS, INIT_NAME, LABEL_SCOPE, SIDECAR_NAME
 from injector.annotations import AnnotationError, inject_flag
 from injector.config import InjectorConfig
 from injector.decision import decide
 from injector.inject import InjectError, render, repair_order
+from injector.patch import make_patch
 
 API_VERSION = "admission.k8s.io/v1"
 KIND = "AdmissionReview"
@@ -175,14 +174,14 @@ def mutate(review: Any, config: InjectorConfig) -> Result:
             if ANN_STATUS in ((pod.get("metadata") or {}).get("annotations") or {}):
                 fixed = repair_order(pod)
                 if fixed is not None:
-                    patch = jsonpatch.make_patch(pod, fixed).patch
+                    patch = make_patch(pod, fixed)
                     return Result(_respond(uid, True, patch=patch), "repaired", patch, "init order repaired")
             return Result(_respond(uid, True, warnings=decision.warnings), "skipped", reason=decision.reason)
         rendered = render(pod, config)
     except (AnnotationError, InjectError) as exc:
         message = f"palisade: pod {_pod_name(pod)}: {exc}"
         return Result(_respond(uid, False, message=message), "rejected", reason=str(exc))
-    patch = jsonpatch.make_patch(pod, rendered.pod).patch
+    patch = make_patch(pod, rendered.pod)
     return Result(_respond(uid, True, patch=patch, warnings=decision.warnings + rendered.warnings),
                   "injected", patch, decision.reason)
 
