@@ -161,6 +161,8 @@ def render(cfg: RedirectConfig) -> str:
     a('    iifname "lo" return')
     if cfg.capture_inbound:
         a("    fib daddr type != local return")
+        # replies to the pod's own outbound connections (the sidecar's upstreams included)
+        a("    ct direction reply return")
         a(f"    tcp dport {_set([str(p) for p in in_excl])} return")
         a(f"    meta l4proto tcp tproxy to :{cfg.inbound_port} meta mark set {m} accept")
         a(f"    meta l4proto tcp meta mark set {fm}")

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -122,6 +123,32 @@ class Sidecar:
         return self.proc.returncode
 
 
+class BlastServer:
+    """The blast server process plus its per-connection result lines (read in a thread)."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        self.results: list[dict] = []
+        self._t = threading.Thread(target=self._read, daemon=True)
+        self._t.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:  # type: ignore[union-attr]
+            try:
+                d = json.loads(line)
+            except ValueError:
+                continue
+            if "recv" in d or "error" in d:
+                self.results.append(d)
+
+    def wait_results(self, n: int, timeout: float = 30.0) -> list[dict]:
+        wait_until(lambda: len(self.results) >= n, timeout, what=f"{n} blast server results")
+        return self.results
+
+    def terminate(self) -> None:
+        self.proc.terminate()
+
+
 class Pod:
     def __init__(self, cluster: Cluster, name: str, idx: int) -> None:
         self.cluster, self.name, self.idx = cluster, name, idx
@@ -151,10 +178,10 @@ class Pod:
     def wait_listening(self, port: int, timeout: float = 15, udp: bool = False) -> None:
         wait_until(lambda: self.listening(port, udp), timeout, what=f"{self.ns} listening on {port}")
 
-    def serve_blast(self, port: int = 9000) -> subprocess.Popen:
-        p = self.popen([PY, str(REPO / "tests/tools/blast.py"), "server", "--port", str(port)])
+    def serve_blast(self, port: int = 9000, host: str = "0.0.0.0") -> BlastServer:
+        p = self.popen([PY, str(REPO / "tests/tools/blast.py"), "server", "--host", host, "--port", str(port)])
         self.wait_listening(port)
-        return p
+        return BlastServer(p)
 
     def blast(self, host: str, port: int = 9000, **opts) -> dict:
         args = [PY, str(REPO / "tests/tools/blast.py"), "client", "--host", host, "--port", str(port)]

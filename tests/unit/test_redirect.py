@@ -1,0 +1,78 @@
+"""Redirect rules as text (no root needed) and argument validation before any kernel change."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from firewall.redirect import RedirectConfig, RedirectError, parse_cidrs, parse_ports, render, render_remove
+
+
+def test_render_is_one_idempotent_transaction():
+    text = render(RedirectConfig())
+    lines = text.splitlines()
+    assert lines[0] == "add table inet palisade"
+    assert lines[1] == "flush table inet palisade"
+    assert "tproxy to :15006" in text
+    assert "redirect to :15001" in text
+    assert "tproxy to :15053" in text
+    assert "meta skuid 1337" in text and "meta skgid 1337" in text
+    assert "tcp dport { 15020 } return" in text  # admin port always excluded
+    assert "reject with tcp reset" in text       # fail closed
+    assert render(RedirectConfig()) == text      # deterministic
+
+
+def test_exclusions_are_rendered():
+    cfg = RedirectConfig(exclude_inbound_ports=(22, 8080), exclude_outbound_ports=(25,),
+                         exclude_outbound_cidrs=("169.254.169.254/32", "fd00::/8"))
+    text = render(cfg)
+    assert "tcp dport { 22, 8080, 15020 } return" in text
+    assert "tcp dport { 25 } return" in text
+    assert "ip daddr { 169.254.169.254/32 } return" in text
+    assert "ip6 daddr { fd00::/8 } return" in text
+
+
+def test_remove_is_idempotent_text():
+    assert render_remove() == "add table inet palisade\ndelete table inet palisade\n"
+
+
+@pytest.mark.parametrize("value,expected", [("", ()), ("80", (80,)), ("80, 8080", (80, 8080)),
+                                            ("9000-9002", (9000, 9001, 9002))])
+def test_parse_ports(value, expected):
+    assert parse_ports(value) == expected
+
+
+@pytest.mark.parametrize("value", ["0", "65536", "http", "10-5", "1-60000"])
+def test_parse_ports_rejects(value):
+    with pytest.raises(RedirectError):
+        parse_ports(value)
+
+
+def test_parse_cidrs():
+    assert parse_cidrs("10.0.0.0/8,fd00::/8") == ("10.0.0.0/8", "fd00::/8")
+    with pytest.raises(RedirectError, match="malformed CIDR"):
+        parse_cidrs("10.0.0.0/33")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--inbound-port", "70000"], "out of range"),
+    (["--exclude-outbound-cidrs", "300.1.1.1/8"], "malformed CIDR"),
+    (["--exclude-inbound-ports", "abc"], "malformed port"),
+])
+def test_cli_bad_arguments_exit_2_with_one_line(args, needle):
+    # "apply" with bad args must fail before touching the kernel (works even without root)
+    p = subprocess.run([sys.executable, "-m", "firewall", "redirect", "apply", *args],
+                       capture_output=True, text=True)
+    assert p.returncode == 2
+    assert needle in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in p.stderr
+
+
+def test_cli_show_dry_run_prints_ruleset():
+    p = subprocess.run([sys.executable, "-m", "firewall", "redirect", "show", "--dry-run"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0
+    assert p.stdout == render(RedirectConfig())
