@@ -1,0 +1,491 @@
+"""DLP engine: Hyperscan stream-mode triggers, Python confirmation on a bounded window.
+
+How a value is found (and why it is fast):
+
+1. Every enabled rule contributes short, bounded *trigger* expressions (see
+   ``dlp_rules``).  All triggers are compiled into ONE stream-mode Hyperscan
+   database without start-of-match tracking: Hyperscan only reports "a trigger
+   ends at offset t", which is what it does fastest.  One Hyperscan stream per
+   connection direction is opened on the first byte and closed with the flow, so a
+   value split across TCP segments is seen like any other.
+2. Each stream keeps a look-back window of the last ``holdback + 66`` bytes.  A
+   trigger hit becomes a *candidate* (rule, start); its start is known from the
+   trigger's width.  The rule's value regexes are matched at that start on the
+   window and the validator (Luhn, mod-97, SSN rules, entropy ...) runs on the
+   exact matched bytes.  Python work is proportional to the number of candidates,
+   never to the number of bytes.
+3. **The blocking contract**: every value whose last byte has been passed to
+   ``scan()`` is reported no later than that call.  Triggers carry no trailing
+   ``\\b``/``$`` (which Hyperscan could only report on the next write); the right
+   boundary is a Python look-ahead, which at the end of the data seen so far
+   succeeds - end-of-data semantics.  A value at the very end of a chunk is
+   therefore reported at once even if the next chunk could still extend it.
+4. A candidate stays *pending* until ``max_length + 1`` bytes after its start have
+   been seen (or the stream closes); then it is evaluated for the last time.  An
+   earlier report that the final evaluation does not confirm (the number went on
+   with more digits) is *retracted*: blocking already acted on it, which is the
+   safe side, and offline tools (``dlp scan``) drop it, so their output does not
+   depend on how the input was chunked.
+
+Findings carry only masked values (``dlp_mask``).  ``confidence`` is a number in
+(0, 1]: the rule's base confidence, plus 0.15 (capped at 0.99) when one of the
+rule's context keywords appears in the 48 bytes before the value.
+
+Engines are immutable: reloading builds a new engine (``DlpEngine.load``) and the
+caller swaps its reference atomically; open streams finish on the engine they
+started with.  The compiled database is cached on disk keyed by the triggers'
+hash, so start-up after the first run is a file read; a read-only file system
+only costs a warning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import re
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hyperscan
+
+from firewall.dlp_mask import context_snippet, mask_card, mask_hint, mask_shape
+from firewall.dlp_rules import (
+    DlpRuleError,
+    Pack,
+    Rule,
+    Trigger,
+    default_rules_dir,
+    load_packs,
+    pack_files,
+    rules_hash,
+)
+
+__all__ = ["DlpEngine", "DlpRuleError", "DlpStream", "Finding"]
+
+log = logging.getLogger("palisade.dlp")
+
+CACHE_FORMAT = b"palisade-dlp-hsdb-1"
+KEYWORD_LOOKBACK = 48
+CONTEXT_CHARS = 32
+KEYWORD_BOOST = 0.15
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One sensitive value in a stream; ``start``/``end`` are absolute stream offsets (end exclusive)."""
+
+    rule_id: str
+    rule_name: str
+    pack: str
+    type: str
+    severity: str
+    start: int
+    end: int
+    masked: str
+    confidence: float
+    context: str
+    default_action: str
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``dlp scan`` line."""
+        return {"rule": self.rule_id, "type": self.type, "start": self.start, "end": self.end,
+                "masked": self.masked, "confidence": self.confidence}
+
+    def eve(self) -> dict[str, Any]:
+        """The ``dlp`` object of an EVE alert (the session adds direction and peers)."""
+        return {"rule": self.rule_id, "rule_name": self.rule_name, "pack": self.pack,
+                "type": self.type, "severity": self.severity, "masked": self.masked,
+                "offset": self.start, "length": self.end - self.start,
+                "confidence": self.confidence, "context": self.context}
+
+
+def default_cache_dir() -> str:
+    explicit = os.environ.get("PALISADE_CACHE_DIR")
+    if explicit:
+        return explicit
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    cand = os.path.join(base, "palisade")
+    try:
+        os.makedirs(cand, exist_ok=True)
+        if os.access(cand, os.W_OK):
+            return cand
+    except OSError:
+        pass
+    return os.path.join(tempfile.gettempdir(), "palisade-cache")
+
+
+@dataclass(slots=True)
+class _Candidate:
+    rule: int
+    start: int
+    reported: dict[tuple[int, int], Finding]
+
+
+class DlpEngine:
+    """All enabled rules of a set of packs, compiled into one stream-mode database."""
+
+    def __init__(self, packs: dict[str, Pack], enabled: list[str], rules: list[Rule],
+                 triggers: list[Trigger], trigger_rules: list[tuple[int, ...]],
+                 db: hyperscan.Database | None, rules_hash_: str, cache_path: str | None) -> None:
+        self._packs = packs
+        self.enabled = enabled
+        self.rules = rules
+        self.triggers = triggers
+        self._trigger_rules = trigger_rules
+        self._db = db
+        self.rules_hash = rules_hash_
+        self.cache_path = cache_path
+        self._order = {r.id: r.order for r in rules}
+        self.holdback = max((r.max_length for r in rules), default=0)
+        self.window = self.holdback + KEYWORD_LOOKBACK + CONTEXT_CHARS + 2
+        self._tls = threading.local()
+        self._close_lock = threading.Lock()
+        # Fixed-width triggers give the start directly; others are located in Python.
+        self._trigger_start: list[int | re.Pattern[bytes]] = []
+        for t in triggers:
+            if t.min_width == t.max_width:
+                self._trigger_start.append(t.min_width)
+            else:
+                body = f"(?:{t.pattern})\\Z"
+                if t.boundary:
+                    body = f"(?<!{t.boundary})" + body
+                self._trigger_start.append(re.compile(body.encode()))
+        self._load_args: tuple[Any, ...] = ()
+
+    # ----------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, rules_dirs: str | list[str] | None = None, enable: list[str] | None = None,
+             cache_dir: str | None = None) -> DlpEngine:
+        """Load, check and compile rule packs; raises ``DlpRuleError("path: message")``.
+
+        ``enable=None`` enables every pack whose ``enabled_by_default`` is true.
+        """
+        if rules_dirs is None:
+            dirs = [default_rules_dir()]
+        elif isinstance(rules_dirs, (str, os.PathLike)):
+            dirs = [str(rules_dirs)]
+        else:
+            dirs = [str(d) for d in rules_dirs]
+        files = pack_files(dirs)
+        if not files:
+            raise DlpRuleError(f"{', '.join(dirs)}: no rule packs (*.yaml)")
+        loaded = load_packs(dirs)
+        packs = {name: p for name, (p, _) in loaded.items()}
+        if enable is None:
+            enabled = [n for n, p in packs.items() if p.enabled_by_default]
+        else:
+            enabled = []
+            for name in enable:
+                if name not in packs:
+                    known = ", ".join(sorted(packs))
+                    raise DlpRuleError(f"enable: unknown pack {name!r} (known: {known})")
+                if name not in enabled:
+                    enabled.append(name)
+        rules: list[Rule] = []
+        triggers: list[Trigger] = []
+        trig_index: dict[tuple[str, str | None], int] = {}
+        trig_rules: list[list[int]] = []
+        for name in sorted(enabled, key=lambda n: list(packs).index(n)):
+            for rule, rule_triggers in loaded[name][1]:
+                if not rule.enabled:
+                    continue
+                ri = len(rules)
+                rules.append(dataclasses.replace(rule, order=ri))
+                for trig in rule_triggers:
+                    key = (trig.pattern, trig.boundary)
+                    if key not in trig_index:
+                        trig_index[key] = len(triggers)
+                        triggers.append(trig)
+                        trig_rules.append([])
+                    if ri not in trig_rules[trig_index[key]]:
+                        trig_rules[trig_index[key]].append(ri)
+        db, cache_path = _database(triggers, rules, trig_rules, cache_dir)
+        engine = cls(packs, enabled, rules, triggers, [tuple(x) for x in trig_rules], db,
+                     rules_hash(files, enable), cache_path)
+        engine._load_args = (dirs, enable, cache_dir)
+        return engine
+
+    def reload(self) -> DlpEngine:
+        """A new engine from the same sources (this one stays valid for open streams)."""
+        dirs, enable, cache_dir = self._load_args
+        return DlpEngine.load(dirs, enable, cache_dir)
+
+    @property
+    def packs(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for name, pack in self._packs.items():
+            info = pack.info()
+            info["enabled"] = name in self.enabled
+            out[name] = info
+        return out
+
+    # ---------------------------------------------------------------- scanning
+    def stream(self, track_retractions: bool = False) -> DlpStream:
+        return DlpStream(self, track_retractions)
+
+    def scan_bytes(self, data: bytes, chunk_size: int = 65536) -> list[Finding]:
+        """Whole-buffer convenience: one stream, fed in chunks, closed; retractions dropped."""
+        s = self.stream(track_retractions=True)
+        found: list[Finding] = []
+        view = memoryview(data)
+        for off in range(0, len(data), max(1, chunk_size)):
+            found.extend(s.scan(view[off:off + chunk_size]))
+        found.extend(s.close())
+        gone = {(f.rule_id, f.start, f.end) for f in s.retracted}
+        return sorted((f for f in found if (f.rule_id, f.start, f.end) not in gone),
+                      key=lambda f: (f.start, f.end, f.rule_id))
+
+    def _scratch(self) -> hyperscan.Scratch:
+        scratch = getattr(self._tls, "scratch", None)
+        if scratch is None:
+            scratch = hyperscan.Scratch(self._db)
+            self._tls.scratch = scratch
+        return scratch
+
+
+def _hs_compile(expressions: list[bytes]) -> hyperscan.Database:
+    db = hyperscan.Database(mode=hyperscan.HS_MODE_STREAM)
+    db.compile(expressions=expressions, ids=list(range(len(expressions))),
+               elements=len(expressions), flags=0)
+    return db
+
+
+def _database(triggers: list[Trigger], rules: list[Rule], trig_rules: list[list[int]],
+              cache_dir: str | None) -> tuple[hyperscan.Database | None, str | None]:
+    """Load the compiled database from the cache, or compile (and try to cache) it."""
+    if not triggers:
+        return None, None
+    expressions = [t.expression for t in triggers]
+    version = getattr(hyperscan, "__version__", "?")
+    key = hashlib.sha256(CACHE_FORMAT + version.encode() + b"\0" + b"\0".join(expressions)).hexdigest()
+    directory = cache_dir or default_cache_dir()
+    path = os.path.join(directory, f"dlp-{key[:32]}.hsdb")
+    db = _read_cache(path)
+    if db is not None:
+        return db, path
+    try:
+        db = _hs_compile(expressions)
+    except hyperscan.error:
+        # Name the culprit: compile one trigger at a time.
+        for i, expr in enumerate(expressions):
+            try:
+                _hs_compile([expr])
+            except hyperscan.error as exc:
+                rule = rules[trig_rules[i][0]]
+                raise DlpRuleError(
+                    f"{rule.source}: {rule.id}: pattern {triggers[i].pattern!r}: hyperscan: {exc}") from None
+        raise DlpRuleError("dlp_rules: hyperscan could not compile the combined database") from None
+    _write_cache(path, hyperscan.dumpb(db))
+    return db, path
+
+
+def _read_cache(path: str) -> hyperscan.Database | None:
+    try:
+        blob = Path(path).read_bytes()
+    except OSError:
+        return None
+    head = len(CACHE_FORMAT)
+    if blob[:head] != CACHE_FORMAT or hashlib.sha256(blob[head + 32:]).digest() != blob[head:head + 32]:
+        log.warning("dlp: ignoring corrupt database cache %s", path)
+        return None
+    try:
+        db = hyperscan.loadb(blob[head + 32:], hyperscan.HS_MODE_STREAM)
+        db.scratch = hyperscan.Scratch(db)
+    except hyperscan.error:
+        log.warning("dlp: ignoring incompatible database cache %s", path)
+        return None
+    return db
+
+
+def _write_cache(path: str, payload: bytes) -> None:
+    blob = CACHE_FORMAT + hashlib.sha256(payload).digest() + payload
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".dlp-", dir=os.path.dirname(path))
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(blob)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as exc:
+        log.warning("dlp: cannot write database cache %s: %s (start-up will recompile)", path, exc.strerror)
+
+
+class DlpStream:
+    """One direction of one connection.  Not thread-safe; one thread drives one stream."""
+
+    __slots__ = ("_engine", "_hs", "_seen", "_tail", "_tail_base", "_hits", "_cb", "_ctx",
+                 "_pending", "_spans", "_closed", "_track", "retracted")
+
+    def __init__(self, engine: DlpEngine, track_retractions: bool = False) -> None:
+        self._engine = engine
+        self._hs: Any = None
+        self._seen = 0
+        self._tail = b""
+        self._tail_base = 0
+        self._hits: list[tuple[int, int]] = []
+        hits = self._hits
+
+        def on_match(tid: int, _from: int, to: int, _flags: int, _ctx: object) -> None:
+            hits.append((to, tid))
+
+        # The hyperscan binding keeps borrowed references: hold them for the stream's life.
+        self._cb = on_match
+        self._ctx = (self,)
+        self._pending: dict[tuple[int, int], _Candidate] = {}
+        self._spans: dict[tuple[int, int], int] = {}
+        self._closed = False
+        self._track = track_retractions
+        self.retracted: list[Finding] = []
+
+    @property
+    def offset(self) -> int:
+        """Bytes scanned so far."""
+        return self._seen
+
+    def scan(self, data: bytes | bytearray | memoryview) -> list[Finding]:
+        """Scan the next bytes of the stream; returns every value completed by them (see module doc)."""
+        if self._closed:
+            raise ValueError("scan() on a closed DlpStream")
+        n = len(data)
+        if n == 0 or self._engine._db is None:
+            self._seen += n
+            return []
+        eng = self._engine
+        if self._hs is None:
+            self._hs = eng._db.stream(match_event_handler=self._cb, context=self._ctx)
+            self._hs.__enter__()
+        self._hs.scan(data, scratch=eng._scratch(), match_event_handler=self._cb, context=self._ctx)
+        self._seen += n
+        width = eng.window
+        if not self._hits and not self._pending:
+            if n >= width:
+                self._tail = bytes(data[n - width:])
+            else:
+                self._tail = (self._tail + bytes(data))[-width:]
+            self._tail_base = self._seen - len(self._tail)
+            return []
+        window = self._tail + bytes(data)
+        base = self._tail_base
+        out = self._process(window, base, final=False)
+        self._tail = window[-width:]
+        self._tail_base = self._seen - len(self._tail)
+        return out
+
+    def close(self) -> list[Finding]:
+        """End of stream: flush Hyperscan and settle pending candidates (idempotent)."""
+        if self._closed:
+            return []
+        self._closed = True
+        if self._hs is None:
+            return []
+        eng = self._engine
+        with eng._close_lock:  # close uses the database's own scratch
+            self._hs.close(match_event_handler=self._cb, context=self._ctx)
+        self._hs = None
+        out = self._process(self._tail, self._tail_base, final=True)
+        self._pending.clear()
+        self._spans.clear()
+        return out
+
+    # ------------------------------------------------------------------ internals
+    def _process(self, window: bytes, base: int, final: bool) -> list[Finding]:
+        eng = self._engine
+        pending = self._pending
+        for t, tid in self._hits:
+            how = eng._trigger_start[tid]
+            if isinstance(how, int):
+                start = t - how
+            else:
+                trig = eng.triggers[tid]
+                m = how.search(window, max(0, t - trig.max_width - base), t - base)
+                if m is None:
+                    continue
+                start = m.start() + base
+            for ri in eng._trigger_rules[tid]:
+                if (ri, start) not in pending:
+                    pending[(ri, start)] = _Candidate(ri, start, {})
+        self._hits.clear()
+        out: list[Finding] = []
+        seen = self._seen
+        done = []
+        for key, cand in pending.items():
+            rule = eng.rules[cand.rule]
+            complete = final or seen > cand.start + rule.max_length
+            res = self._evaluate(rule, window, base, cand.start)
+            span = None
+            if res is not None:
+                span = (res[0], res[1])
+                if span not in cand.reported and span not in self._spans:
+                    finding = self._finding(rule, window, base, *res)
+                    self._spans[span] = cand.rule
+                    cand.reported[span] = finding
+                    out.append(finding)
+            if complete:
+                for sp, f in cand.reported.items():
+                    if sp != span:
+                        self._spans.pop(sp, None)
+                        if self._track:
+                            self.retracted.append(f)
+                done.append(key)
+        for key in done:
+            del pending[key]
+        if len(self._spans) > 256:
+            horizon = seen - eng.window
+            self._spans = {k: v for k, v in self._spans.items() if k[1] >= horizon}
+        if len(out) > 1:
+            out.sort(key=lambda f: (f.start, eng._order[f.rule_id]))
+        return out
+
+    @staticmethod
+    def _evaluate(rule: Rule, window: bytes, base: int, start: int
+                  ) -> tuple[int, int, re.Match[bytes]] | None:
+        pos = start - base
+        if pos < 0:
+            return None
+        if rule.prefix is not None and rule.prefix.match(window, pos) is None:
+            return None
+        for rx in rule.values:
+            m = rx.match(window, pos)
+            if m is None:
+                continue
+            if "secret" in rx.groupindex and m.start("secret") >= 0:
+                vs, ve = m.span("secret")
+            else:
+                vs, ve = m.span()
+            if rule.validator(window[vs:ve]):
+                return vs + base, ve + base, m
+        return None
+
+    def _finding(self, rule: Rule, window: bytes, base: int, start: int, end: int,
+                 m: re.Match[bytes]) -> Finding:
+        vs, ve = start - base, end - base
+        value = window[vs:ve]
+        if rule.mask == "card":
+            masked = mask_card(value)
+        elif rule.mask == "shape":
+            masked = mask_shape(value)
+        else:
+            hint = None
+            inside = False
+            if "hint" in m.re.groupindex and m.start("hint") >= 0:
+                hint = m.group("hint")
+                inside = vs <= m.start("hint") < ve
+            masked = mask_hint(value, hint, inside)
+        confidence = rule.confidence
+        if rule.context:
+            before = window[max(0, vs - KEYWORD_LOOKBACK):vs].lower()
+            if any(k in before for k in rule.context):
+                confidence = min(0.99, confidence + KEYWORD_BOOST)
+        ctx = context_snippet(window[max(0, vs - CONTEXT_CHARS):vs], masked,
+                              window[ve:ve + CONTEXT_CHARS])
+        return Finding(rule.id, rule.name, rule.pack, rule.type, rule.severity, start, end,
+                       masked, round(confidence, 2), ctx, rule.action)
+
