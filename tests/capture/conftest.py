@@ -1,0 +1,168 @@
+"""Fixtures for capture tests: two network namespaces joined by a veth pair.
+
+``pc-<tag>a`` plays the pod (``eth0`` 10.77.0.1/24, ``lo`` up), ``pc-<tag>b`` its
+peers (``eth0`` 10.77.0.2/24 and 10.77.0.3/24). IPv6 is off in both so captures
+hold only the traffic a test makes. Traffic never leaves these namespaces.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+PY = sys.executable
+NEEDS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces")
+NEEDS_TOOLS = pytest.mark.skipif(
+    not all(shutil.which(t) for t in ("ip", "tcpdump", "tshark")),
+    reason="needs iproute2, tcpdump and tshark (Debian packages)")
+
+SERVER = r"""
+import socket, socketserver, sys, threading
+class H(socketserver.BaseRequestHandler):
+    def handle(self):
+        while self.request.recv(65536):
+            pass
+        self.request.sendall(b"ok")
+class S(socketserver.ThreadingTCPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+for spec in sys.argv[1:]:
+    host, port = spec.rsplit(":", 1)
+    srv = S((host, int(port)), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+CLIENT = r"""
+import socket, sys
+for spec in sys.argv[1:]:
+    kind, host, port, size = spec.split(":")
+    data = (f"MARK-{port}-".encode() * (int(size) // 10 + 1))[: int(size)]
+    if kind == "udp":
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for i in range(0, len(data), 1000):
+            s.sendto(data[i:i + 1000], (host, int(port)))
+        s.close()
+        continue
+    s = socket.create_connection((host, int(port)), timeout=10)
+    s.sendall(data)
+    s.shutdown(socket.SHUT_WR)
+    assert s.recv(10) == b"ok", "server did not answer"
+    s.close()
+"""
+
+
+def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(list(cmd), capture_output=True, text=True, check=check)
+
+
+@dataclass
+class NsPair:
+    pod: str
+    peer: str
+    servers: list[subprocess.Popen] = field(default_factory=list)
+
+    @property
+    def pod_path(self) -> str:
+        return f"/run/netns/{self.pod}"
+
+    def serve(self, *addrs: str, ns: str | None = None) -> None:
+        """TCP sink servers (``host:port``) in the peer namespace (or ``ns``); returns once listening."""
+        proc = subprocess.Popen(["ip", "netns", "exec", ns or self.peer, PY, "-c", SERVER, *addrs],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.servers.append(proc)
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready", "test servers did not start"
+
+    def traffic(self, *flows: str) -> None:
+        """Run client flows from the pod namespace: ``tcp:host:port:bytes`` / ``udp:...``."""
+        res = sh("ip", "netns", "exec", self.pod, PY, "-c", CLIENT, *flows, check=False)
+        assert res.returncode == 0, f"traffic {flows} failed: {res.stderr.strip()[-500:]}"
+
+    def close(self) -> None:
+        for proc in self.servers:
+            proc.kill()
+            proc.wait()
+        for ns in (self.pod, self.peer):
+            sh("ip", "netns", "del", ns, check=False)
+
+
+@pytest.fixture
+def nspair() -> Iterator[NsPair]:
+    tag = secrets.token_hex(3)
+    pair = NsPair(f"pc-{tag}a", f"pc-{tag}b")
+    try:
+        sh("ip", "netns", "add", pair.pod)
+        sh("ip", "netns", "add", pair.peer)
+        sh("ip", "link", "add", "eth0", "netns", pair.pod, "type", "veth", "peer", "name", "eth0",
+           "netns", pair.peer)
+        for ns, addrs in ((pair.pod, ["10.77.0.1/24"]), (pair.peer, ["10.77.0.2/24", "10.77.0.3/24"])):
+            sh("ip", "netns", "exec", ns, "sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1")
+            sh("ip", "netns", "exec", ns, "sysctl", "-q", "-w", "net.ipv6.conf.default.disable_ipv6=1")
+            for a in addrs:
+                sh("ip", "-n", ns, "addr", "add", a, "dev", "eth0")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+            sh("ip", "-n", ns, "link", "set", "eth0", "up")
+        yield pair
+    finally:
+        pair.close()
+
+
+class Events:
+    """Thread-safe event collector with readiness waits (the ``emit`` callable)."""
+
+    def __init__(self) -> None:
+        self.items: list[dict] = []
+        self._cv = threading.Condition()
+
+    def __call__(self, event: dict) -> None:
+        with self._cv:
+            self.items.append(event)
+            self._cv.notify_all()
+
+    def pcap(self, state: str | None = None, cid: str | None = None) -> list[dict]:
+        with self._cv:
+            return [e["pcap"] for e in self.items if e.get("event_type") == "pcap"
+                    and (state is None or e["pcap"]["state"] == state)
+                    and (cid is None or e["pcap"]["id"] == cid)]
+
+    def wait(self, state: str, cid: str | None = None, n: int = 1, timeout: float = 15.0) -> list[dict]:
+        with self._cv:
+            ok = self._cv.wait_for(lambda: len(self.pcap(state, cid)) >= n, timeout)
+        assert ok, f"no {state!r} pcap event (have {self.items})"
+        return self.pcap(state, cid)
+
+
+@pytest.fixture
+def events() -> Events:
+    return Events()
+
+
+def sha256_file(path: str) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.sha256(fh.read()).hexdigest()
+
+
+def tshark_fields(path: str, *fields: str, display_filter: str | None = None) -> list[list[str]]:
+    cmd = ["tshark", "-n", "-r", path, "-T", "fields", "-E", "separator=|"]
+    for f in fields:
+        cmd += ["-e", f]
+    if display_filter:
+        cmd += ["-Y", display_filter]
+    out = sh(*cmd).stdout
+    return [line.split("|") for line in out.splitlines() if line.strip()]
+
+
+def tcpdump_lines(path: str) -> list[str]:
+    res = sh("tcpdump", "-nn", "-r", path)
+    return [line for line in res.stdout.splitlines() if line.strip()]
