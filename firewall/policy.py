@@ -157,6 +157,7 @@ class _Outcome:
     mode: str
     reason: str
     pending: bool = False
+    pending_l7: bool = False  # a pending rule has an L7 match (not only an appProto)
     cared: bool = False  # an app-conditioned rule was considered (decide_app returns the outcome)
     l7_cared: bool = False  # an L7 match had something to say about the event (decide_l7 returns it)
     decisions: dict[tuple[str, bool], Decision] = field(default_factory=dict)
@@ -418,14 +419,17 @@ class PolicySet:
             return _Outcome("deny", final.name, "deny", final.capture, final.mode,
                             reason + "; no application-level outcome could allow it", cared=cared,
                             l7_cared=l7_cared)
-        # Report the first rule that could allow, since that is what the provisional allow rests on.
-        first = next((p for p in pending if p.verdict == "allow"), pending[0])
+        # Name the rule the provisional allow rests on: the first pending allow, else the final allow.
+        first = next((p for p in pending if p.verdict == "allow"), None)
+        basis = first if first is not None else final
         need = "app_proto" if app is None else "L7"
-        return _Outcome("allow", first.name, "allow", False, first.mode,
-                        f"pending {need}: rule {first.name} of {first.origin} needs "
-                        f"{'/'.join(sorted(first.app_protos or ()))}"
-                        + (f" {first.l7.describe()}" if first.l7 else "")
-                        + f"; otherwise {final.name}", pending=True, cared=cared, l7_cared=l7_cared)
+        waits = ", ".join(
+            f"{p.name} ({p.action}, needs {'/'.join(sorted(p.app_protos or ()))}"
+            + (f" {p.l7.describe()}" if p.l7 else "") + ")" for p in pending)
+        return _Outcome("allow", basis.name, "allow", basis.capture, basis.mode,
+                        f"pending {need}: {waits}; otherwise {final.name}",
+                        pending=True, pending_l7=any(p.l7 is not None for p in pending),
+                        cared=cared, l7_cared=l7_cared)
 
     @staticmethod
     def _reason(final: CompiledRule | _Terminal) -> str:
@@ -448,7 +452,7 @@ class PolicySet:
         else:
             enforced = mode == "protect"
             alert = not out.pending and (out.verdict == "deny" or out.action == "alert")
-            d = Decision(out.verdict, out.rule, alert, enforced, out.capture and not out.pending, mode, out.reason)
+            d = Decision(out.verdict, out.rule, alert, enforced, out.capture, mode, out.reason)
         out.decisions[key] = d
         return d
 
@@ -481,7 +485,14 @@ class PolicySet:
         return self._decision(out, table, mode_override, quarantined)
 
     def needs_l7(self, flow: FlowInfo, *, fqdn: FqdnCache | None = None) -> bool:
-        """Whether an app_proto/L7 rule could still change this flow's verdict."""
+        """Whether an L7 match (http/tls/dns/redis/sql) could still change this flow's verdict,
+        i.e. whether the session must hold request heads until ``decide_l7`` has seen them."""
+        if self.is_empty:
+            return False
+        return self._outcome(flow, fqdn, None)[1].pending_l7
+
+    def needs_app(self, flow: FlowInfo, *, fqdn: FqdnCache | None = None) -> bool:
+        """Whether the verdict still depends on the identified app_proto (or on L7)."""
         if self.is_empty:
             return False
         return self._outcome(flow, fqdn, None)[1].pending
