@@ -138,6 +138,16 @@ class Sidecar:
         insp.quarantined = self.annotations.get(ANN_QUARANTINE, "").strip().lower() == "true"
 
     def startup(self) -> None:
+        # import every module the hot path imports lazily now, before the privilege drop
+        import firewall.dnsrelay  # noqa: F401
+        import firewall.proxy  # noqa: F401
+        import firewall.session  # noqa: F401
+
+        for mod in ("firewall.protocols", "firewall.policy"):
+            try:
+                __import__(mod)
+            except ImportError as exc:
+                log.warning("%s unavailable: %s", mod, exc)
         try:
             from firewall.fqdn import FqdnCache
 
