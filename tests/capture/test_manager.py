@@ -1,0 +1,66 @@
+"""CaptureManager decisions that need no packets (no root): bad values, state, rate-limit input."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+from firewall import ANN_PCAP
+from firewall.capture import STATE_FILE, CaptureManager
+
+
+def test_bad_annotation_emits_one_failed_event_and_no_capture(tmp_path, events):
+    mgr = CaptureManager(str(tmp_path), events)
+    mgr.on_annotations({ANN_PCAP: "duration=forever,filter=tcp"})
+    failed = events.pcap("failed")
+    assert len(failed) == 1
+    assert failed[0]["error"].startswith(f"{ANN_PCAP}: duration: 'forever' is not a duration")
+    assert failed[0]["trigger"] == {"annotation": "duration=forever,filter=tcp"}
+    assert failed[0]["files"] == [] and failed[0]["packets"] == 0
+    assert mgr.active() == []
+    assert [n for n in os.listdir(tmp_path) if n.endswith(".pcap")] == []
+
+    # the same value again (reload, other annotation changed, restart): no second event
+    mgr.on_annotations({ANN_PCAP: "duration=forever,filter=tcp", "other": "x"})
+    CaptureManager(str(tmp_path), events).on_annotations({ANN_PCAP: "duration=forever,filter=tcp"})
+    assert len(events.pcap("failed")) == 1
+
+    mgr.on_annotations({ANN_PCAP: "filter=tcp prt 80"})
+    assert "filter 'tcp prt 80'" in events.pcap("failed")[1]["error"]
+
+
+def test_state_file_is_private_and_survives_corruption(tmp_path, events):
+    mgr = CaptureManager(str(tmp_path), events)
+    mgr.on_annotations({ANN_PCAP: "bogus"})
+    path = tmp_path / STATE_FILE
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert "bogus" not in path.read_text(), "only the value's hash is stored"
+    assert len(json.loads(path.read_text())["annotation_sha256"]) == 64
+
+    path.write_text("{not json")
+    CaptureManager(str(tmp_path), events).on_annotations({ANN_PCAP: "bogus"})
+    assert len(events.pcap("failed")) == 2, "a corrupt state file means a fresh start, not a crash"
+
+
+def test_removed_annotation_makes_the_same_value_new_again(tmp_path, events):
+    mgr = CaptureManager(str(tmp_path), events)
+    mgr.on_annotations({ANN_PCAP: "bad=1"})
+    mgr.on_annotations({})
+    mgr.on_annotations({ANN_PCAP: "bad=1"})
+    assert len(events.pcap("failed")) == 2
+    mgr.on_annotations({ANN_PCAP: ""})
+    assert len(events.pcap("failed")) == 2, "an empty value is no request"
+
+
+def test_auto_capture_rejects_bad_peer_without_raising(tmp_path, events):
+    mgr = CaptureManager(str(tmp_path), events)
+    assert mgr.auto_capture("10.0.0.999", {"rule": "r"}) is False
+    assert mgr.auto_capture("", {"rule": "r"}) is False
+    assert events.items == []
+
+
+def test_pcap_dir_is_created_private(tmp_path, events):
+    d = tmp_path / "a" / "pcap"
+    CaptureManager(str(d), events)
+    assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
