@@ -154,7 +154,7 @@ def parse_message(datagram: bytes, direction: int, offset: int = 0) -> L7Event:
 
 def probe_toserver(buf: bytes) -> Probe:
     """A length-prefixed standard query: QR=0, one question, no answers, rcode 0."""
-    if len(buf) >= 2 and not 17 <= int.from_bytes(buf[:2], "big") <= 4096:
+    if buf[:1] > b"\x10" or (len(buf) >= 2 and not 17 <= int.from_bytes(buf[:2], "big") <= 4096):
         return Probe.NO_MATCH
     if len(buf) >= 5:
         flags_hi = buf[4]

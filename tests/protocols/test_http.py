@@ -1,0 +1,178 @@
+"""HTTP/1.x parser: framing, keep-alive, pipelining, tunnels, bounds and smuggling shapes."""
+
+from __future__ import annotations
+
+import pytest
+
+from firewall.protocols import TOCLIENT, TOSERVER, make_parser
+from firewall.protocols.http import HttpParser
+from tests.protocols.replay import bytewise, run
+
+
+def req(method="GET", path="/", headers=(), body=b"", version="1.1") -> bytes:
+    lines = [f"{method} {path} HTTP/{version}", "Host: shop.example", *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def resp(status=200, headers=(), body=b"") -> bytes:
+    lines = [f"HTTP/1.1 {status} X", *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def events_both_ways(segs, **options):
+    whole = run("http", segs, **options)
+    assert run("http", bytewise(segs), **options) == whole
+    return whole
+
+
+def test_pipelined_requests_with_bodies_have_exact_boundaries():
+    r1 = req("POST", "/v1/charge", ["Content-Length: 5"], b"hello")
+    r2 = req("POST", "/v1/refund", ["Transfer-Encoding: chunked"], b"3;ext=1\r\nabc\r\n0\r\nX-Trailer: 1\r\n\r\n")
+    r3 = req("DELETE", "/v1/card/9")
+    events, summary = events_both_ways([(TOSERVER, r1 + r2 + r3)])
+    assert [(e.fields["method"], e.fields["path"], e.offset) for e in events] == [
+        ("POST", "/v1/charge", 0), ("POST", "/v1/refund", len(r1)), ("DELETE", "/v1/card/9", len(r1 + r2))]
+    assert events[0].end == len(r1) and events[0].fields["content_length"] == 5
+    assert events[1].fields["chunked"] is True and events[1].end == -1
+    assert events[2].end == len(r1 + r2 + r3)
+    assert summary["requests"] == 3 and summary["host"] == "shop.example" and summary["path"] == "/v1/charge"
+
+
+def test_responses_matched_to_requests_in_order():
+    segs = [
+        (TOSERVER, req("HEAD", "/a") + req("GET", "/b") + req("GET", "/c")),
+        (TOCLIENT, resp(200, ["Content-Length: 1000"])  # HEAD: no body despite the length
+         + resp(100) + resp(304, ["Content-Length: 7"])  # interim 100, then a 304 without body
+         + resp(200, ["Transfer-Encoding: chunked"], b"5\r\nhello\r\n0\r\n\r\n")),
+    ]
+    events, summary = events_both_ways(segs)
+    statuses = [e.fields["status"] for e in events if e.kind == "response"]
+    assert statuses == [200, 100, 304, 200]
+    assert summary["responses"] == 3 and summary["statuses"] == {200: 2, 100: 1, 304: 1}
+
+
+def test_response_until_close_stops_parsing():
+    p = HttpParser()
+    p.feed(req(), TOSERVER)
+    (ev,) = p.feed(resp(200, ["Connection: close"], b"body"), TOCLIENT)
+    assert ev.end == -1 and ev.fields["content_length"] is None
+    assert p.feed(b"HTTP/1.1 200 looks like a head but is body\r\n\r\n", TOCLIENT) == []
+
+
+def test_body_skipped_by_counting_not_buffered():
+    """A 1 GiB body: a few thousand feed calls, nothing buffered, exact next offset."""
+    p = HttpParser()
+    size = 1 << 30
+    head = req("PUT", "/upload", [f"Content-Length: {size}"])
+    (ev,) = p.feed(head, TOSERVER)
+    chunk = b"\0" * (256 * 1024)
+    for _ in range(size // len(chunk)):
+        assert p.feed(chunk, TOSERVER) == []
+        assert len(p._dirs[TOSERVER].buf) == 0
+    (nxt,) = p.feed(req("GET", "/after"), TOSERVER)
+    assert ev.end == len(head) + size == nxt.offset and nxt.fields["path"] == "/after"
+
+
+def test_large_chunked_download_is_skipped_chunk_by_chunk():
+    body = b"".join(b"%x\r\n" % 65536 + b"x" * 65536 + b"\r\n" for _ in range(64)) + b"0\r\n\r\n"
+    p = HttpParser()
+    p.feed(req() + req("GET", "/next"), TOSERVER)
+    out = p.feed(resp(200, ["Transfer-Encoding: chunked"], body) + resp(204), TOCLIENT)
+    assert [e.fields["status"] for e in out] == [200, 204]
+    assert out[1].offset == len(resp(200, ["Transfer-Encoding: chunked"], body))
+
+
+def test_hold_from_points_at_an_incomplete_request_head():
+    p = HttpParser()
+    first = req("GET", "/one")
+    p.feed(first + b"GET /two HTTP/1.1\r\nHost: x", TOSERVER)
+    assert p.hold_from(TOSERVER) == len(first)
+    p.feed(b"\r\n\r\n", TOSERVER)
+    assert p.hold_from(TOSERVER) is None
+    assert p.hold_from(TOCLIENT) is None
+
+
+@pytest.mark.parametrize("headers,body,anomaly", [
+    (["Content-Length: 4", "Transfer-Encoding: chunked"], b"", "smuggling:cl-te"),
+    (["Content-Length: 4", "Content-Length: 5"], b"", "smuggling:duplicate-content-length"),
+    (["Content-Length: 4, 5"], b"", "smuggling:duplicate-content-length"),
+    (["Content-Length: +4"], b"", "smuggling:invalid-content-length"),
+    (["Transfer-Encoding: chunked, gzip"], b"", "smuggling:bad-transfer-encoding"),
+    (["Transfer-Encoding: xchunked"], b"", "smuggling:bad-transfer-encoding"),
+    (["Transfer-Encoding : chunked"], b"", "smuggling:space-before-colon"),
+    (["X-A: 1", " folded"], b"", "smuggling:obs-fold"),
+    (["Transfer-Encoding: chunked"], b"zz\r\n", "smuggling:invalid-chunk-size"),
+    (["Transfer-Encoding: chunked"], b"3\r\nabcX\r\n", "smuggling:bad-chunk-terminator"),
+    (["Host: other.example"], b"", "smuggling:duplicate-host"),
+])
+def test_smuggling_shapes_are_anomalies(headers, body, anomaly):
+    data = req("POST", "/", headers, body)
+    events, summary = events_both_ways([(TOSERVER, data)])
+    assert events[-1].kind == "anomaly" and events[-1].anomaly == anomaly
+    assert events[-1].app_proto == "http" and events[-1].direction == TOSERVER
+    assert anomaly in summary["anomalies"]
+
+
+def test_duplicate_equal_content_length_is_tolerated():
+    events, _ = run("http", [(TOSERVER, req("POST", "/", ["Content-Length: 3", "Content-Length: 3"], b"abc"))])
+    assert [e.kind for e in events] == ["request"]
+
+
+def test_oversized_head_is_an_anomaly_and_bounded():
+    p = make_parser("http", max_head=1024)
+    out = []
+    for _ in range(100):
+        out += p.feed(b"X-Filler: " + b"a" * 100 + b"\r\n" if out or _ else b"GET / HTTP/1.1\r\n", TOSERVER)
+    assert [e.anomaly for e in out] == ["oversized-header"]
+    assert out[0].offset == 0
+    assert len(p._dirs[TOSERVER].buf) == 0  # nothing kept after the anomaly
+    assert p.feed(b"more", TOSERVER) == []
+
+
+def test_head_exactly_at_the_limit_is_accepted():
+    head = req("GET", "/", ["X-Pad: " + "p" * 50])
+    events, _ = run("http", [(TOSERVER, head)], max_head=len(head))
+    assert events[0].kind == "request"
+    events, _ = run("http", [(TOSERVER, head)], max_head=len(head) - 1)
+    assert events[0].anomaly == "oversized-header"
+
+
+def test_connect_and_upgrade_become_tunnels():
+    p = HttpParser()
+    (ev,) = p.feed(b"CONNECT db.example:5432 HTTP/1.1\r\nHost: db.example:5432\r\n\r\n", TOSERVER)
+    assert ev.fields["host"] == "db.example:5432"
+    assert p.feed(b"\x16\x03\x01 tunnelled bytes GET / HTTP/1.1\r\n\r\n", TOSERVER) == []
+    (ok,) = p.feed(resp(200), TOCLIENT)
+    assert ok.fields["status"] == 200 and p.feed(b"HTTP/1.1 500 tunnel\r\n\r\n", TOCLIENT) == []
+
+    p = HttpParser()
+    p.feed(req("GET", "/ws", ["Upgrade: websocket", "Connection: Upgrade"]), TOSERVER)
+    (sw,) = p.feed(resp(101, ["Upgrade: websocket"]), TOCLIENT)
+    assert sw.fields["status"] == 101
+    assert p.feed(b"\x81\x05hello", TOCLIENT) == [] and p.feed(b"\x81\x85abcdxxxxx", TOSERVER) == []
+
+
+def test_absolute_form_and_content_encoding():
+    data = b"POST http://api.example:8080/v1/x?y=1 HTTP/1.1\r\nHost: ignored\r\nContent-Encoding: gzip\r\nContent-Length: 0\r\n\r\n"
+    (ev,), _ = run("http", [(TOSERVER, data)])
+    assert ev.fields["host"] == "api.example:8080" and ev.fields["path"] == "/v1/x?y=1"
+    assert ev.fields["content_encoding"] == "gzip"
+
+
+def test_bad_lines_are_anomalies_not_exceptions():
+    for data in (b"GET /\r\n\r\n", b"GET / HTTP/9\r\n\r\n", b"GET / HTTP/1.1\r\nnocolon\r\n\r\n"):
+        events, _ = run("http", [(TOSERVER, data)])
+        assert [e.kind for e in events] == ["anomaly"]
+
+
+def test_leading_empty_lines_between_requests_are_tolerated():
+    events, _ = run("http", [(TOSERVER, req("GET", "/a") + b"\r\n" + req("GET", "/b"))])
+    assert [e.fields["path"] for e in events] == ["/a", "/b"]
+    assert events[1].offset == len(req("GET", "/a")) + 2
+
+
+def test_methods_paths_summary_is_bounded():
+    data = b"".join(req("GET", f"/p{i}") for i in range(50)) + req("GET", "/p0")
+    _, summary = run("http", [(TOSERVER, data)])
+    assert summary["requests"] == 51 and len(summary["methods_paths"]) == 32
+    assert summary["methods_paths"][0] == ["GET", "/p0"]
