@@ -324,6 +324,12 @@ class _RuleBase(_Model):
 class IngressRule(_RuleBase):
     from_: list[Peer] | None = Field(None, alias="from", description="Absent = any peer.")
 
+    @model_validator(mode="after")
+    def _no_fqdn(self) -> IngressRule:
+        if any(p.fqdn for p in self.from_ or []):
+            raise ValueError("fqdn peers are egress only")
+        return self
+
 
 class EgressRule(_RuleBase):
     to: list[Peer] | None = Field(None, description="Absent = any peer.")
@@ -340,6 +346,8 @@ class ClusterRule(_RuleBase):
             raise ValueError("an ingress rule selects peers with 'from', not 'to'")
         if self.direction == "egress" and self.from_ is not None:
             raise ValueError("an egress rule selects peers with 'to', not 'from'")
+        if any(p.fqdn for p in self.from_ or []):
+            raise ValueError("fqdn peers are egress only")
         return self
 
 
@@ -412,9 +420,6 @@ class FirewallPolicySpec(_Model):
             if rule.name in names:
                 raise ValueError(f"duplicate rule name {rule.name!r}")
             names.add(rule.name)
-        for rule in self.ingress:
-            if any(p.fqdn for p in rule.from_ or []):
-                raise ValueError(f"rule {rule.name}: fqdn peers are egress only")
         return self
 
 
@@ -430,9 +435,6 @@ class ClusterFirewallPolicySpec(_Model):
             if rule.name in names:
                 raise ValueError(f"duplicate rule name {rule.name!r}")
             names.add(rule.name)
-        for rule in self.rules:
-            if any(p.fqdn for p in rule.from_ or []):
-                raise ValueError(f"rule {rule.name}: fqdn peers are egress only")
         return self
 
 
