@@ -109,6 +109,7 @@ class WebhookSink:
         self._thread: threading.Thread | None = None
         self._conn: http.client.HTTPConnection | None = None
         # per-instance counters (the Prometheus ones are process-wide)
+        self._count_lock = threading.Lock()
         self.sent = 0
         self.dropped = 0
         self.retries = 0
@@ -137,7 +138,11 @@ class WebhookSink:
         return self
 
     def stop(self, flush_timeout: float = 5.0) -> bool:
-        """Deliver what is queued for up to ``flush_timeout`` s, then stop; True if nothing was left."""
+        """Deliver what is queued for up to ``flush_timeout`` s, then stop.
+
+        Returns True when everything queued was delivered (nothing dropped while flushing).
+        """
+        dropped_before = self.dropped
         self._flush_deadline = time.monotonic() + flush_timeout
         self._stopping.set()
         self._wake.set()
@@ -149,11 +154,12 @@ class WebhookSink:
             self._q.clear()
             self._drop(left, "stopped")
         self._close_conn()
-        return left == 0
+        return self.dropped == dropped_before
 
     # -- sender thread
     def _drop(self, n: int, reason: str) -> None:
-        self.dropped += n
+        with self._count_lock:  # producers and the sender both drop
+            self.dropped += n
         WEBHOOK_DROPPED.labels(reason).inc(n)
 
     def _run(self) -> None:
