@@ -1,0 +1,92 @@
+"""TLS hellos: reassembly across records and segments, GREASE, bounds, opacity."""
+
+from __future__ import annotations
+
+import struct
+
+from firewall.protocols import TOCLIENT, TOSERVER, make_parser
+from firewall.protocols.tls import TlsParser
+from tests.protocols.replay import bytewise, load, run, split_at
+
+
+def ext(etype: int, body: bytes) -> bytes:
+    return struct.pack("!HH", etype, len(body)) + body
+
+
+def client_hello(sni="pay.example", alpn=(b"h2",), versions=(0x0304, 0x0303), pad=0) -> bytes:
+    exts = b""
+    name = sni.encode()
+    exts += ext(0, struct.pack("!HBH", len(name) + 3, 0, len(name)) + name)
+    protos = b"".join(bytes([len(p)]) + p for p in alpn)
+    exts += ext(16, struct.pack("!H", len(protos)) + protos)
+    if versions is not None:
+        vs = b"".join(struct.pack("!H", v) for v in versions)
+        exts += ext(43, bytes([len(vs)]) + vs)
+    if pad:
+        exts += ext(21, b"\0" * pad)
+    body = struct.pack("!H", 0x0303) + b"r" * 32 + b"\x00" + struct.pack("!H", 4) + b"\x13\x01\x13\x02" + b"\x01\x00"
+    body += struct.pack("!H", len(exts)) + exts
+    return b"\x01" + len(body).to_bytes(3, "big") + body
+
+
+def records(handshake: bytes, size: int) -> bytes:
+    out = b""
+    for i in range(0, len(handshake), size):
+        frag = handshake[i : i + size]
+        out += b"\x16\x03\x01" + struct.pack("!H", len(frag)) + frag
+    return out
+
+
+def test_client_hello_spanning_several_records():
+    hello = client_hello(pad=3000)
+    stream = records(hello, 700)
+    assert stream.count(b"\x16\x03\x01") >= 5
+    events, summary = run("tls", [(TOSERVER, stream)])
+    (ev,) = events
+    assert ev.fields["sni"] == "pay.example" and ev.fields["alpn"] == ["h2"]
+    assert ev.fields["offered_versions"] == ["1.3", "1.2"] and ev.offset == 0 and ev.end == len(stream)
+    assert run("tls", bytewise([(TOSERVER, stream)])) == (events, summary)
+    for k in range(1, len(stream), 37):
+        assert run("tls", split_at([(TOSERVER, stream)], k)) == (events, summary)
+
+
+def test_grease_versions_are_ignored():
+    (ev,), _ = run("tls", [(TOSERVER, records(client_hello(versions=(0x7A7A, 0x0304, 0x0303)), 16384))])
+    assert ev.fields["offered_versions"] == ["1.3", "1.2"]
+
+
+def test_old_client_offers_only_legacy_version():
+    hello = client_hello(versions=None)  # no supported_versions extension: TLS <= 1.2 client
+    (ev,), _ = run("tls", [(TOSERVER, records(hello, 16384))])
+    assert ev.fields["offered_versions"] == ["1.2"] and ev.fields["legacy_version"] == "1.2"
+
+
+def test_hold_until_the_hello_is_complete_then_opaque():
+    stream = records(client_hello(pad=2000), 500)
+    p = TlsParser()
+    p.feed(stream[:-1], TOSERVER)
+    assert p.hold_from(TOSERVER) == 0
+    (ev,) = p.feed(stream[-1:], TOSERVER)
+    assert ev.kind == "hello" and p.hold_from(TOSERVER) is None
+    assert p.feed(b"\x17\x03\x03\x00\x05hello" * 1000, TOSERVER) == []
+
+
+def test_after_server_hello_everything_is_counted_only():
+    segs = load("tls13_openssl")["connections"][0]
+    p = make_parser("tls")
+    events = [e for d, b in segs for e in p.feed(b, d)]
+    assert [e.kind for e in events] == ["hello", "server_hello"]
+    assert p.feed(b"\x16\x03\x03\x00\x04\x02\x00\x00\x00", TOCLIENT) == []  # not parsed again
+    assert p.summary()["alpn_selected"] is None  # TLS 1.3 sends ALPN encrypted
+
+
+def test_oversized_and_malformed_hellos_are_anomalies():
+    huge = b"\x01" + (70_000).to_bytes(3, "big")
+    events, _ = run("tls", [(TOSERVER, records(huge + b"\0" * 20, 16384))])
+    assert [e.anomaly for e in events] == ["oversized-hello"]
+    events, _ = run("tls", [(TOSERVER, records(b"\x01\x00\x00\x05\x03\x03abc", 16384))])
+    assert [e.anomaly for e in events] == ["malformed-hello"]
+    events, _ = run("tls", [(TOSERVER, b"\x16\x03\x01\xff\xff")])
+    assert [e.anomaly for e in events] == ["bad-record"]
+    events, _ = run("tls", [(TOSERVER, records(b"\x0b\x00\x00\x00", 100))])
+    assert [e.anomaly for e in events] == ["unexpected-handshake"]
