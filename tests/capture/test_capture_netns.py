@@ -85,6 +85,7 @@ def test_capture_stops_at_duration(tmp_path, nspair, events):
     fin = events.wait("finished", cap.id)[0]
     assert fin["reason"] == "duration" and fin["duration_s"] >= 1.0
     assert fin["packets"] == 0 and fin["bytes"] == 24  # only the pcap header: no tcp traffic
+    assert fin["kernel_drops"] == 0
     _check_files(mgr, fin)
     assert tcpdump_lines(_path(mgr, fin["files"][0])) == []
     assert mgr.active() == []
