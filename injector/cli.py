@@ -180,6 +180,15 @@ def _port(value: str) -> int:
     return int(value)
 
 
+def _ip(value: str) -> str:
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an IP address: {value!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
@@ -230,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--service", default="palisade-injector", help="Service name (default palisade-injector)")
     p.add_argument("--namespace", default="palisade-system", help="Service namespace (default palisade-system)")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
-    p.add_argument("--ip", action="append", metavar="ADDR", help="extra IP SAN (repeatable), e.g. 127.0.0.1")
+    p.add_argument("--ip", action="append", type=_ip, metavar="ADDR", help="extra IP SAN (repeatable), e.g. 127.0.0.1")
     p.add_argument("--dns", action="append", metavar="NAME", help="extra DNS SAN (repeatable)")
     p.add_argument("--days", type=int, default=365, help="serving certificate validity (default 365)")
     p.add_argument("--new-ca", action="store_true", help="make a new CA even if DIR holds one")

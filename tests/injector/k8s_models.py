@@ -51,6 +51,15 @@ def _errors(value: object, type_name: str, path: str) -> list[str]:
         return out
     if type_name == "str" or type_name in ("datetime", "date"):
         return [] if isinstance(value, str) else [f"{path}: expected a string, got {value!r}"]
+    if type_name in ("bytes", "bytearray"):  # base64 in JSON (Secret.data)
+        import base64
+        import binascii
+
+        try:
+            base64.b64decode(value, validate=True)
+        except (binascii.Error, TypeError, ValueError):
+            return [f"{path}: expected base64 data"]
+        return []
     if type_name == "int":
         return [] if isinstance(value, int) and not isinstance(value, bool) else [
             f"{path}: expected an integer, got {value!r}"]
