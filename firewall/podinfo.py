@@ -342,6 +342,9 @@ class _Inotify:
 class PodinfoWatcher:
     """Calls ``on_change(PodInfo)`` at start and whenever the content changes.
 
+    The first call happens inside :meth:`start` (caller's thread) when the files
+    are readable then; later calls come from the watcher thread.
+
     A daemon thread waits on an inotify watch of the directory (reacting within
     ``settle_s`` of the kubelet's swap, well inside the 1 s quarantine needs);
     every ``resync_s`` it re-reads anyway, so a lost watch can never freeze the
@@ -367,6 +370,7 @@ class PodinfoWatcher:
         self.mode = "stopped"  # "inotify" | "polling" once started
         self._stop = threading.Event()
         self._wake_r, self._wake_w = -1, -1
+        self._fd_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._last_raw: tuple[bytes, bytes] | None = None
         self._last_error: str | None = None
@@ -387,29 +391,40 @@ class PodinfoWatcher:
                     raise
                 log.info("inotify unavailable (%s); polling %s", exc, self.directory)
         self.mode = "inotify" if ino else "polling"
+        if ino is not None:
+            ino.watch(self.directory)  # before the first read, so no swap can fall in between
+        # The first read happens here, on the caller's thread: when start() returns, the
+        # sidecar already knows its mode/quarantine state (or on_error was told why not).
+        self._check()
         self._thread = threading.Thread(target=self._run, args=(ino,), name="podinfo-watcher",
                                         daemon=True)
         self._thread.start()
         return self
 
     def stop(self, timeout: float = 2.0) -> None:
+        """Stop the thread (safe to call from inside a callback: it then does not wait)."""
         self._stop.set()
-        if self._wake_w >= 0:
-            try:
-                os.write(self._wake_w, b"x")
-            except OSError:
-                pass
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-        for fd in (self._wake_r, self._wake_w):
-            if fd >= 0:
+        with self._fd_lock:
+            if self._wake_w >= 0:
                 try:
-                    os.close(fd)
+                    os.write(self._wake_w, b"x")
                 except OSError:
                     pass
-        self._wake_r = self._wake_w = -1
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+            self._close_pipe()
         self.mode = "stopped"
+
+    def _close_pipe(self) -> None:
+        with self._fd_lock:
+            for fd in (self._wake_r, self._wake_w):
+                if fd >= 0:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+            self._wake_r = self._wake_w = -1
 
     def __enter__(self) -> PodinfoWatcher:
         return self.start()
@@ -449,9 +464,7 @@ class PodinfoWatcher:
 
     def _run(self, ino: _Inotify | None) -> None:
         try:
-            if ino is not None and not ino.watch(self.directory):
-                pass  # directory missing for now: re-added on each resync tick
-            self._check()
+            # (a missing directory has no watch yet: it is re-added on each poll tick)
             next_resync = time.monotonic() + (self.resync_s if ino else self.poll_interval)
             while not self._stop.is_set():
                 fds = [self._wake_r]
@@ -483,3 +496,5 @@ class PodinfoWatcher:
         finally:
             if ino is not None:
                 ino.close()
+            if self._thread is None:  # stop() was called from a callback and did not wait
+                self._close_pipe()

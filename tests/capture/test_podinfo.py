@@ -165,7 +165,7 @@ def test_watcher_follows_kubelet_swaps(tmp_path, use_inotify):
                        use_inotify=use_inotify)
     with w:
         assert w.mode == ("inotify" if use_inotify else "polling")
-        assert rec.wait_for(1), "on_change must be called once at start"
+        assert len(rec.changes) == 1, "start() delivers the initial state before returning"
         assert rec.changes[0] == PodInfo({"a": "1"}, {"app": "x"})
 
         write_podinfo(d, {"a": "2", "palisade.dev/quarantine": "true"}, {"app": "x"})
@@ -232,3 +232,26 @@ def test_watcher_survives_a_failing_callback(tmp_path):
         write_podinfo(d, {"a": "2"}, {})
         assert rec.wait_for(1)
     assert rec.changes[0].annotations == {"a": "2"}
+
+
+def test_stop_from_inside_a_callback(tmp_path):
+    d = str(tmp_path)
+    write_podinfo(d, {"a": "1"}, {})
+    rec = Recorder()
+    holder: list[PodinfoWatcher] = []
+
+    def on_change(info: PodInfo) -> None:
+        rec.on_change(info)
+        if info.annotations.get("a") == "2":
+            holder[0].stop()  # e.g. the sidecar shutting down on a change
+
+    w = PodinfoWatcher(d, on_change, poll_interval=0.05, on_error=rec.on_error)
+    holder.append(w)
+    w.start()
+    write_podinfo(d, {"a": "2"}, {})
+    assert rec.wait_for(2)
+    assert w.mode == "stopped"
+    write_podinfo(d, {"a": "3"}, {})
+    w.stop()
+    assert [c.annotations["a"] for c in rec.changes] == ["1", "2"]
+    assert rec.errors == []
