@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import random
+import socket
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -215,7 +216,7 @@ class KubernetesIdentitySource:
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
-        self._watch = None
+        self._resp = None
         self.resource_version: str | None = None
         self.relists = 0
         self.errors = 0
@@ -238,9 +239,18 @@ class KubernetesIdentitySource:
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
-        w = self._watch
-        if w is not None:
-            w.stop()
+        resp = self._resp
+        if resp is not None:
+            # Unblock the reader now instead of waiting for the watch timeout.
+            sock = getattr(getattr(resp, "_connection", None), "sock", None)
+            if sock is None:  # http.client detaches the socket into the response's file object
+                raw = getattr(getattr(getattr(resp, "_fp", None), "fp", None), "raw", None)
+                sock = getattr(raw, "_sock", None)
+            try:
+                if sock is not None:
+                    sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -297,8 +307,34 @@ class KubernetesIdentitySource:
             return
         self._publish()
 
+    def _watch_once(self, api) -> bool:
+        """One watch request from ``resource_version``; returns True when a relist is needed."""
+        import json
+
+        from kubernetes.watch.watch import iter_resp_lines
+
+        fn, args = self._list_call(api)
+        resp = fn(*args, watch=True, resource_version=self.resource_version, allow_watch_bookmarks=True,
+                  timeout_seconds=self.watch_timeout, _preload_content=False,
+                  _request_timeout=self.watch_timeout + 10)
+        self._resp = resp
+        try:
+            for line in iter_resp_lines(resp):
+                if self._stop.is_set():
+                    return False
+                event = json.loads(line)
+                if event.get("type") == "ERROR":
+                    status = event.get("object") or {}
+                    if status.get("code") == 410:
+                        return True  # our resourceVersion is too old: relist
+                    raise RuntimeError(f"watch error {status.get('code')}: {status.get('message')}")
+                self._apply(event)
+            return False
+        finally:
+            self._resp = None
+            resp.release_conn()
+
     def _run(self) -> None:
-        from kubernetes import watch
         from kubernetes.client.rest import ApiException
 
         backoff = self.min_backoff
@@ -311,32 +347,25 @@ class KubernetesIdentitySource:
                 if need_list:
                     self._relist(api)
                     need_list = False
-                fn, args = self._list_call(api)
-                self._watch = w = watch.Watch()
-                for event in w.stream(fn, *args, resource_version=self.resource_version,
-                                      timeout_seconds=self.watch_timeout, allow_watch_bookmarks=True,
-                                      deserialize=False, _request_timeout=self.watch_timeout + 10):
-                    if self._stop.is_set():
-                        break
-                    self._apply(event)
-                    backoff = self.min_backoff
-                # a clean end of the watch (server timeout): resume from resource_version
+                need_list = self._watch_once(api)
+                if need_list:
+                    self.errors += 1
+                backoff = self.min_backoff
+                # a clean end of the watch (server timeout) resumes from resource_version
             except ApiException as exc:
                 self.errors += 1
-                if exc.status == 410:
-                    need_list = True  # our resourceVersion is too old: relist
-                    continue
-                log.warning("kubernetes pod watch failed: %s %s", exc.status, exc.reason)
-                need_list = need_list or exc.status in (401, 403)
-                self._sleep(backoff)
-                backoff = min(backoff * 2, self.max_backoff)
+                need_list = need_list or exc.status in (401, 403, 410)
+                if exc.status != 410:
+                    log.warning("kubernetes pod watch failed: %s %s", exc.status, exc.reason)
+                    self._sleep(backoff)
+                    backoff = min(backoff * 2, self.max_backoff)
             except Exception as exc:  # noqa: BLE001 - network errors of every flavour: retry
+                if self._stop.is_set():
+                    break
                 self.errors += 1
                 log.warning("kubernetes pod watch error: %s", exc)
                 self._sleep(backoff)
                 backoff = min(backoff * 2, self.max_backoff)
-            finally:
-                self._watch = None
 
     def _sleep(self, seconds: float) -> None:
         self._stop.wait(seconds * (0.5 + random.random() / 2))
