@@ -734,6 +734,8 @@ class CaptureManager:
         self._annotation_capture: Capture | None = None
         self._auto_last: dict[str, float] = {}
         os.makedirs(pcap_dir, mode=0o700, exist_ok=True)
+        if not os.access(pcap_dir, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, f"pcap directory {pcap_dir} is not writable by uid {os.getuid()}")
         self._last_annotation_hash = self._load_state().get("annotation_sha256")
 
     # -- state
@@ -796,7 +798,8 @@ class CaptureManager:
     def auto_capture(self, peer_ip: str, reason: dict, duration_s: float = 30) -> bool:
         """Capture ``host <peer_ip>`` for ``duration_s``; at most one per peer per ``auto_window_s``.
 
-        ``reason`` should carry ``rule`` and ``flow`` (copied into the event's trigger).
+        ``reason`` carries ``rule`` and either ``flow`` (a dict) or the flow's fields at top
+        level (``flow_id``, ``src_ip``, ``dest_port`` ...), which become the trigger's ``flow``.
         Returns whether a capture was started. Cheap and non-blocking: safe on the event loop.
         """
         try:
@@ -819,8 +822,7 @@ class CaptureManager:
             self._auto_last[key] = now
             duration = min(max(float(duration_s), 1.0), MAX_DURATION_S)
             spec = CaptureSpec(duration_s=duration, filter=f"host {key}", max_bytes=self.auto_max_bytes)
-            trigger = {"rule": reason.get("rule"), "flow": reason.get("flow"), "peer": key}
-            trigger.update({k: v for k, v in reason.items() if k not in trigger})
+            trigger = _auto_trigger(key, reason)
             return self.start(spec, trigger, kind="auto") is not None
 
     def start(self, spec: CaptureSpec, trigger: dict[str, Any], *, kind: str = "manual",
@@ -918,6 +920,17 @@ class CaptureManager:
         deadline = time.monotonic() + timeout
         for c in caps:
             c.join(max(0.0, deadline - time.monotonic()))
+
+
+def _auto_trigger(peer: str, reason: dict[str, Any]) -> dict[str, Any]:
+    """``{"rule", "flow", "peer"}`` (+ ``category``) from what the session passes."""
+    flow = reason.get("flow")
+    if flow is None:
+        flow = {k: v for k, v in reason.items() if k not in ("rule", "category", "peer")}
+    trigger: dict[str, Any] = {"rule": reason.get("rule"), "flow": flow, "peer": peer}
+    if "category" in reason:
+        trigger["category"] = reason["category"]
+    return trigger
 
 
 def _id_of(filename: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import tempfile
 
 from firewall import ANN_PCAP
 from firewall.capture import STATE_FILE, CaptureManager
@@ -64,3 +65,47 @@ def test_pcap_dir_is_created_private(tmp_path, events):
     d = tmp_path / "a" / "pcap"
     CaptureManager(str(d), events)
     assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
+
+
+def test_auto_trigger_shapes():
+    from firewall.capture import _auto_trigger
+
+    # what the session passes today: the flow's fields at top level
+    t = _auto_trigger("10.0.0.2", {"rule": "default-deny", "flow_id": 7, "src_ip": "10.0.0.1",
+                                   "dest_ip": "10.0.0.2", "dest_port": 5432})
+    assert t == {"rule": "default-deny", "peer": "10.0.0.2",
+                 "flow": {"flow_id": 7, "src_ip": "10.0.0.1", "dest_ip": "10.0.0.2", "dest_port": 5432}}
+    t = _auto_trigger("10.0.0.2", {"rule": "r", "category": "dlp", "flow": {"flow_id": 1}})
+    assert t == {"rule": "r", "peer": "10.0.0.2", "flow": {"flow_id": 1}, "category": "dlp"}
+
+
+def test_unwritable_pcap_dir_is_a_clear_error(events):
+    """As the unprivileged proxy user would see it (a forked child drops to nobody when root)."""
+    d = tempfile.mkdtemp(prefix="pc-ro-")
+    try:
+        os.chmod(d, 0o555)
+
+        def attempt() -> int:
+            try:
+                CaptureManager(d, events)
+            except PermissionError as exc:
+                return 0 if "not writable by uid" in str(exc) else 2
+            return 1
+
+        if os.geteuid() != 0:
+            assert attempt() == 0
+            return
+        pid = os.fork()
+        if pid == 0:  # child: no pytest machinery, just the answer as exit code
+            code = 3
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                code = attempt()
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        os.chmod(d, 0o700)
+        os.rmdir(d)
