@@ -365,7 +365,7 @@ def build_report(policy_paths: list[str], event_paths: list[str], identity_path:
         },
         "time_range": {
             "start": iso(stats.first), "end": iso(stats.last),
-            "lines": stats.lines, "bad_lines": stats.bad_lines,
+            "lines": stats.lines, "bad_lines": stats.bad_lines, "bad_events": stats.bad_events,
             "events": sum(stats.by_type.values()), "by_type": dict(sorted(stats.by_type.items())),
         },
         "inventory": _inventory(workloads),

@@ -176,6 +176,8 @@ class Workload:
             self.labels.setdefault(k, v)
 
 
+_DECODER = json.JSONDecoder()
+
 # Per-edge counters (a list, mutated in place on the hot path):
 # count, bytes_toserver, bytes_toclient, encrypted_flows, encrypted_bytes, first, last
 E_COUNT, E_BTS, E_BTC, E_ENC, E_ENCB, E_FIRST, E_LAST, E_SAMPLES = range(8)
@@ -219,6 +221,7 @@ class EventStats:
         self.by_type: dict[str, int] = {}
         self.lines = 0
         self.bad_lines = 0
+        self.bad_events = 0
         self.first: float | None = None
         self.last: float | None = None
         self._cache: dict[tuple[Any, ...], str] = {}
@@ -226,38 +229,48 @@ class EventStats:
     # ---- workload resolution (cached: the same few pods appear millions of times)
 
     def workload_id(self, w: Any, ip: Any) -> str:
-        if not isinstance(w, dict):
-            w = {}
-        ns = w.get("namespace")
-        if not ns or w.get("world"):
-            addr = str(w.get("ip") or ip or "?")
-            ident = self.identity.get(addr)
-            if ident is None or not ident.get("namespace"):
-                key: tuple[Any, ...] = (WORLD, addr)
+        if w.__class__ is dict:
+            ns = w.get("namespace")
+            if ns and not w.get("world"):
+                # hot path: a pod seen before (cache key includes scope so a relabel is noticed)
+                pod = w.get("pod")
+                scope = w.get("scope")
+                key: tuple[Any, ...] = (ns, pod, scope, ip)
                 wid = self._cache.get(key)
-                if wid is None:
-                    wid = f"{WORLD}:{addr}"
-                    wl = self._register(wid, None, WORLD, OUT_OF_SCOPE, {}, None, "events")
-                    wl.ips.add(addr)
-                    self._cache[key] = wid
-                return wid
-            w = ident
-            ns = ident["namespace"]
-            ip = addr
-        pod = w.get("pod")
+                if wid is not None:
+                    return wid
+                return self._pod_workload(key, w, ns, pod, scope, ip)
+        else:
+            w = {}
+        addr = str(w.get("ip") or ip or "?")
+        ident = self.identity.get(addr)
+        if ident is None or not ident.get("namespace"):
+            key = (WORLD, addr)
+            wid = self._cache.get(key)
+            if wid is None:
+                wid = f"{WORLD}:{addr}"
+                wl = self._register(wid, None, WORLD, OUT_OF_SCOPE, {}, None, "events")
+                wl.ips.add(addr)
+                self._cache[key] = wid
+            return wid
+        key = (ident["namespace"], ident.get("pod"), ident["scope"], addr)
+        wid = self._cache.get(key)
+        if wid is not None:
+            return wid
+        return self._pod_workload(key, ident, ident["namespace"], ident.get("pod"), ident["scope"], addr)
+
+    def _pod_workload(self, key: tuple[Any, ...], w: dict[str, Any], ns: Any, pod: Any, scope: Any,
+                      ip: Any) -> str:
         labels = w.get("labels")
         if not isinstance(labels, dict):
             labels = {}
-        scope = w.get("scope") or labels.get(LABEL_SCOPE) or OUT_OF_SCOPE
-        key = (ns, pod, scope, labels.get("app"), ip)
-        wid = self._cache.get(key)
-        if wid is None:
-            name = workload_name(str(ns), pod, labels)
-            wid = f"{ns}/{name}"
-            wl = self._register(wid, str(ns), name, str(scope), labels, pod, "events")
-            if ip:
-                wl.ips.add(str(ip))
-            self._cache[key] = wid
+        scope = scope or labels.get(LABEL_SCOPE) or OUT_OF_SCOPE
+        name = workload_name(str(ns), pod if isinstance(pod, str) else None, labels)
+        wid = f"{ns}/{name}"
+        wl = self._register(wid, str(ns), name, str(scope), labels, pod, "events")
+        if ip:
+            wl.ips.add(str(ip))
+        self._cache[key] = wid
         return wid
 
     def _register(self, wid: str, ns: str | None, name: str, scope: str, labels: dict[str, str],
@@ -285,7 +298,7 @@ class EventStats:
     # ---- the fold
 
     def feed_lines(self, lines: Iterable[bytes | str]) -> None:
-        loads = json.loads
+        loads = _DECODER.decode
         by_type = self.by_type
         for line in lines:
             self.lines += 1
@@ -294,7 +307,7 @@ class EventStats:
                     self.bad_lines += 1
                 continue
             try:
-                ev = loads(line)
+                ev = loads(line if line.__class__ is str else line.decode("utf-8", "replace"))
             except ValueError:
                 self.bad_lines += 1
                 continue
@@ -310,40 +323,55 @@ class EventStats:
                     self.first = t
                 if self.last is None or t > self.last:
                     self.last = t
-            if et == "flow":
-                self._flow(ev, t)
-            elif et == "alert":
-                self._alert(ev, t)
+            try:
+                if et == "flow":
+                    self._flow(ev, t)
+                elif et == "alert":
+                    self._alert(ev, t)
+            except (TypeError, AttributeError, ValueError):
+                self.bad_events += 1  # a field of an impossible type (e.g. a list as a rule name)
 
     def feed_event(self, ev: dict[str, Any]) -> None:
         self.feed_lines([json.dumps(ev)])
 
     def _flow(self, ev: dict[str, Any], t: float | None) -> None:
-        src = self.workload_id(ev.get("src_workload"), ev.get("src_ip"))
-        dst = self.workload_id(ev.get("dest_workload"), ev.get("dest_ip"))
-        verdict = ev.get("verdict") or "allow"
-        key = (src, dst, str(ev.get("direction") or ""), _int(ev.get("dest_port")),
-               str(ev.get("proto") or "TCP"), str(ev.get("app_proto") or "unknown"),
-               str(verdict), str(ev.get("rule") or ""), str(ev.get("mode") or ""))
+        get = ev.get
+        src = self.workload_id(get("src_workload"), get("src_ip"))
+        dst = self.workload_id(get("dest_workload"), get("dest_ip"))
+        verdict = get("verdict") or "allow"
+        port = get("dest_port")
+        key = (src, dst, get("direction") or "", port if port.__class__ is int else _int(port),
+               get("proto") or "TCP", get("app_proto") or "unknown", verdict, get("rule") or "",
+               get("mode") or "")
         rec = self.edges.get(key)
         if rec is None:
-            rec = self.edges[key] = [0, 0, 0, 0, 0, t, t, set() if verdict != "allow" else None]
-        fl = ev.get("flow")
+            if not all(isinstance(k, str | int) for k in key):  # hostile types: normalise once
+                key = tuple(k if isinstance(k, int) else str(k) for k in key)  # type: ignore[assignment]
+            rec = self.edges.setdefault(key, [0, 0, 0, 0, 0, t, t, set() if verdict != "allow" else None])
+        fl = get("flow")
         bts = btc = 0
-        if isinstance(fl, dict):
-            bts = _int(fl.get("bytes_toserver"))
-            btc = _int(fl.get("bytes_toclient"))
+        if fl.__class__ is dict:
+            bts = fl.get("bytes_toserver", 0)
+            btc = fl.get("bytes_toclient", 0)
+            if bts.__class__ is not int:
+                bts = _int(bts)
+            if btc.__class__ is not int:
+                btc = _int(btc)
         rec[E_COUNT] += 1
         rec[E_BTS] += bts
         rec[E_BTC] += btc
-        if ev.get("encrypted"):
+        if get("encrypted"):
             rec[E_ENC] += 1
             rec[E_ENCB] += bts + btc
-        _stamp(rec, t)
+        if t is not None:
+            if rec[E_FIRST] is None or t < rec[E_FIRST]:
+                rec[E_FIRST] = t
+            if rec[E_LAST] is None or t > rec[E_LAST]:
+                rec[E_LAST] = t
         samples = rec[E_SAMPLES]
         if samples is not None and len(samples) < MAX_SAMPLES:
-            sw = ev.get("src_workload")
-            who = (sw.get("pod") if isinstance(sw, dict) else None) or ev.get("src_ip")
+            sw = get("src_workload")
+            who = (sw.get("pod") if isinstance(sw, dict) else None) or get("src_ip")
             if who:
                 samples.add(str(who))
 
@@ -390,6 +418,7 @@ class EventStats:
     def merge(self, other: EventStats) -> None:
         self.lines += other.lines
         self.bad_lines += other.bad_lines
+        self.bad_events += other.bad_events
         for k, v in other.by_type.items():
             self.by_type[k] = self.by_type.get(k, 0) + v
         self.first = _min(self.first, other.first)

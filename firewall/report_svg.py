@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MAX_NODES = 60  # beyond this only the CDE's neighbourhood is drawn, so the page stays legible
+MAX_EDGES = 120  # and beyond this only the busiest CDE flows (dot's layout time grows fast with edges)
 MAX_LABELS = 4
 WORLD_NODE = "world"
 
@@ -68,12 +69,15 @@ def build_graph(report: dict[str, Any]) -> Graph:
         for n in (e.src, e.dst):
             nodes.setdefault(n, ("out-of-scope", n))
     g = Graph(nodes, sorted(edges.values(), key=lambda e: (e.src, e.dst, e.kind)))
-    if len(nodes) > MAX_NODES:
+    if len(nodes) > MAX_NODES or len(g.edges) > MAX_EDGES:
         cde = {n for n, (s, _) in nodes.items() if s == "cde"}
         keep_edges = [e for e in g.edges if e.src in cde or e.dst in cde]
+        note = f"{len(nodes)} workloads, {len(g.edges)} flow groups: only flows touching the CDE are drawn"
+        if len(keep_edges) > MAX_EDGES:
+            keep_edges = sorted(keep_edges, key=lambda e: -e.count)[:MAX_EDGES]
+            note += f" (the {MAX_EDGES} busiest; all flows are listed in the appendix and report.json)"
         keep = cde | {e.src for e in keep_edges} | {e.dst for e in keep_edges}
-        g = Graph({n: v for n, v in nodes.items() if n in keep}, keep_edges,
-                  note=f"{len(nodes)} workloads: only the CDE and its direct peers are drawn")
+        g = Graph({n: v for n, v in nodes.items() if n in keep}, keep_edges, note=note)
     return g
 
 
@@ -120,7 +124,7 @@ def to_dot(g: Graph) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _dot_svg(dot_src: str, timeout: float = 60.0) -> str | None:
+def _dot_svg(dot_src: str, timeout: float = 30.0) -> str | None:
     dot = shutil.which("dot")
     if dot is None:
         return None

@@ -269,3 +269,37 @@ def test_report_without_events(inputs, tmp_path):
     assert rep["time_range"]["start"] is None and all(r["never_hit"] for r in rep["rules"])
     assert any(f["requirement"] == "1.2.4" for f in rep["findings"])  # empty CDE inventory is flagged
     assert os.path.getsize(written[1]) > 1000
+
+
+def test_fuzzed_events_never_raise(inputs, tmp_path):
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    scalar = st.one_of(st.none(), st.booleans(), st.integers(-5, 70000), st.text(max_size=8))
+    value = st.recursive(scalar, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c,
+                                                                                       max_size=3), max_leaves=6)
+    keys = st.sampled_from(["timestamp", "src_workload", "dest_workload", "src_ip", "dest_ip", "dest_port",
+                            "rule", "verdict", "mode", "flow", "alert", "dlp", "direction", "encrypted", "proto"])
+    event = st.fixed_dictionaries({"event_type": st.sampled_from(["flow", "alert", "dns", 3])},
+                                  optional={"x": value}).flatmap(
+        lambda base: st.dictionaries(keys, value, max_size=8).map(lambda extra: {**extra, **base}))
+
+    seen: list[dict] = []
+
+    @settings(max_examples=120, deadline=None)
+    @given(st.lists(event, max_size=5))
+    def fold(evs):
+        seen.extend(evs)
+        stats = EventStats()
+        for ev in evs:
+            stats.feed_event(ev)
+        assert stats.lines == len(evs)
+        assert sum(stats.by_type.values()) == len(evs)
+
+    fold()
+    # and the whole pipeline (attribution, rendering) copes with what the fold kept
+    eve = tmp_path / "fuzz.jsonl"
+    eve.write_text("".join(json.dumps(e) + "\n" for e in seen))
+    rep = build_report([str(inputs["policy"])], [str(eve)], as_of=date(2026, 12, 1), jobs=1)
+    written, _ = write_report(rep, str(tmp_path / "o"), pdf=False)
+    assert rep["time_range"]["events"] == len(seen) and len(written) == 2
