@@ -229,10 +229,15 @@ def _check_conflicts(spec: dict, volume_names: list[str]) -> list[str]:
 
 
 def render(pod: dict, config: InjectorConfig) -> Rendered:
-    """Return a copy of ``pod`` with Palisade injected. Raises ``AnnotationError``/``InjectError``."""
-    out = copy.deepcopy(pod)
-    meta = out.setdefault("metadata", {})
-    spec = out.setdefault("spec", {})
+    """Return a copy of ``pod`` with Palisade injected. Raises ``AnnotationError``/``InjectError``.
+
+    Only the pod, its metadata and spec are copied (shallowly): everything below them is
+    read, never mutated, and every list or map that changes is built anew. A deep copy
+    was 40% of the review time.
+    """
+    out = dict(pod)
+    meta = out["metadata"] = dict(out.get("metadata") or {})
+    spec = out["spec"] = dict(out.get("spec") or {})
     annotations = meta.get("annotations") or {}
     check_mode(annotations)
     vols = volumes(config)

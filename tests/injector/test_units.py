@@ -248,3 +248,14 @@ def test_patch_inserts_named_items_without_touching_others():
                    {"op": "replace", "path": "/c/1/x", "value": 2},
                    {"op": "add", "path": "/c/2", "value": {"name": "q"}}]
     assert jsonpatch.apply_patch(old, ops) == new
+
+
+def test_mutate_never_modifies_the_request_object():
+    """render() copies only pod/metadata/spec shallowly; nothing below may be changed in place."""
+    for case in sorted(p for p in TESTDATA.iterdir() if p.is_dir()):
+        pod = yaml.safe_load((case / "input.yaml").read_text())
+        cfg = InjectorConfig.load(case / "config.yaml") if (case / "config.yaml").exists() else InjectorConfig()
+        review = make_review(pod)
+        snapshot = copy.deepcopy(review)
+        mutate(review, cfg)
+        assert review == snapshot, case.name
