@@ -345,8 +345,8 @@ class EventStats:
                get("mode") or "")
         rec = self.edges.get(key)
         if rec is None:
-            if not all(isinstance(k, str | int) for k in key):  # hostile types: normalise once
-                key = tuple(k if isinstance(k, int) else str(k) for k in key)  # type: ignore[assignment]
+            if not all(k.__class__ is str for i, k in enumerate(key) if i != 3):  # odd types: normalise once
+                key = tuple(k if i == 3 else str(k) for i, k in enumerate(key))  # type: ignore[assignment]
             rec = self.edges.setdefault(key, [0, 0, 0, 0, 0, t, t, set() if verdict != "allow" else None])
         fl = get("flow")
         bts = btc = 0
