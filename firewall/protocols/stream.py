@@ -111,9 +111,10 @@ class StreamParser:
         return None if st.stopped else st.hold
 
     def _anomaly(self, st: DirState, name: str, **fields: Any) -> L7Event:
+        # st.pos is where the unparseable unit starts: parsers consume whole units
+        # only, so this offset does not depend on how the stream was segmented
         self.anomalies.append(name)
-        start = st.hold if st.hold is not None else st.pos
-        return L7Event(self.app_proto, "anomaly", st.direction, start, dict(fields), -1, name)
+        return L7Event(self.app_proto, "anomaly", st.direction, st.pos, dict(fields), -1, name)
 
     def _parse(self, st: DirState, out: list[L7Event]) -> None:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from tests.protocols.replay import bytewise, identify, load, recordings, rechunk, run, run_udp, split_at
+from tests.protocols.replay import bytewise, identify, load, rechunk, recordings, run, run_udp, split_at
 
 TCP = [n for n in recordings() if load(n)["transport"] == "tcp"]
 
