@@ -62,6 +62,7 @@ BUILTIN_RULES = (RULE_DEFAULT_DENY, RULE_DEFAULT_ALLOW, RULE_SEGMENTATION, RULE_
                  RULE_QUARANTINE, RULE_LEARN)
 _MODE_RANK = {m: i for i, m in enumerate(MODES)}  # learn < monitor < protect
 _CACHE_MAX = 65536
+_WIDE_RANGE = 1024  # port ranges wider than this are checked per port instead of tabulated
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +188,9 @@ class _Table:
         self.selected = selected
         self.has_fqdn = {d: any(r.has_fqdn for r in rs) for d, rs in rules.items()}
         self.index: dict[tuple[str, str, int, bool], tuple[CompiledRule, ...]] = {}
+        self.peer_index: dict[tuple[str, str, int, bool], _PeerIndex] = {}
         self.cache: dict[tuple, _Outcome] = {}
+        self._build_port_tables()
         self.probe_outcome = _Outcome("allow", RULE_PROBES, "allow", False, mode,
                                       "ingress from the node IP to a probe port (kubelet health checks)")
         self._quarantine: dict[str, Decision] = {}
@@ -206,13 +209,87 @@ class _Table:
         return self.local_scope == "out-of-scope" and peer.scope == "cde"
 
     def candidates(self, direction: str, transport: str, port: int, seg: bool) -> tuple[CompiledRule, ...]:
+        """Rules of this direction that can match this port, in evaluation order (memoised).
+
+        Built from the port table (rules naming the port) plus the few "any port"/wide-range
+        rules, never from a scan of every rule.
+        """
         key = (direction, transport, port, seg)
         found = self.index.get(key)
         if found is None:
-            found = tuple(r for r in self.rules.get(direction, ())
-                          if r.port_matches(port, transport) and (not seg or r.group == 0 or r.exception))
+            positions = sorted({*self._by_port.get((direction, transport, port), ()),
+                                *(i for i in self._wide.get(direction, ())
+                                  if self._order[direction][i].port_matches(port, transport))})
+            ordered = self._order[direction]
+            found = tuple(ordered[i] for i in positions
+                          if not seg or ordered[i].group == 0 or ordered[i].exception)
             self.index[key] = found
         return found
+
+    def peer_candidates(self, direction: str, transport: str, port: int, seg: bool,
+                        peer: Identity) -> tuple[CompiledRule, ...]:
+        """The port's candidates narrowed to rules whose peer selector could match ``peer``."""
+        key = (direction, transport, port, seg)
+        pidx = self.peer_index.get(key)
+        if pidx is None:
+            pidx = self.peer_index[key] = _PeerIndex(self.candidates(direction, transport, port, seg))
+        return pidx.lookup(peer)
+
+    def _build_port_tables(self) -> None:
+        self._order: dict[str, tuple[CompiledRule, ...]] = dict(self.rules)
+        self._by_port: dict[tuple[str, str, int], list[int]] = {}
+        self._wide: dict[str, list[int]] = {}
+        for direction, rules in self.rules.items():
+            for i, r in enumerate(rules):
+                if r.ports is None or any(hi - lo >= _WIDE_RANGE for lo, hi, _ in r.ports):
+                    self._wide.setdefault(direction, []).append(i)
+                    continue
+                for lo, hi, proto in r.ports:
+                    for port in range(lo, hi + 1):
+                        self._by_port.setdefault((direction, proto, port), []).append(i)
+
+
+class _PeerIndex:
+    """Rules of one port bucketed by an anchor of each peer entry (namespace and/or one label).
+
+    A peer is looked up by its namespace and labels, so only rules that name them (plus
+    rules with "any"/scope/cidr/fqdn peers) are walked.  The world never matches
+    namespace or label selectors, so it only sees the generic rules.
+    """
+
+    __slots__ = ("rules", "generic", "buckets", "_cache")
+
+    def __init__(self, rules: tuple[CompiledRule, ...]) -> None:
+        self.rules = rules
+        self.generic: list[int] = []
+        self.buckets: dict[tuple, list[int]] = {}
+        for pos, r in enumerate(rules):
+            anchors = []
+            for p in r.peers or ():
+                if p.namespace is None and not p.labels:
+                    anchors = []
+                    break
+                label = min(p.labels) if p.labels else None
+                anchors.append((p.namespace, label))
+            if not anchors:
+                self.generic.append(pos)
+            for a in anchors:
+                self.buckets.setdefault(a, []).append(pos)
+
+    def lookup(self, peer: Identity) -> tuple[CompiledRule, ...]:
+        if not self.buckets:
+            return self.rules
+        if peer.is_world:
+            keys: list[tuple] = []
+        else:
+            keys = [(peer.namespace, None)]
+            for kv in peer.labels:
+                keys.append((peer.namespace, kv))
+                keys.append((None, kv))
+        hits = [self.generic] + [b for k in keys if (b := self.buckets.get(k))]
+        if len(hits) == 1:
+            return tuple(self.rules[i] for i in self.generic)
+        return tuple(self.rules[i] for i in sorted({i for h in hits for i in h}))
 
 
 def _peers(entries: list | None) -> tuple[PeerMatcher, ...] | None:
@@ -381,7 +458,7 @@ class PolicySet:
               app: str | None, event: L7Event | None) -> _Outcome:
         peer = flow.peer
         seg = table.segmented(flow.direction, peer)
-        cands = table.candidates(flow.direction, flow.transport, flow.port, seg)
+        cands = table.peer_candidates(flow.direction, flow.transport, flow.port, seg, peer)
         labels = frozenset(peer.labels)
         pending: list[CompiledRule] = []
         cared = l7_cared = False
