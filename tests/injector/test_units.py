@@ -259,3 +259,46 @@ def test_mutate_never_modifies_the_request_object():
         snapshot = copy.deepcopy(review)
         mutate(review, cfg)
         assert review == snapshot, case.name
+
+
+# --- fuzz: whatever the body, the answer is a Result or a ReviewError (never another exception) -----
+
+_GOLDEN_PODS = [yaml.safe_load((p / "input.yaml").read_text()) for p in sorted(TESTDATA.iterdir()) if p.is_dir()]
+
+
+def _mutate_at(doc, choices, value):
+    """Replace one node of ``doc`` (picked by walking ``choices``) with ``value``."""
+    node = doc
+    for pick in choices:
+        if isinstance(node, dict) and node:
+            key = sorted(node)[pick % len(node)]
+            if not isinstance(node[key], (dict, list)) or pick % 3 == 0:
+                node[key] = value
+                return doc
+            node = node[key]
+        elif isinstance(node, list) and node:
+            index = pick % len(node)
+            if not isinstance(node[index], (dict, list)) or pick % 3 == 0:
+                node[index] = value
+                return doc
+            node = node[index]
+        else:
+            return doc
+    return doc
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(range(len(_GOLDEN_PODS))), st.lists(st.integers(0, 50), min_size=1, max_size=8),
+       json_values, st.sampled_from(["mutate", "validate"]))
+def test_malformed_reviews_only_raise_review_error(case, choices, value, endpoint):
+    import json as _json
+
+    from injector.review import handle
+
+    review = _mutate_at(make_review(copy.deepcopy(_GOLDEN_PODS[case])), choices, value)
+    try:
+        result = handle(endpoint, _json.dumps(review), InjectorConfig())
+    except ReviewError:
+        return
+    assert result.review["kind"] == "AdmissionReview"
+    assert isinstance(result.review["response"]["allowed"], bool)
