@@ -31,6 +31,7 @@ import http.client
 import json
 import logging
 import random
+import socket
 import threading
 import time
 import urllib.parse
@@ -43,6 +44,11 @@ from prometheus_client import Counter
 from firewall import __version__
 
 log = logging.getLogger(__name__)
+
+try:  # https (ssl's server_hostname) needs the idna codec; import it while the stdlib is readable
+    import encodings.idna  # noqa: F401
+except ImportError:  # imported after the sidecar dropped privileges: plain http still works
+    pass
 
 DEFAULT_EVENT_TYPES = frozenset({"alert", "dlp", "pcap", "policy", "quarantine"})
 
@@ -239,7 +245,7 @@ class WebhookSink:
 
     def _connection(self) -> http.client.HTTPConnection:
         if self._conn is None:
-            cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
+            cls = http.client.HTTPSConnection if self._scheme == "https" else _HTTPConnection
             self._conn = cls(self._host, self._port, timeout=self.timeout_s)
         return self._conn
 
@@ -250,6 +256,18 @@ class WebhookSink:
             except OSError:
                 pass
             self._conn = None
+
+
+class _HTTPConnection(http.client.HTTPConnection):
+    """Resolves an ASCII host as bytes: a str host makes getaddrinfo() look up the idna
+    codec, which fails once the sidecar has dropped to a user that cannot read the stdlib."""
+
+    def connect(self) -> None:
+        host: str | bytes = self.host
+        if isinstance(host, str) and host.isascii():
+            host = host.encode("ascii")
+        self.sock = socket.create_connection((host, self.port), self.timeout, self.source_address)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _retry_after(value: str | None) -> float | None:
