@@ -184,3 +184,15 @@ def test_schema_validates_example_documents() -> None:
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"apiVersion": "palisade.dev/v1", "kind": "FirewallPolicy",
                              "metadata": {"name": "a", "namespace": "b"}, "spec": {"frm": 1}}, schema)
+
+
+def test_all_examples_validate() -> None:
+    ps = PolicySet.load([str(ROOT / "examples")])
+    assert {d.metadata.name for d in ps.documents} >= {"payment-api", "baseline", "platform-baseline", "checkout"}
+
+
+def test_example_identity_file() -> None:
+    from firewall.identity import load_identity_file
+
+    m = load_identity_file(str(ROOT / "examples" / "identity" / "identities.yaml"))
+    assert m.resolve("fd00::105").pod == "checkout-0" and m.resolve("10.0.0.5").scope == "cde"
