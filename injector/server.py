@@ -23,7 +23,6 @@ import os
 import signal
 import ssl
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,23 +50,31 @@ class ServeError(RuntimeError):
     """The server cannot start (unreadable certificate, port in use ...)."""
 
 
+def _load_pair(ctx: ssl.SSLContext, cert: bytes, key: bytes) -> None:
+    """``load_cert_chain`` only takes paths. Feed it anonymous memory files (memfd): the webhook
+    runs with a read-only root filesystem, and the key never touches a disk."""
+    fds = []
+    try:
+        for data in (cert, key):
+            fd = os.memfd_create("palisade-tls", os.MFD_CLOEXEC)
+            fds.append(fd)
+            os.write(fd, data)
+        ctx.load_cert_chain(f"/proc/self/fd/{fds[0]}", f"/proc/self/fd/{fds[1]}")
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 def build_context(cert: bytes, key: bytes, cert_path: str, key_path: str) -> ssl.SSLContext:
     """A TLS 1.2+ server context from in-memory PEM (read once, so cert and key are one snapshot)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_COMPRESSION
-    # load_cert_chain only takes paths; write the snapshot to a private temp dir.
-    with tempfile.TemporaryDirectory(prefix="palisade-tls-") as tmp:
-        c, k = os.path.join(tmp, "c.pem"), os.path.join(tmp, "k.pem")
-        with open(os.open(c, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as fh:
-            fh.write(cert)
-        with open(os.open(k, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as fh:
-            fh.write(key)
-        try:
-            ctx.load_cert_chain(c, k)
-        except ssl.SSLError as exc:
-            raise ServeError(f"{cert_path} / {key_path}: cannot load the certificate pair: "
-                             f"{exc.reason or exc}") from None
+    try:
+        _load_pair(ctx, cert, key)
+    except ssl.SSLError as exc:
+        raise ServeError(f"{cert_path} / {key_path}: cannot load the certificate pair: "
+                         f"{exc.reason or exc}") from None
     return ctx
 
 
