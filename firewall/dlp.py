@@ -141,6 +141,8 @@ class DlpEngine:
         self.rules_hash = rules_hash_
         self.cache_path = cache_path
         self._order = {r.id: r.order for r in rules}
+        self._keywords = [re.compile(b"|".join(re.escape(k) for k in r.context)) if r.context else None
+                          for r in rules]
         self.holdback = max((r.max_length for r in rules), default=0)
         self.window = self.holdback + KEYWORD_LOOKBACK + CONTEXT_CHARS + 2
         self._tls = threading.local()
@@ -155,6 +157,20 @@ class DlpEngine:
                 if t.boundary:
                     body = f"(?<!{t.boundary})" + body
                 self._trigger_start.append(re.compile(body.encode()))
+        # Rules sharing a trigger and all having a 'prefix' (card brands) are dispatched by one
+        # regex per suffix of the rule list: its named group says which rule's prefix matched.
+        self._trigger_gates: list[list[re.Pattern[bytes]] | None] = []
+        for owners in trigger_rules:
+            prefixes = [rules[ri].prefix for ri in owners]
+            if all(p is not None for p in prefixes):
+                gates = []
+                for k in range(len(owners)):
+                    alternation = "|".join(f"(?P<r{ri}>{rules[ri].prefix.pattern.decode()})"  # type: ignore[union-attr]
+                                           for ri in owners[k:])
+                    gates.append(re.compile(alternation.encode()))
+                self._trigger_gates.append(gates)
+            else:
+                self._trigger_gates.append(None)
         self._load_args: tuple[Any, ...] = ()
 
     # ----------------------------------------------------------------- loading
@@ -399,25 +415,64 @@ class DlpStream:
     def _process(self, window: bytes, base: int, final: bool) -> list[Finding]:
         eng = self._engine
         pending = self._pending
+        rules = eng.rules
+        seen = self._seen
+        out: list[Finding] = []
         for t, tid in self._hits:
             how = eng._trigger_start[tid]
-            if isinstance(how, int):
+            if how.__class__ is int:
                 start = t - how
             else:
-                trig = eng.triggers[tid]
-                m = how.search(window, max(0, t - trig.max_width - base), t - base)
+                m = how.search(window, max(0, t - eng.triggers[tid].max_width - base), t - base)
                 if m is None:
                     continue
                 start = m.start() + base
-            for ri in eng._trigger_rules[tid]:
-                if (ri, start) not in pending:
-                    pending[(ri, start)] = _Candidate(ri, start, {})
+            gates = eng._trigger_gates[tid]
+            owners = eng._trigger_rules[tid]
+            if gates is None:
+                todo: tuple[int, ...] | list[int] = owners
+            else:
+                # Only rules whose prefix matches here, in order (one regex call per brand tried).
+                todo = []
+                k = 0
+                pos = start - base
+                while k < len(owners):
+                    m = gates[k].match(window, pos)
+                    if m is None:
+                        break
+                    ri = int(m.lastgroup[1:])  # type: ignore[index]
+                    todo.append(ri)
+                    k = owners.index(ri) + 1
+            for ri in todo:
+                key = (ri, start)
+                if key in pending:
+                    continue
+                rule = rules[ri]
+                if final or seen > start + rule.max_length:
+                    # Common case: everything the value can span is already here - settle it now.
+                    res = self._evaluate(rule, window, base, start)
+                    if res is not None and (res[0], res[1]) not in self._spans:
+                        self._spans[(res[0], res[1])] = ri
+                        out.append(self._finding(rule, window, base, *res))
+                else:
+                    pending[key] = _Candidate(ri, start, {})
         self._hits.clear()
-        out: list[Finding] = []
+        if pending:
+            self._settle_pending(window, base, final, out)
+        if len(self._spans) > 256:
+            horizon = seen - eng.window
+            self._spans = {k: v for k, v in self._spans.items() if k[1] >= horizon}
+        if len(out) > 1:
+            out.sort(key=lambda f: (f.start, eng._order[f.rule_id]))
+        return out
+
+    def _settle_pending(self, window: bytes, base: int, final: bool, out: list[Finding]) -> None:
+        """Candidates near the end of the data: report what matches now, settle when complete."""
+        rules = self._engine.rules
         seen = self._seen
         done = []
-        for key, cand in pending.items():
-            rule = eng.rules[cand.rule]
+        for key, cand in self._pending.items():
+            rule = rules[cand.rule]
             complete = final or seen > cand.start + rule.max_length
             res = self._evaluate(rule, window, base, cand.start)
             span = None
@@ -436,13 +491,7 @@ class DlpStream:
                             self.retracted.append(f)
                 done.append(key)
         for key in done:
-            del pending[key]
-        if len(self._spans) > 256:
-            horizon = seen - eng.window
-            self._spans = {k: v for k, v in self._spans.items() if k[1] >= horizon}
-        if len(out) > 1:
-            out.sort(key=lambda f: (f.start, eng._order[f.rule_id]))
-        return out
+            del self._pending[key]
 
     @staticmethod
     def _evaluate(rule: Rule, window: bytes, base: int, start: int
@@ -480,10 +529,9 @@ class DlpStream:
                 inside = vs <= m.start("hint") < ve
             masked = mask_hint(value, hint, inside)
         confidence = rule.confidence
-        if rule.context:
-            before = window[max(0, vs - KEYWORD_LOOKBACK):vs].lower()
-            if any(k in before for k in rule.context):
-                confidence = min(0.99, confidence + KEYWORD_BOOST)
+        keywords = self._engine._keywords[rule.order]
+        if keywords is not None and keywords.search(window[max(0, vs - KEYWORD_LOOKBACK):vs].lower()):
+            confidence = min(0.99, confidence + KEYWORD_BOOST)
         ctx = context_snippet(window[max(0, vs - CONTEXT_CHARS):vs], masked,
                               window[ve:ve + CONTEXT_CHARS])
         return Finding(rule.id, rule.name, rule.pack, rule.type, rule.severity, start, end,

@@ -16,11 +16,12 @@ from firewall.dlp_validators import digits_of
 
 STAR = "*"
 _ALNUM = re.compile(r"[A-Za-z0-9]")
-# A run of at least 6 digits, possibly broken by single separators: masked in context.
-_DIGIT_RUN = re.compile(r"[0-9](?:[ .-]?[0-9]){5,}")
+# At least 6 digits, each pair at most two punctuation characters apart: masked in context.
+_DIGIT_RUN = re.compile(r"[0-9](?:[^A-Za-z0-9]{0,2}[0-9]){5,}")
 # A long token mixing letters and digits (keys, tokens, base64): masked in context.
 _TOKEN = re.compile(r"[A-Za-z0-9+/_=-]{16,}")
-_CONTROL = str.maketrans({i: "." for i in list(range(0, 32)) + [127]})
+_CONTROL = bytes(46 if i < 32 or i == 127 else i for i in range(256))  # control bytes -> "."
+_HAS_DIGIT = re.compile(r"[0-9]")
 
 
 def mask_card(value: bytes) -> str:
@@ -47,8 +48,11 @@ def mask_hint(value: bytes, hint: bytes | None, hint_inside: bool) -> str:
     return STAR * min(MAX_STARS, len(value))
 
 
+_DIGITS_TO_STARS = str.maketrans("0123456789", STAR * 10)
+
+
 def _mask_digit_run(m: re.Match[str]) -> str:
-    return re.sub(r"[0-9]", STAR, m.group(0))
+    return m.group(0).translate(_DIGITS_TO_STARS)
 
 
 def _mask_token(m: re.Match[str]) -> str:
@@ -58,15 +62,15 @@ def _mask_token(m: re.Match[str]) -> str:
     return STAR * len(tok)
 
 
-def sanitize(text: str) -> str:
+def sanitize(raw: bytes) -> str:
     """Defence in depth for context snippets: mask anything shaped like a value."""
-    text = text.translate(_CONTROL)
-    text = _DIGIT_RUN.sub(_mask_digit_run, text)
-    return _TOKEN.sub(_mask_token, text)
+    text = raw.translate(_CONTROL).decode("utf-8", "replace")
+    if _HAS_DIGIT.search(text) is None:
+        return _TOKEN.sub(_mask_token, text) if len(text) >= 16 else text
+    text = _TOKEN.sub(_mask_token, text)
+    return _DIGIT_RUN.sub(_mask_digit_run, text)
 
 
 def context_snippet(left: bytes, masked: str, right: bytes) -> str:
     """``left`` and ``right`` are the raw bytes around the value (each bounded by the caller)."""
-    lt = sanitize(left.decode("utf-8", "replace"))
-    rt = sanitize(right.decode("utf-8", "replace"))
-    return f"{lt}{masked}{rt}"
+    return f"{sanitize(left)}{masked}{sanitize(right)}"

@@ -235,6 +235,8 @@ def _parse_rule(raw: Any, pack: str, path: str, index: int) -> tuple[Rule, list[
             prefix = re.compile(raw["prefix"].encode("ascii"))
         except (UnicodeEncodeError, re.error) as exc:
             raise _bad(path, where, f"bad prefix regex {raw['prefix']!r}: {exc}") from None
+        if prefix.groupindex:
+            raise _bad(path, where, "'prefix' must not contain named groups")
     max_length = raw.get("max_length")
     if max_length is None:
         widths = [_width(v)[1] for v in values_raw]

@@ -52,33 +52,33 @@ def digits_of(value: bytes) -> bytes:
     return _NON_DIGIT.sub(b"", value)
 
 
+_LUHN_DOUBLE = (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)
+
+
 def luhn(value: bytes) -> bool:
     digits = digits_of(value)
-    if len(digits) < 12:
+    n = len(digits)
+    if n < 12:
         return False
-    total = 0
-    for i, ch in enumerate(reversed(digits)):
-        d = ch - 48
-        if i & 1:
-            d *= 2
-            if d > 9:
-                d -= 9
-        total += d
+    plain = digits[-1::-2]
+    total = sum(plain) - 48 * len(plain) + sum(_LUHN_DOUBLE[c - 48] for c in digits[-2::-2])
     return total % 10 == 0
 
 
 def mod97(value: bytes) -> bool:
     """IBAN check: known SEPA country, exact length, rearranged number mod 97 == 1."""
-    iban = _NON_ALNUM.sub(b"", value).upper().decode("ascii", "replace")
-    country = iban[:2]
-    if IBAN_LENGTHS.get(country) != len(iban) or not iban[2:4].isdigit():
+    iban = _NON_ALNUM.sub(b"", value).upper()
+    if IBAN_LENGTHS.get(iban[:2].decode("ascii", "replace")) != len(iban) or not iban[2:4].isdigit():
         return False
-    rearranged = iban[4:] + iban[:4]
-    try:
-        number = int("".join(str(int(c, 36)) for c in rearranged))
-    except ValueError:
-        return False
-    return number % 97 == 1
+    total = 0
+    for c in iban[4:] + iban[:4]:  # letters count as two digits (A=10 ... Z=35)
+        if 48 <= c <= 57:
+            total = (total * 10 + c - 48) % 97
+        elif 65 <= c <= 90:
+            total = (total * 100 + c - 55) % 97
+        else:
+            return False
+    return total == 1
 
 
 def ssn(value: bytes) -> bool:
