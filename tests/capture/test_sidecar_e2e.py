@@ -165,3 +165,53 @@ def test_annotation_and_deny_captures_through_the_sidecar(env):
     got = wait_until(delivered, 10, what="webhook deliveries")
     assert all(e["event_type"] != "flow" for e in got), "flows are not delivered by default"
     assert any(e["event_type"] == "alert" and e["alert"]["signature"] == "no-db-admin-port" for e in got)
+
+
+HUNG = r"""
+import socket, sys, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(1)
+time.sleep(3600)  # never accepts: connections hang, then time out
+"""
+
+DENY_MANY = textwrap.dedent("""
+    import socket, sys
+    refused = 0
+    for _ in range(int(sys.argv[3])):
+        try:
+            s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+            s.sendall(b"x"); s.shutdown(socket.SHUT_WR)
+            if s.recv(10) != b"ok":
+                refused += 1
+            s.close()
+        except OSError:
+            refused += 1
+    print(refused)
+""")
+
+
+def test_data_path_unaffected_while_the_webhook_hangs(env):
+    app, db = env.pod("app"), env.pod("db")
+    tmp = Path(env.tmp)
+    db.popen([PY, "-c", SERVER, "0.0.0.0:5433"], stdin=-1)
+    db.wait_listening(5433)
+    db.serve_blast(9000)
+    app.popen([PY, "-c", HUNG, "18081"])
+    app.wait_listening(18081)
+    policy = tmp / "policy.yaml"
+    policy.write_text(POLICY)
+    labels = {"app": "app"}
+    sc = app.start_sidecar("--policy", str(policy), "--alert-webhook", "http://127.0.0.1:18081/hook",
+                           "--labels", json.dumps(labels), "--no-dlp")
+
+    refused = int(app.run([PY, "-c", DENY_MANY, db.ip, "5433", "200"]).stdout)
+    assert refused == 200
+    res = app.blast(db.ip, 9000, client_bytes=2 << 20, server_bytes=2 << 20, connections=16)
+    assert res["failed"] == 0 and res["connections"] == 16, res
+    alerts = wait_until(lambda: (lambda a: a if len(a) >= 200 else None)(
+        [e for e in sc.events("alert") if e["alert"]["signature"] == "no-db-admin-port"]), 10,
+        what="every deny alerted on the event stream")
+    assert len(alerts) == 200
+    assert sc.ready(), "the sidecar stays ready while its webhook hangs"
+    status, metrics = sc.http("/metrics")
+    assert status == 200 and "palisade_alert_webhook_sent_total 0.0" in metrics
