@@ -28,6 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 DATA = Path(__file__).parent / "data"
+#: where ``save`` writes; the live tests point it at a temporary directory
+OUT_DIR = DATA
 Segment = tuple[int, bytes]
 
 
@@ -142,7 +144,7 @@ class UdpRecorder:
 
 def save(name: str, app_proto: str, dest_port: int, conns: list[list[Segment]], transport: str = "tcp",
          note: str = "") -> None:
-    DATA.mkdir(exist_ok=True)
+    OUT_DIR.mkdir(exist_ok=True)
     doc = {
         "name": name,
         "app_proto": app_proto,
@@ -151,7 +153,7 @@ def save(name: str, app_proto: str, dest_port: int, conns: list[list[Segment]], 
         "note": note,
         "connections": [[[d, base64.b64encode(b).decode()] for d, b in segs] for segs in conns if segs],
     }
-    with gzip.open(DATA / f"{name}.json.gz", "wt") as fh:
+    with gzip.open(OUT_DIR / f"{name}.json.gz", "wt") as fh:
         fh.write(json.dumps(doc, indent=1) + "\n")
     sizes = [sum(len(b) for _, b in segs) for segs in conns]
     print(f"{name}: {len(conns)} connection(s), bytes {sizes}")
