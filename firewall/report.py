@@ -40,6 +40,7 @@ from firewall.report_data import (
     E_LAST,
     E_SAMPLES,
     OUT_OF_SCOPE,
+    WORLD_ANY,
     EventStats,
     ReportError,
     Workload,
@@ -403,7 +404,8 @@ def _inventory(workloads: dict[str, Workload]) -> dict[str, Any]:
         ns[w.scope] = ns.get(w.scope, 0) + 1
     for s in scopes.values():
         s["namespaces"].sort()
-    world = [w for w in workloads.values() if w.is_world and w.id != "world:?"]  # "?": event had no address
+    # "world:?": an event without any address; "world:*": outside addresses folded together
+    world = [w for w in workloads.values() if w.is_world and w.id not in ("world:?", WORLD_ANY)]
     return {
         "scopes": dict(sorted(scopes.items(), key=lambda kv: scope_rank(kv[0]))),
         "namespaces": [{"name": k, "workloads_by_scope": v} for k, v in sorted(namespaces.items())],

@@ -29,6 +29,8 @@ import yaml
 from firewall import LABEL_SCOPE, SCOPES
 
 WORLD = "world"
+WORLD_PREFIX = "world:"
+WORLD_ANY = "world:*"  # every outside address, for flows that do not touch the CDE
 OUT_OF_SCOPE = "out-of-scope"
 
 # Deployment pods are "<name>-<replicaset hash>-<5 chars>"; jobs/daemonsets "<name>-<5 chars>".
@@ -225,6 +227,7 @@ class EventStats:
         self.first: float | None = None
         self.last: float | None = None
         self._cache: dict[tuple[Any, ...], str] = {}
+        self._cde: set[str] = set()
 
     # ---- workload resolution (cached: the same few pods appear millions of times)
 
@@ -281,9 +284,16 @@ class EventStats:
                                                 labels={str(k): str(v) for k, v in labels.items()})
         wl.scopes_seen.add(scope)
         wl.sources.add(source)
+        if scope == "cde":
+            self._cde.add(wid)
         if pod:
             wl.pods.add(str(pod))
         return wl
+
+    def _world_any(self) -> str:
+        if WORLD_ANY not in self.workloads:
+            self._register(WORLD_ANY, None, WORLD, OUT_OF_SCOPE, {}, None, "events")
+        return WORLD_ANY
 
     def add_identity_inventory(self) -> None:
         """Workloads known only from ``--identity`` still belong in the scope inventory."""
@@ -338,6 +348,12 @@ class EventStats:
         get = ev.get
         src = self.workload_id(get("src_workload"), get("src_ip"))
         dst = self.workload_id(get("dest_workload"), get("dest_ip"))
+        # Outside addresses stay individual only next to the CDE (the auditor asks "who"); elsewhere
+        # they fold into one peer, so memory does not grow with every CDN address a pod talks to.
+        if src.startswith(WORLD_PREFIX) and dst not in self._cde:
+            src = self._world_any()
+        elif dst.startswith(WORLD_PREFIX) and src not in self._cde:
+            dst = self._world_any()
         verdict = get("verdict") or "allow"
         port = get("dest_port")
         key = (src, dst, get("direction") or "", port if port.__class__ is int else _int(port),
@@ -461,6 +477,7 @@ class EventStats:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_cache"] = {}
+        state["_cde"] = set()
         state["identity"] = {}
         return state
 

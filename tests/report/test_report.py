@@ -303,3 +303,14 @@ def test_fuzzed_events_never_raise(inputs, tmp_path):
     rep = build_report([str(inputs["policy"])], [str(eve)], as_of=date(2026, 12, 1), jobs=1)
     written, _ = write_report(rep, str(tmp_path / "o"), pdf=False)
     assert rep["time_range"]["events"] == len(seen) and len(written) == 2
+
+
+def test_outside_addresses_fold_unless_next_to_the_cde():
+    st = EventStats()
+    for i in range(50):
+        for src in (sc.BLOG, sc.PAY):
+            st.feed_event({"event_type": "flow", "direction": "outbound", "dest_port": 443, "verdict": "allow",
+                           "src_workload": src, "dest_workload": {"world": True, "ip": f"203.0.113.{i}"}})
+    dsts = {k[1] for k in st.edges if k[0] == "marketing/blog"}
+    assert dsts == {"world:*"}  # blog's 50 outside peers are one peer
+    assert len({k[1] for k in st.edges if k[0] == "payments/payment-api"}) == 50  # the CDE's are kept apart
