@@ -54,6 +54,8 @@ def build_graph(report: dict[str, Any]) -> Graph:
     world_used = False
     for f in report["flows"]:
         src, dst = f["src"], f["dst"]
+        if "world:?" in (src, dst) or (src.startswith("world:") and dst.startswith("world:")):
+            continue  # a record without addresses, or outside-to-outside: nothing to draw
         if src.startswith("world:"):
             src, world_used = WORLD_NODE, True
         if dst.startswith("world:"):
