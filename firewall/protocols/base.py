@@ -27,8 +27,9 @@ class Probe(enum.Enum):
 class L7Event:
     """One protocol-level fact, e.g. an HTTP request head or a TLS ClientHello.
 
-    ``kind`` is one of: request, response, hello, server_hello, banner, query, answer,
-    command, startup, statement, stream, anomaly.  ``fields`` holds the protocol's
+    ``kind`` is one of: request, response, hello, server_hello, alert (TLS), banner,
+    query, answer, command, startup, greeting (MySQL), login (MySQL), statement,
+    stream, anomaly.  ``fields`` holds the protocol's
     names from the issue (method/host/path/status, sni/alpn/version, qname/qtype/rcode,
     command/keys, user/database/verb, software ...).  ``offset`` is where the message
     starts in its direction's stream; ``end`` where it ends (or -1 if the body is

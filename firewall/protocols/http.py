@@ -14,8 +14,9 @@ space-before-colon header lines, invalid chunk sizes. Each becomes
 ``anomaly="smuggling:<shape>"`` and parsing of that direction stops, so the
 session can refuse the flow instead of guessing what the server will see.
 
-``CONNECT`` and ``Upgrade`` (websocket, h2c) turn the connection into a tunnel:
-parsing stops once the switch is answered.
+``CONNECT`` and ``Upgrade`` (websocket, h2c) turn the connection into a tunnel
+once the server accepts (2xx to CONNECT, 101): both directions then only count.
+A declined switch leaves the connection HTTP, still parsed.
 """
 
 from __future__ import annotations
@@ -158,7 +159,6 @@ class HttpParser(StreamParser):
         self._scanned = [0, 0]  # head bytes already searched for the blank line
         self._trailer_bytes = [0, 0]
         self._pending: deque[str] = deque()  # request methods awaiting a response
-        self._tunnel_after: str | None = None  # method of the request that asked to switch
         self.requests = 0
         self.responses = 0
         self.first_host: str | None = None
@@ -214,8 +214,6 @@ class HttpParser(StreamParser):
 
     def _end_of_message(self, st: DirState) -> None:
         self._mode[st.direction] = _HEAD
-        if st.direction == TOSERVER and self._tunnel_after is not None:
-            st.stop()
 
     def _head(self, st: DirState, out: list[L7Event]) -> bool:
         buf = st.buf
@@ -286,7 +284,6 @@ class HttpParser(StreamParser):
             length = _content_length(cl_values, "smuggling:")
         body = length or 0
         end = -1 if chunked else st.pos + head_len + body
-        upgrade = bool(h.get("upgrade")) or method == "CONNECT"
         enc = _tokens(h.get("content-encoding", []))
         fields: dict[str, Any] = {
             "method": method,
@@ -309,8 +306,6 @@ class HttpParser(StreamParser):
         self._pending.append(method)
         st.advance(head_len)
         st.hold = None
-        if upgrade:
-            self._tunnel_after = method
         if chunked:
             self._mode[TOSERVER] = _CHUNK_SIZE
         else:
@@ -355,13 +350,16 @@ class HttpParser(StreamParser):
             self.responses += 1
         self.statuses[code] = self.statuses.get(code, 0) + 1
         st.advance(head_len)
-        if tunnel or until_close:
+        if tunnel:
+            # the switch is accepted: both directions now carry another protocol.
+            # Until then the client's side stays parsed - a declined Upgrade must
+            # not blind the parser to the requests that follow it.
+            for other in self._dirs:
+                other.stop()
+            return
+        if until_close:
             st.stop()
             return
-        if method is not None and method == self._tunnel_after:
-            # the switch was declined: the client may keep talking HTTP, but we
-            # stopped its direction already; keep parsing responses only
-            self._tunnel_after = None
         if chunked:
             self._mode[TOCLIENT] = _CHUNK_SIZE
         elif body:

@@ -137,19 +137,31 @@ def test_head_exactly_at_the_limit_is_accepted():
     assert events[0].anomaly == "oversized-header"
 
 
-def test_connect_and_upgrade_become_tunnels():
+def test_connect_and_upgrade_become_tunnels_once_accepted():
     p = HttpParser()
     (ev,) = p.feed(b"CONNECT db.example:5432 HTTP/1.1\r\nHost: db.example:5432\r\n\r\n", TOSERVER)
-    assert ev.fields["host"] == "db.example:5432"
-    assert p.feed(b"\x16\x03\x01 tunnelled bytes GET / HTTP/1.1\r\n\r\n", TOSERVER) == []
+    assert ev.fields["method"] == "CONNECT" and ev.fields["host"] == "db.example:5432"
     (ok,) = p.feed(resp(200), TOCLIENT)
-    assert ok.fields["status"] == 200 and p.feed(b"HTTP/1.1 500 tunnel\r\n\r\n", TOCLIENT) == []
+    assert ok.fields["status"] == 200
+    assert p.feed(b"\x16\x03\x01 tunnelled bytes GET / HTTP/1.1\r\n\r\n", TOSERVER) == []
+    assert p.feed(b"HTTP/1.1 500 tunnel\r\n\r\n", TOCLIENT) == []
 
     p = HttpParser()
-    p.feed(req("GET", "/ws", ["Upgrade: websocket", "Connection: Upgrade"]), TOSERVER)
+    (ev,) = p.feed(req("GET", "/ws", ["Upgrade: websocket", "Connection: Upgrade"]), TOSERVER)
+    assert ev.fields["upgrade"] == "websocket"
     (sw,) = p.feed(resp(101, ["Upgrade: websocket"]), TOCLIENT)
     assert sw.fields["status"] == 101
     assert p.feed(b"\x81\x05hello", TOCLIENT) == [] and p.feed(b"\x81\x85abcdxxxxx", TOSERVER) == []
+
+
+def test_declined_upgrade_keeps_parsing_the_requests_that_follow():
+    """An Upgrade header must not be a way to hide the next requests from policy."""
+    p = HttpParser()
+    p.feed(req("GET", "/", ["Upgrade: h2c", "Connection: Upgrade"]), TOSERVER)
+    (no,) = p.feed(resp(200, ["Content-Length: 2"], b"ok"), TOCLIENT)
+    assert no.fields["status"] == 200
+    (second,) = p.feed(req("DELETE", "/admin"), TOSERVER)
+    assert second.fields["method"] == "DELETE" and second.fields["path"] == "/admin"
 
 
 def test_absolute_form_and_content_encoding():
