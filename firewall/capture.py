@@ -807,6 +807,8 @@ class CaptureManager:
         except ValueError:
             AUTO_SKIPPED.labels("bad-peer").inc()
             return False
+        if ip.version == 6 and ip.ipv4_mapped is not None:  # dual-stack sockets report ::ffff:a.b.c.d
+            ip = ip.ipv4_mapped
         key = str(ip)
         now = time.monotonic()
         with self._lock:

@@ -196,6 +196,8 @@ def test_auto_capture_filters_to_the_peer_and_is_rate_limited(tmp_path, nspair, 
     assert mgr.auto_capture("10.77.0.2", {"rule": "default-deny", "flow": flow}, duration_s=30)
     assert not mgr.auto_capture("10.77.0.2", {"rule": "default-deny", "flow": flow}), \
         "a second capture of the same peer inside the window must be refused"
+    assert not mgr.auto_capture("::ffff:10.77.0.2", {"rule": "default-deny", "flow": flow}), \
+        "an IPv4-mapped address is the same peer"
     assert mgr.auto_capture("10.77.0.3", {"rule": "dlp:no-clear-pan", "flow": {}}, duration_s=30)
     assert not mgr.auto_capture("10.77.0.4", {"rule": "x", "flow": {}}), "max_concurrent=2 reached"
     assert not mgr.auto_capture("not-an-ip", {"rule": "x", "flow": {}})

@@ -109,3 +109,4 @@ def test_unwritable_pcap_dir_is_a_clear_error(events):
     finally:
         os.chmod(d, 0o700)
         os.rmdir(d)
+

@@ -99,6 +99,11 @@ def test_compiled_filter_matches_tcpdump(expr):
     assert compile_filter(expr, 65535) == theirs
 
 
+@pytest.mark.parametrize("expr", ["host fd00:4d::2", "host 10.77.0.2", "ip6 and tcp port 443"])
+def test_auto_capture_filters_compile_for_both_families(expr):
+    assert len(compile_filter(expr)) > 2
+
+
 def test_snaplen_is_the_filters_return_value():
     prog = compile_filter("tcp", 96)
     assert prog[-2] == (0x06, 0, 0, 96) and prog[-1] == (0x06, 0, 0, 0)
