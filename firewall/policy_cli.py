@@ -29,7 +29,8 @@ def register(subparsers) -> None:
         epilog="SRC/DST: an IP (resolved with --identity, unknown = world), ns/pod (from --identity),\n"
                "ns:key=value,key=value (a workload by labels), or world[:IP].\n"
                "Without --direction both ends' sidecars are explained (egress at SRC, ingress at DST).")
-    e.add_argument("--policy", action="append", required=True, metavar="FILE", help="policy file or directory")
+    e.add_argument("--policy", action="extend", nargs="+", required=True, metavar="FILE",
+                   help="policy files or directories (repeatable)")
     e.add_argument("--from", dest="src", required=True, metavar="SRC")
     e.add_argument("--to", dest="dst", required=True, metavar="DST")
     e.add_argument("--port", type=int, required=True)
@@ -45,7 +46,8 @@ def register(subparsers) -> None:
     e.set_defaults(func=cmd_explain)
 
     learn = sub.add_parser("learn", help="turn flow events into a FirewallPolicy per workload")
-    learn.add_argument("--events", action="append", required=True, metavar="EVE.jsonl")
+    learn.add_argument("--events", action="extend", nargs="+", required=True, metavar="EVE.jsonl",
+                       help="EVE JSON-lines files with flow records (repeatable)")
     learn.add_argument("--namespace", help="only workloads of this namespace")
     learn.add_argument("-o", "--output", default="-", help="output file (default stdout)")
     learn.set_defaults(func=cmd_learn)
