@@ -11,6 +11,7 @@ row   condition                                     result    note
 1     namespace is kube-system or ignored           skip      never inject system pods
 2     annotation ``palisade.dev/status`` present    skip      idempotent re-admission
 3     ``hostNetwork: true``                         skip      + warning; rules would hit the node
+3b    ``spec.os.name: windows``                     skip      + warning; no nftables on Windows
 4     ``palisade.dev/inject`` label/annotation      reject    only "true"/"false" are valid
       has another value
 5     ``palisade.dev/inject: "false"``              skip      label beats annotation
@@ -58,6 +59,10 @@ def decide(pod: dict, namespace: str, config: InjectorConfig) -> Decision:
         return Decision(False, "hostNetwork pod", (
             "palisade: hostNetwork pods are not injected (the redirect rules would apply to the "
             "node's network); this pod runs without the Palisade firewall",))
+    if isinstance(spec.get("os"), dict) and spec["os"].get("name") == "windows":
+        return Decision(False, "windows pod", (
+            "palisade: Windows pods are not injected (the redirect rules need Linux nftables); "
+            "this pod runs without the Palisade firewall",))
     flag = inject_flag(labels, annotations)
     if flag is False:
         return Decision(False, "opted out (palisade.dev/inject=false)")

@@ -204,6 +204,8 @@ def _why_unprotected(pod: dict, namespace: str) -> str:
     if spec.get("hostNetwork") is True:
         return ("uses hostNetwork: true, which Palisade cannot protect; CDE workloads must not "
                 "share the node's network")
+    if isinstance(spec.get("os"), dict) and spec["os"].get("name") == "windows":
+        return "is a Windows pod, which Palisade cannot protect (the redirect rules need Linux nftables)"
     try:
         flag = inject_flag(meta.get("labels") or {}, meta.get("annotations") or {})
     except AnnotationError as exc:

@@ -162,6 +162,7 @@ def _cde(**kw):
 @pytest.mark.parametrize("pod, fragment", [
     (_cde(), "was not injected: label namespace payments with palisade.dev/injection=enabled"),
     (_cde(host_network=True), "uses hostNetwork: true"),
+    ({**_cde(), "spec": {"os": {"name": "windows"}, "containers": [{"name": "app"}]}}, "is a Windows pod"),
     (_cde(annotations={"palisade.dev/inject": "false"}), "opts out of the sidecar"),
     (_cde(labels={"palisade.dev/inject": "false"}), "opts out of the sidecar"),
     (_cde(annotations={"palisade.dev/status": "injected"}), "are not both present"),
