@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from firewall.protocols.base import TOCLIENT, TOSERVER, L7Event, ParseError, Probe
+from firewall.protocols.redact import redact_path
 from firewall.protocols.stream import DirState, StreamParser, find_line
 
 APP_PROTO = "http"
@@ -47,6 +48,7 @@ _CONNECT_LINE = re.compile(rb" HTTP/1\.[01]\r?\Z")
 _KNOWN_CODINGS = frozenset({"chunked", "gzip", "x-gzip", "deflate", "compress", "identity", "br", "zstd"})
 
 MAX_SUMMARY_PAIRS = 32
+SUMMARY_PATH_CHARS = 512
 
 # direction modes
 _HEAD, _CHUNK_SIZE, _CHUNK_CRLF, _TRAILERS = range(4)
@@ -124,6 +126,12 @@ def _parse_head(raw: bytes, request: bool) -> _Head:
             raise ParseError("bad-header-value")
         headers.setdefault(name.lower(), []).append(value.strip(" \t"))
     return _Head(parts, headers)
+
+
+def _summary_path(path: str | None) -> str | None:
+    """Paths in the flow record are logged: redacted and bounded."""
+    red = redact_path(path)
+    return red[:SUMMARY_PATH_CHARS] if red is not None else None
 
 
 def _tokens(values: list[str]) -> list[str]:
@@ -370,8 +378,8 @@ class HttpParser(StreamParser):
             "requests": self.requests,
             "responses": self.responses,
             "host": self.first_host,
-            "path": self.first_path,
-            "methods_paths": [list(p) for p in self.pairs],
+            "path": _summary_path(self.first_path),
+            "methods_paths": [[m, _summary_path(p)] for m, p in self.pairs],
             "statuses": dict(self.statuses),
         }
         out.update(self._base_summary())

@@ -21,6 +21,7 @@ from typing import Any
 import hpack
 
 from firewall.protocols.base import TOCLIENT, TOSERVER, L7Event, ParseError, Probe
+from firewall.protocols.http import _summary_path
 from firewall.protocols.stream import DirState, StreamParser
 
 APP_PROTO = "http2"
@@ -229,8 +230,8 @@ class Http2Parser(StreamParser):
         out: dict[str, Any] = {
             "requests": self.requests,
             "host": self.first_host,
-            "path": self.first_path,
-            "methods_paths": [list(p) for p in self.pairs],
+            "path": _summary_path(self.first_path),
+            "methods_paths": [[m, _summary_path(p)] for m, p in self.pairs],
             "statuses": dict(self.statuses),
             "grpc": self.app_proto == GRPC,
         }

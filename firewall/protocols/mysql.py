@@ -17,6 +17,7 @@ from typing import Any
 
 from firewall.protocols.base import TOCLIENT, TOSERVER, L7Event, ParseError, Probe
 from firewall.protocols.pgsql import STATEMENT_CHARS, split_verbs
+from firewall.protocols.redact import redact_sql
 from firewall.protocols.stream import DirState, StreamParser, sql_verb
 
 APP_PROTO = "mysql"
@@ -230,7 +231,7 @@ class MysqlParser(StreamParser):
         return {
             "verb": verbs[0] if verbs else sql_verb(text),
             "verbs": verbs,
-            "statement": text.strip()[:STATEMENT_CHARS],
+            "statement": redact_sql(text.strip())[:STATEMENT_CHARS],
             "command": "query" if cmd == _COM_QUERY else "prepare",
             "truncated": total > _PREFIX,
         }

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from firewall.protocols.base import TOCLIENT, TOSERVER, L7Event, ParseError, Probe
+from firewall.protocols.redact import redact_sql
 from firewall.protocols.stream import DirState, StreamParser, sql_verb
 
 APP_PROTO = "pgsql"
@@ -89,7 +90,7 @@ def _statement_fields(raw: bytes, message: str, total: int) -> dict[str, Any]:
     return {
         "verb": verbs[0] if verbs else sql_verb(text),
         "verbs": verbs,
-        "statement": text.strip()[:STATEMENT_CHARS],
+        "statement": redact_sql(text.strip())[:STATEMENT_CHARS],
         "message": message,
         "truncated": total > _PREFIX,
     }
