@@ -58,7 +58,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         run(config, args.cert, args.key, args.host, args.port, args.reload_interval)
     except ServeError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2 if "cannot read" in str(exc) or "cannot load" in str(exc) else 1
+        return exc.exit_code
     return 0
 
 

@@ -47,7 +47,11 @@ MAX_BODY = 8 * 1024 * 1024  # object + oldObject of the largest pod the API serv
 
 
 class ServeError(RuntimeError):
-    """The server cannot start (unreadable certificate, port in use ...)."""
+    """The server cannot start. ``exit_code`` 2: bad input (certificate files); 1: runtime (port in use)."""
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def _load_pair(ctx: ssl.SSLContext, cert: bytes, key: bytes) -> None:
@@ -240,7 +244,7 @@ async def serve(config: InjectorConfig, cert: str, key: str, host: str = "0.0.0.
         await site.start()
     except OSError as exc:
         await runner.cleanup()
-        raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}", exit_code=1) from None
     # Everything allocated so far (modules, app, TLS) lives for the whole run: move it out of
     # the collector's view so full collections stay short under load.
     gc.collect()

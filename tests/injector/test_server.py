@@ -326,6 +326,19 @@ def test_unreadable_certificate_is_one_line_exit_2(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_port_in_use_is_one_line_exit_1(server, certs_dir):
+    import subprocess
+    import sys
+
+    from tests.injector.conftest import REPO
+
+    proc = subprocess.run([sys.executable, "-m", "injector", "serve", "--cert", str(certs_dir / "tls.crt"),
+                           "--key", str(certs_dir / "tls.key"), "--host", "127.0.0.1", "--port", str(server.port)],
+                          capture_output=True, text=True, cwd=REPO, timeout=30)
+    assert proc.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{server.port}" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_patch_is_base64_json_patch(client):
     plain = yaml.safe_load((TESTDATA / "plain-pod" / "input.yaml").read_text())
     response = client.review("/mutate", make_review(plain))["response"]
