@@ -153,7 +153,7 @@ def test_annotation_starts_one_capture_and_restart_does_not_repeat(tmp_path, nsp
     with PodinfoWatcher(podinfo, lambda info: mgr.on_annotations(info.annotations), poll_interval=0.1):
         started = events.wait("started")[0]
         assert started["trigger"] == {"annotation": value}
-        nspair.traffic("tcp:10.77.0.2:5432:20000")
+        nspair.traffic(*["tcp:10.77.0.2:5432:20000"] * 3)  # well over 8 packets
         fin = events.wait("finished", started["id"])[0]
         assert fin["packets"] == 8 and fin["trigger"] == {"annotation": value}
         _check_files(mgr, fin)

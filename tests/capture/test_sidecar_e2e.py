@@ -121,7 +121,7 @@ def test_annotation_and_deny_captures_through_the_sidecar(env):
     write_podinfo(str(podinfo), {ANN_PCAP: value}, labels)
     started = wait_until(lambda: pcap_events("started"), 10, what="annotation capture started")[0]
     assert started["trigger"] == {"annotation": value}
-    app.run([PY, "-c", CLIENT, f"tcp:{db.ip}:5432:50000"])
+    app.run([PY, "-c", CLIENT, *[f"tcp:{db.ip}:5432:50000"] * 3])  # well over 12 packets
     fin = wait_until(lambda: pcap_events("finished"), 15, what="annotation capture finished")[0]
     assert fin["packets"] == 12 and fin["reason"] == "max-packets"
     path = pcap_dir / fin["files"][0]
