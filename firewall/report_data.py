@@ -15,9 +15,11 @@ fallback and counts what it could not use instead of failing.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
+import zlib
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -517,6 +519,9 @@ CHUNK_BYTES = 32 * 1024 * 1024
 
 def _ranges(paths: list[str], chunk: int) -> Iterator[tuple[str, int, int]]:
     for path in paths:
+        if path.endswith(".gz"):
+            yield path, 0, -1  # rotated logs: compressed streams cannot be split, one worker reads it
+            continue
         size = os.path.getsize(path)
         start = 0
         while start < size:
@@ -526,6 +531,13 @@ def _ranges(paths: list[str], chunk: int) -> Iterator[tuple[str, int, int]]:
 
 def _iter_range(path: str, start: int, end: int) -> Iterator[bytes]:
     """Lines whose first byte lies in [start, end): each line belongs to exactly one range."""
+    if end < 0:
+        try:
+            with gzip.open(path, "rb") as gz:
+                yield from gz
+        except (OSError, EOFError, zlib.error) as exc:
+            raise ReportError(f"{path}: cannot read compressed events: {exc}") from None
+        return
     with open(path, "rb") as fh:
         if start:
             fh.seek(start - 1)

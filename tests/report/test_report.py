@@ -314,3 +314,19 @@ def test_outside_addresses_fold_unless_next_to_the_cde():
     dsts = {k[1] for k in st.edges if k[0] == "marketing/blog"}
     assert dsts == {"world:*"}  # blog's 50 outside peers are one peer
     assert len({k[1] for k in st.edges if k[0] == "payments/payment-api"}) == 50  # the CDE's are kept apart
+
+
+def test_rotated_gzip_events(inputs, tmp_path):
+    import gzip
+
+    gz = tmp_path / "eve.jsonl.gz"
+    gz.write_bytes(gzip.compress(inputs["events"].read_bytes()))
+    plain = aggregate_files([str(inputs["events"])], jobs=1)
+    both = aggregate_files([str(inputs["events"]), str(gz)], jobs=2)
+    assert both.lines == 2 * plain.lines
+    assert {k: v[0] * 2 for k, v in plain.edges.items()} == {k: v[0] for k, v in both.edges.items()}
+    bad = tmp_path / "bad.jsonl.gz"
+    bad.write_bytes(gzip.compress(b'{"event_type": "flow"}\n' * 100)[:40])
+    r = _run_cli("report", "--policy", str(inputs["policy"]), "--events", str(bad), "-o", str(tmp_path / "o"),
+                 "--no-pdf")
+    assert r.returncode == 2 and "cannot read compressed events" in r.stderr and "Traceback" not in r.stderr
