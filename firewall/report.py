@@ -57,6 +57,18 @@ CDE = "cde"
 POLICY_KINDS = ("FirewallPolicy", "ClusterFirewallPolicy")
 ANN_LAST_REVIEWED = "palisade.dev/last-reviewed"
 
+# Rule names the sidecar's policy engine uses for its built-in decisions (they are in no policy
+# file); the report explains them instead of listing them as unknown.
+BUILTIN_RULES = {
+    "default-deny": "policy default (spec.default: deny, or a CDE workload no policy selects): no rule matched",
+    "default-allow": "policy default allow: no rule matched",
+    "cde-segmentation": "built-in CDE segmentation: out-of-scope sources (and the world) may not reach the CDE",
+    "kubelet-probes": "health probes from the node's kubelet",
+    "quarantine": "the pod was quarantined (palisade.dev/quarantine)",
+    "learn": "learn mode: recorded, not decided",
+    "dlp-default-alert": "DLP alert from a pack default (no policy DLP rule)",
+}
+
 __all__ = ["ReportError", "build_report", "write_report", "load_policies", "PolicyRule", "PolicyDoc"]
 
 
@@ -480,7 +492,9 @@ def _rule_hits(policies: list[PolicyDoc], stats: EventStats,
             return
         rule = resolve(name, local_ns)
         if rule is None:
-            u = unmatched.setdefault(name, {"rule": name, "count": 0, "last": None})
+            u = unmatched.setdefault(name, {"rule": name, "builtin": name in BUILTIN_RULES,
+                                            "meaning": BUILTIN_RULES.get(name, "not defined in these policy files"),
+                                            "count": 0, "last": None})
             u["count"] += n
             if last is not None and (u["last"] is None or last > u["last"]):
                 u["last"] = last

@@ -182,9 +182,11 @@ def _rules(rep: dict[str, Any]) -> str:
                        f'<span class="{"bad" if p["review_flagged"] else "ok"}">{e(p["review_status"])}</span>']
                       for p in pol], [p["review_flagged"] for p in pol]))
     if rep["unmatched_rules_in_events"]:
-        out.append("<h3>Rule names in events not found in these policy files (e.g. the policy default)</h3>")
-        out.append(table(["rule", "count#", "last"], [[e(u["rule"]), e(u["count"]), e(u["last"])]
-                                                       for u in rep["unmatched_rules_in_events"]]))
+        out.append("<h3>Built-in decisions and rule names not in these policy files</h3>")
+        out.append(table(["rule", "meaning", "count#", "last"],
+                         [[e(u["rule"]), e(u["meaning"]), e(u["count"]), e(u["last"])]
+                          for u in rep["unmatched_rules_in_events"]],
+                         [not u["builtin"] for u in rep["unmatched_rules_in_events"]]))
     return "".join(out)
 
 

@@ -120,11 +120,11 @@ def events() -> list[dict | str]:
     # 4 denied attempts blog -> payment-api; the last one is the window end
     for i, ts in enumerate(["2026-11-24T03:00:00.000000+0000", "2026-11-24T03:00:01.000000+0000",
                             "2026-11-25T03:00:00.000000+0000", END]):
-        ev.append(_flow(ts, "inbound", BLOG_IP, PAY_IP, 9000 if i < 3 else 22, BLOG, PAY, "deny", "default",
+        ev.append(_flow(ts, "inbound", BLOG_IP, PAY_IP, 9000 if i < 3 else 22, BLOG, PAY, "deny", "default-deny",
                         bts=0, btc=0))
     ev.append({"timestamp": "2026-11-24T03:00:00.000000+0000", "event_type": "alert", "direction": "inbound",
                "src_ip": BLOG_IP, "dest_ip": PAY_IP, "dest_port": 9000, "proto": "TCP", "src_workload": BLOG,
-               "dest_workload": PAY, "alert": {"action": "blocked", "signature": "default", "signature_id": 0,
+               "dest_workload": PAY, "alert": {"action": "blocked", "signature": "default-deny", "signature_id": 0,
                                               "category": "policy", "severity": 2}})
     # DLP: a PAN leaving the CDE towards the blog; this (buggy, older) sidecar forgot to mask it
     ev.append({"timestamp": "2026-11-25T10:00:00.000000+0000", "event_type": "alert", "flow_id": 77,

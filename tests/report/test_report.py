@@ -66,16 +66,18 @@ def test_rule_hits_and_never_hit(rep):
     assert ssh["never_hit"] and ssh["touches_cde"] and "never hit in the event window" in ssh["review_flags"]
     assert [r["name"] for r in rep["rules"] if r["never_hit"]] == ["no-ssh-into-containers"]
     assert all(r["touches_cde"] for r in rep["rules"])  # every rule of a CDE policy, plus the cluster baseline
-    unmatched = {u["rule"]: u["count"] for u in rep["unmatched_rules_in_events"]}
-    assert unmatched["default"] == 4 + 1  # 4 denied flows + 1 policy alert
+    unmatched = {u["rule"]: u for u in rep["unmatched_rules_in_events"]}
+    assert unmatched["default-deny"]["count"] == 4 + 1  # 4 denied flows + 1 policy alert
+    assert unmatched["default-deny"]["builtin"] and "no rule matched" in unmatched["default-deny"]["meaning"]
+    assert [u["builtin"] for r, u in unmatched.items() if r != "default-deny"] == [False]
 
 
 def test_denied_into_cde(rep):
     d = {(x["src"], x["port"], x["rule"]): x for x in rep["denied_into_cde"]}
-    blog = d[("marketing/blog", 9000, "default")]
+    blog = d[("marketing/blog", 9000, "default-deny")]
     assert (blog["count"], blog["first"], blog["last"]) == (3, "2026-11-24T03:00:00Z", "2026-11-25T03:00:00Z")
     assert blog["src_scope"] == "out-of-scope" and blog["enforced"] and blog["src_samples"] == [sc.BLOG["pod"]]
-    assert d[("marketing/blog", 22, "default")]["count"] == 1
+    assert d[("marketing/blog", 22, "default-deny")]["count"] == 1
     assert sum(x["count"] for x in rep["denied_into_cde"]) == 5
     assert rep["denied_out_of_cde"] == []
 
