@@ -39,7 +39,7 @@ class ProtocolSpec:
     ports: frozenset[int]
     probe_toserver: ProbeFn | None  # None: never speaks first client-to-server
     probe_toclient: ProbeFn | None  # None: never speaks first server-to-client
-    min_depth: int  # bytes a probe needs before it can say MATCH
+    min_depth: int  # bytes a probe needs before it can say MATCH (it may say NO_MATCH sooner)
     max_depth: int  # bytes after which NEED_MORE counts as NO_MATCH
     parser: Callable[..., Parser]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from firewall.protocols.base import TOCLIENT, TOSERVER, L7Event, ParseError, Probe
+from firewall.protocols.base import TOSERVER, L7Event, ParseError, Probe
 from firewall.protocols.stream import DirState, StreamParser
 
 APP_PROTO = "dns"
@@ -228,4 +228,4 @@ class DnsUdpParser(DnsTcpParser):
         return None
 
 
-__all__ = ["TOCLIENT", "TOSERVER", "parse_message", "parse", "DnsTcpParser", "DnsUdpParser", "probe_toserver"]
+__all__ = ["parse_message", "parse", "DnsTcpParser", "DnsUdpParser", "probe_toserver"]

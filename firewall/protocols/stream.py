@@ -36,11 +36,6 @@ class DirState:
         self.stopped = False  # opaque or failed: only count from now on
         self.hold: int | None = None  # offset of an incomplete message head
 
-    @property
-    def total(self) -> int:
-        """Bytes seen in this direction so far (consumed, buffered or skipped)."""
-        return self.pos + len(self.buf) - self.skip if self.skip else self.pos + len(self.buf)
-
     def advance(self, n: int) -> None:
         """Consume ``n`` bytes: from the buffer first, the rest by counting."""
         have = len(self.buf)
