@@ -257,16 +257,16 @@ _pcap_lock = threading.Lock()  # pcap_compile was not reentrant before libpcap 1
 def _pcap() -> ctypes.CDLL:
     global _libpcap
     if _libpcap is None:
-        name = ctypes.util.find_library("pcap")
-        candidates = [n for n in (name, "libpcap.so.1", "libpcap.so.0.8", "libpcap.so") if n]
+        # Known sonames first (Debian: libpcap.so.0.8): find_library() spawns ldconfig.
+        lib = None
         last: OSError | None = None
-        for cand in candidates:
+        for cand in ("libpcap.so.0.8", "libpcap.so.1", None):
             try:
-                lib = ctypes.CDLL(cand)
+                lib = ctypes.CDLL(cand or ctypes.util.find_library("pcap") or "libpcap.so")
                 break
             except OSError as exc:
                 last = exc
-        else:
+        if lib is None:
             raise CaptureSpecError(f"filter: libpcap is not installed ({last})")
         lib.pcap_open_dead.restype = ctypes.c_void_p
         lib.pcap_open_dead.argtypes = [ctypes.c_int, ctypes.c_int]
@@ -419,7 +419,7 @@ CLONE_NEWNET = 0x40000000
 
 def _enter_netns(path: str) -> None:
     """Move the *calling thread* into a network namespace (tests, ``capture run --netns``)."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         if libc.setns(fd, CLONE_NEWNET) != 0:

@@ -24,7 +24,6 @@ demo exercise the same swap the sidecar sees in a cluster.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -296,8 +295,7 @@ class _Inotify:
     """Minimal inotify over libc via ctypes: one fd, one directory watch."""
 
     def __init__(self) -> None:
-        libname = ctypes.util.find_library("c") or "libc.so.6"
-        self._libc = ctypes.CDLL(libname, use_errno=True)
+        self._libc = ctypes.CDLL("libc.so.6", use_errno=True)  # glibc soname: no ldconfig spawn
         fd = self._libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
         if fd < 0:
             err = ctypes.get_errno()
