@@ -492,9 +492,14 @@ def _rule_hits(policies: list[PolicyDoc], stats: EventStats,
             return
         rule = resolve(name, local_ns)
         if rule is None:
-            u = unmatched.setdefault(name, {"rule": name, "builtin": name in BUILTIN_RULES,
-                                            "meaning": BUILTIN_RULES.get(name, "not defined in these policy files"),
-                                            "count": 0, "last": None})
+            u = unmatched.get(name)
+            if u is None:
+                meaning = BUILTIN_RULES.get(name)
+                if meaning is None and name.startswith("dlp:"):
+                    meaning = f"DLP detector {name[4:]} fired where no policy DLP rule names its pack (alert only)"
+                u = unmatched[name] = {"rule": name, "builtin": meaning is not None,
+                                       "meaning": meaning or "not defined in these policy files",
+                                       "count": 0, "last": None}
             u["count"] += n
             if last is not None and (u["last"] is None or last > u["last"]):
                 u["last"] = last
