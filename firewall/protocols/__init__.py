@@ -21,6 +21,7 @@ in the order that breaks ties when no port hint applies.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -125,12 +126,15 @@ class Identifier:
 def make_parser(app_proto: str, **options: Any) -> Parser | None:
     """A fresh parser for an identified flow; ``None`` for ``unknown``.
 
-    ``options`` reach the parser's constructor (e.g. ``max_head=8192`` for HTTP).
+    ``options`` reach the constructors that take them (``max_head=8192`` bounds
+    HTTP/1.x and HTTP/2 heads); others ignore them, so the session can pass one
+    configuration to every parser.
     """
     spec = _BY_NAME.get(_ALIASES.get(app_proto, app_proto))
     if spec is None:
         return None
-    return spec.parser(**options)
+    accepted = inspect.signature(spec.parser).parameters
+    return spec.parser(**{k: v for k, v in options.items() if k in accepted})
 
 
 def make_udp_parser(app_proto: str) -> Parser | None:

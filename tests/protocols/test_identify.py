@@ -29,6 +29,9 @@ def test_registry_is_explicit_and_complete():
         assert 0 < spec.min_depth <= spec.max_depth
         assert make_parser(spec.name) is not None
     assert make_parser("grpc") is not None and make_parser("unknown") is None
+    # one configuration for every parser: options a parser does not take are ignored
+    assert make_parser("redis", max_head=1024) is not None
+    assert make_parser("http", max_head=1024).max_head == 1024
 
 
 @pytest.mark.parametrize("data,port,expected", [
