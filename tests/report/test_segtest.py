@@ -293,3 +293,27 @@ def test_stdout_output_is_json_only(tmp_path):
     r = _cli("--plan", str(plan), "--source", "a", "-o", "-")
     doc = json.loads(r.stdout)
     assert r.returncode == 0 and doc["passed"] is True and doc["probes"][0]["result"] == "refused"
+
+
+def test_job_manifest_runs_a_valid_segtest_command():
+    """The Job's command line must parse with the real CLI, print JSON only and pick its own namespace."""
+    import argparse
+
+    import yaml
+
+    from firewall import segtest
+
+    (job,) = [d for d in yaml.safe_load_all((REPO / "deploy" / "segtest-job.yaml").read_text()) if d]
+    assert job["kind"] == "Job" and job["spec"]["backoffLimit"] == 0
+    pod = job["spec"]["template"]
+    assert pod["metadata"]["annotations"]["palisade.dev/inject"] == "false"
+    assert pod["metadata"]["labels"]["pci.palisade.dev/scope"] == "out-of-scope"
+    (c,) = pod["spec"]["containers"]
+    assert c["command"] == ["python", "-m", "firewall", "segtest"]
+    assert {"name": "SOURCE_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}} in c["env"]
+    parser = argparse.ArgumentParser()
+    segtest.register(parser.add_subparsers())
+    args = parser.parse_args(["segtest", *c["args"]])
+    assert args.output == "-" and args.source == "$(SOURCE_NAMESPACE)"
+    assert args.plan.startswith(c["volumeMounts"][0]["mountPath"] + "/")
+    assert c["securityContext"]["capabilities"]["drop"] == ["ALL"] and c["securityContext"]["readOnlyRootFilesystem"]
