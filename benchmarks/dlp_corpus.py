@@ -362,7 +362,7 @@ def _traffic_line(rng: random.Random) -> str:
     return _sentence(rng, rng.randint(10, 40)).capitalize() + "."
 
 
-def pii_text(seed: int = 2, size: int = 16 << 20, every: int = 4096, negatives_every: int = 1024) -> bytes:
+def pii_text(seed: int = 2, size: int = 16 << 20, every: int = 4096, negatives_every: int = 4096) -> bytes:
     """Ordinary traffic (JSON, logs, prose) with a sensitive value every ``every`` bytes and a
     hard negative (card-shaped number, order ID, timestamp ...) every ``negatives_every`` bytes."""
     rng = random.Random(seed)

@@ -4,8 +4,9 @@
 
 Inputs (from ``dlp_corpus``, seeded): ``text+pii`` is ordinary application
 traffic (JSON API objects, log lines, prose) with one sensitive value every 4 KiB
+(``text+pii/64K``: every 64 KiB)
 and one hard negative (card-shaped number, order ID, timestamp, phone ...) every
-1 KiB; ``dense`` is adversarial - every line a labelled corpus document, three in
+4 KiB; ``dense`` is adversarial - every line a labelled corpus document, three in
 four of them hard negatives; ``binary`` is random bytes.  Rows:
 
 * ``engine``: ``DlpStream.scan`` in ``--chunk`` pieces, default packs (contact off),
@@ -111,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="also write the JSON result here")
     args = ap.parse_args(argv)
     size = args.mib << 20
-    inputs = {"text+pii": pii_text(size=size), "dense": dense_text(size=size), "binary": binary(size=size)}
+    inputs = {"text+pii": pii_text(size=size), "text+pii/64K": pii_text(size=size, every=65536),
+              "dense": dense_text(size=size), "binary": binary(size=size)}
     with tempfile.TemporaryDirectory() as cache:
         t0 = time.perf_counter()
         default = DlpEngine.load(cache_dir=cache)
@@ -133,9 +135,9 @@ def main(argv: list[str] | None = None) -> int:
           f"best of {args.repeat}")
     print(f"start-up: compile {cold * 1000:.0f} ms, from cache {warm * 1000:.0f} ms; "
           f"{len(default.rules)} rules / {len(default.triggers)} triggers (default packs)")
-    print(f"{'input':<10} {'variant':<16} {'MB/s':>7} {'findings':>9}")
+    print(f"{'input':<13} {'variant':<16} {'MB/s':>7} {'findings':>9}")
     for r in rows:
-        print(f"{r['input']:<10} {r['variant']:<16} {r['MB_s']:>7} {r['findings']:>9}")
+        print(f"{r['input']:<13} {r['variant']:<16} {r['MB_s']:>7} {r['findings']:>9}")
     doc = {"mib": args.mib, "chunk": args.chunk, "repeat": args.repeat,
            "startup_ms": {"compile": round(cold * 1000), "cached": round(warm * 1000)}, "rows": rows}
     print(json.dumps(doc, indent=2))
