@@ -29,14 +29,16 @@ segments = st.lists(st.tuples(st.sampled_from([TOSERVER, TOCLIENT]), st.binary(m
 def feed_checked(proto: str, segs) -> list[L7Event]:
     parser = make_parser(proto)
     events: list[L7Event] = []
+    fed = [0, 0]
     for d, data in segs:
         out = parser.feed(data, d)
+        fed[d] += len(data)
         assert isinstance(out, list) and all(isinstance(e, L7Event) for e in out)
         events += out
         for state in getattr(parser, "_dirs", ()):
             assert len(state.buf) <= max(parser.max_buffer, 1) + 400, "buffer must stay bounded"
         held = parser.hold_from(d)
-        assert held is None or isinstance(held, int)
+        assert held is None or 0 <= held <= fed[d], "a hold points into bytes already seen"
     assert isinstance(parser.summary(), dict)
     for e in events:
         assert e.kind == "anomaly" or e.anomaly is None
