@@ -47,6 +47,7 @@ import os
 import re
 import tempfile
 import threading
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,29 @@ class Finding:
                 "type": self.type, "severity": self.severity, "masked": self.masked,
                 "offset": self.start, "length": self.end - self.start,
                 "confidence": self.confidence, "context": self.context}
+
+    def alert(self, blocked: bool, direction: str) -> dict[str, Any]:
+        """An EVE ``alert`` event body (category ``dlp``); the session adds addresses,
+        workloads, ``flow_id`` and ``mode``.  ``direction`` is ``toserver``/``toclient``."""
+        dlp = self.eve()
+        dlp["direction"] = direction
+        return {
+            "event_type": "alert",
+            "alert": {"action": "blocked" if blocked else "allowed",
+                      "signature": f"DLP {self.rule_name}",
+                      "signature_id": signature_id(self.rule_id),
+                      "category": "dlp", "severity": SEVERITY_EVE[self.severity]},
+            "dlp": dlp,
+        }
+
+
+# EVE severities are 1 (highest) .. 4, as in Suricata.
+SEVERITY_EVE = {"critical": 1, "high": 2, "medium": 3, "low": 4}
+
+
+def signature_id(rule_id: str) -> int:
+    """A stable signature id per DLP rule (9,000,000 + CRC32 mod 1,000,000), for SIEM rules."""
+    return 9_000_000 + zlib.crc32(rule_id.encode()) % 1_000_000
 
 
 def default_cache_dir() -> str:
@@ -450,7 +474,7 @@ class DlpStream:
                 rule = rules[ri]
                 if final or seen > start + rule.max_length:
                     # Common case: everything the value can span is already here - settle it now.
-                    res = self._evaluate(rule, window, base, start)
+                    res = self._evaluate(rule, window, base, start, gates is not None)
                     if res is not None and (res[0], res[1]) not in self._spans:
                         self._spans[(res[0], res[1])] = ri
                         out.append(self._finding(rule, window, base, *res))
@@ -494,12 +518,12 @@ class DlpStream:
             del self._pending[key]
 
     @staticmethod
-    def _evaluate(rule: Rule, window: bytes, base: int, start: int
+    def _evaluate(rule: Rule, window: bytes, base: int, start: int, prefix_checked: bool = False
                   ) -> tuple[int, int, re.Match[bytes]] | None:
         pos = start - base
         if pos < 0:
             return None
-        if rule.prefix is not None and rule.prefix.match(window, pos) is None:
+        if not prefix_checked and rule.prefix is not None and rule.prefix.match(window, pos) is None:
             return None
         for rx in rule.values:
             m = rx.match(window, pos)

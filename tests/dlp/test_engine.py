@@ -292,3 +292,14 @@ def test_random_binary_has_no_findings_and_empty_input(engine):
     assert engine.scan_bytes(random.Random(1).randbytes(1 << 20)) == []
     s = engine.stream()
     assert s.scan(b"") == [] and s.close() == []
+
+
+def test_alert_event_shape(engine):
+    f = next(x for x in engine.scan_bytes(SAMPLE) if x.rule_id == "card.visa")
+    ev = f.alert(blocked=True, direction="toserver")
+    assert ev["event_type"] == "alert"
+    assert ev["alert"]["category"] == "dlp" and ev["alert"]["action"] == "blocked"
+    assert ev["alert"]["severity"] == 1 and 9_000_000 <= ev["alert"]["signature_id"] < 10_000_000
+    assert ev["dlp"]["masked"] == "411111******1111" and ev["dlp"]["direction"] == "toserver"
+    assert ev["dlp"]["offset"] == f.start and ev["dlp"]["rule"] == "card.visa"
+    assert "4111111111111111" not in json.dumps(ev)
