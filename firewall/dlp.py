@@ -390,6 +390,17 @@ class DlpStream:
         """Bytes scanned so far."""
         return self._seen
 
+    def __del__(self) -> None:
+        # A flow torn down without close() must not leak the Hyperscan stream state.
+        hs = getattr(self, "_hs", None)
+        if hs is not None:
+            self._hs = None
+            try:
+                with self._engine._close_lock:
+                    hs.close(match_event_handler=self._cb, context=self._ctx)
+            except Exception:  # noqa: BLE001 - nothing useful to do in a finaliser
+                pass
+
     def scan(self, data: bytes | bytearray | memoryview) -> list[Finding]:
         """Scan the next bytes of the stream; returns every value completed by them (see module doc)."""
         if self._closed:

@@ -303,3 +303,14 @@ def test_alert_event_shape(engine):
     assert ev["dlp"]["masked"] == "411111******1111" and ev["dlp"]["direction"] == "toserver"
     assert ev["dlp"]["offset"] == f.start and ev["dlp"]["rule"] == "card.visa"
     assert "4111111111111111" not in json.dumps(ev)
+
+
+def test_streams_dropped_without_close_are_freed(engine):
+    import gc
+
+    for _ in range(200):
+        s = engine.stream()
+        s.scan(b"pan 4111 1111 1111 11")  # leaves a pending candidate and an open Hyperscan stream
+        del s
+    gc.collect()
+    assert spans(engine.scan_bytes(b"pan 4111111111111111")) == [("card.visa", 4, 20)]
