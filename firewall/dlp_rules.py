@@ -149,8 +149,10 @@ def pack_files(rules_dirs: list[str]) -> list[Path]:
         if p.is_file():
             files.append(p)
             continue
+        if not p.exists():
+            raise DlpRuleError(f"{d}: no such file or directory")
         if not p.is_dir():
-            raise DlpRuleError(f"{d}: not a directory")
+            raise DlpRuleError(f"{d}: not a rule directory or .yaml file")
         files.extend(sorted(list(p.glob("*.yaml")) + list(p.glob("*.yml"))))
     return files
 
