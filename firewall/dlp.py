@@ -170,7 +170,7 @@ class DlpEngine:
         self.holdback = max((r.max_length for r in rules), default=0)
         self.window = self.holdback + KEYWORD_LOOKBACK + CONTEXT_CHARS + 2
         self._tls = threading.local()
-        self._close_lock = threading.Lock()
+        self._close_lock = threading.RLock()  # re-entrant: a finaliser may run inside close()
         # Fixed-width triggers give the start directly; others are located in Python.
         self._trigger_start: list[int | re.Pattern[bytes]] = []
         for t in triggers:
