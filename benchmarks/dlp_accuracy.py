@@ -36,9 +36,10 @@ def _ratio(a: int, b: int) -> float:
     return a / b if b else 1.0
 
 
-def measure(seed: int, per_rule: int, chunk_size: int, rules: str | None = None) -> dict:
+def measure(seed: int, per_rule: int, chunk_size: int, rules: str | None = None,
+            cache_dir: str | None = None) -> dict:
     docs = corpus(seed, per_rule)
-    engine = DlpEngine.load(rules)
+    engine = DlpEngine.load(rules, cache_dir=cache_dir)
     expected: set[tuple[str, int, int]] = set()
     kind_at: dict[tuple[int, int], str] = {}
     parts = []

@@ -6,8 +6,8 @@ from __future__ import annotations
 from dlp_accuracy import measure
 
 
-def test_accuracy_goal_on_generated_corpus():
-    res = measure(seed=3, per_rule=120, chunk_size=1500)
+def test_accuracy_goal_on_generated_corpus(cache_dir):
+    res = measure(seed=3, per_rule=120, chunk_size=1500, cache_dir=cache_dir)
     assert res["negative_documents"] > 1000
     for name, group in res["goal_groups"].items():
         assert group["recall"] >= 0.995, (name, group)
