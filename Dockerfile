@@ -12,7 +12,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # nftables + iproute2: redirect rules; libpcap: BPF filter compilation for captures;
 # gcc only while building wheels that have no binary for this platform, then removed.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends nftables iproute2 libpcap0.8 ca-certificates \
+ && apt-get install -y --no-install-recommends nftables iproute2 libpcap0.8 libcap2-bin tar ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/palisade
@@ -21,6 +21,16 @@ COPY firewall ./firewall
 COPY injector ./injector
 RUN pip install --no-compile . && rm -rf /root/.cache
 COPY dlp_rules /usr/share/palisade/dlp_rules
+
+# Kubernetes gives a non-root container no ambient capabilities: the sidecar (UID 1337) gets
+# CAP_NET_ADMIN (IP_TRANSPARENT, SO_MARK) and CAP_NET_RAW (captures) from file capabilities on
+# the interpreter; the pod must list both in capabilities.add (the injector does) and allow
+# privilege escalation for file capabilities to apply. The webhook runs with no capabilities.
+RUN setcap cap_net_admin,cap_net_raw+ep "$(readlink -f /usr/local/bin/python3)"
+
+# Default sidecar config (the injector points --config here); every key is documented in docs/sre.md.
+RUN mkdir -p /etc/palisade \
+ && printf 'idle_timeout: 3600\ndrain_timeout: 20\nreload_interval: 2\n' > /etc/palisade/config.yaml
 
 # UID/GID 1337: the redirect rules never capture this user's traffic (no loops).
 RUN groupadd --gid 1337 palisade \

@@ -24,13 +24,11 @@ import re
 import statistics
 import sys
 import tempfile
-import textwrap
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.harness import PY, REPO, Cluster  # noqa: E402
+from tests.harness import PY, Cluster  # noqa: E402
 
 PORT_PROXIED, PORT_DIRECT, PORT_NGINX = 5201, 5202, 5203
 ECHO_PROXIED, ECHO_DIRECT, ECHO_NGINX = 7001, 7002, 7003

@@ -96,12 +96,13 @@ class Sidecar:
 
     # ---------------------------------------------------------------- loading
     def load_policy(self) -> Any:
-        if not self.cfg.policy:
-            return None
+        """No policy files = PolicySet.empty(): learn mode, so installing never breaks a namespace."""
         from firewall.policy import PolicySet
 
         probe = frozenset(self.cfg.probe_ports)
-        return PolicySet.load(self.cfg.policy, node_ip=self.cfg.host_ip, probe_ports=probe)
+        if not self.cfg.policy:
+            return PolicySet.empty(node_ip=self.cfg.host_ip, probe_ports=probe, fqdn=self.fqdn)
+        return PolicySet.load(self.cfg.policy, node_ip=self.cfg.host_ip, probe_ports=probe, fqdn=self.fqdn)
 
     def load_identities(self) -> Any:
         if not self.cfg.identity:
@@ -143,7 +144,13 @@ class Sidecar:
         import firewall.proxy  # noqa: F401
         import firewall.session  # noqa: F401
 
-        for mod in ("firewall.protocols", "firewall.policy"):
+        # (after the drop, UID 1337 may not be able to read the interpreter's own files)
+        for mod in ("firewall.protocols", "firewall.protocols.http", "firewall.protocols.http2",
+                    "firewall.protocols.tls", "firewall.protocols.dns", "firewall.protocols.ssh",
+                    "firewall.protocols.redis", "firewall.protocols.pgsql", "firewall.protocols.mysql",
+                    "firewall.policy", "firewall.dlp", "firewall.fqdn", "firewall.identity",
+                    "firewall.podinfo", "firewall.capture", "firewall.alertsink", "h2", "hpack",
+                    "http.client", "urllib.request", "ssl", "gzip", "uvloop"):
             try:
                 __import__(mod)
             except ImportError as exc:

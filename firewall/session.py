@@ -182,8 +182,8 @@ class Session:
                 self.verdict = "deny"
                 self.close_reason = "denied"
                 return False
-            needs_l7 = insp.l7 and policy.needs_l7(self.flowinfo)
-            self._hold = needs_l7 and self._enforced
+            needs = getattr(policy, "needs_app", policy.needs_l7)
+            self._hold = insp.l7 and self._enforced and needs(self.flowinfo)
             if not insp.quarantined:
                 try:
                     self._dlp_actions = list(policy.dlp_for(self.flowinfo, mode_override=insp.mode_override))
@@ -196,7 +196,7 @@ class Session:
 
             self._ident = Identifier(int(self.dest_port))
             self.passthrough = False
-        if insp.dlp is not None and (self._dlp_actions or policy is None):
+        if insp.dlp is not None and self._dlp_actions:
             self.passthrough = False
         return True
 
@@ -406,8 +406,7 @@ class Session:
 
     # ------------------------------------------------------------------ DLP
     def _dlp_on(self) -> bool:
-        return self.insp.dlp is not None and not self.encrypted and (
-            bool(self._dlp_actions) or self.insp.policy is None)
+        return self.insp.dlp is not None and not self.encrypted and bool(self._dlp_actions)
 
     def _scan(self, d: int, data: bytes) -> Stop | None:
         s = self._dlp[d]
@@ -415,7 +414,10 @@ class Session:
             s = self._dlp[d] = self.insp.dlp.stream()
         try:
             findings = s.scan(data)
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - a scanner fault fails closed where policy blocks
+            if self._enforced and any(a.action == "block" for a in self._dlp_actions):
+                self.verdict = "deny"
+                return Stop("dlp-error")
             return None
         if not findings:
             return None
@@ -426,7 +428,7 @@ class Session:
         for f in findings:
             action, rule = "alert", f"dlp:{f.rule_id}"
             for a in self._dlp_actions:
-                if f.pack in a.packs:
+                if f.pack in a.packs or "*" in a.packs:
                     rule = a.rule
                     if a.action == "block":
                         action = "block"

@@ -205,8 +205,10 @@ class Pod:
         if apply_redirect:
             self.redirect("apply", *redirect_args)
         d = Path(self.cluster.tmp)
-        events = d / f"{self.name}-eve.json"
-        errf = d / f"{self.name}-sidecar.log"
+        self.cluster.starts += 1
+        n = self.cluster.starts
+        events = d / f"{self.name}-{n}-eve.json"
+        errf = d / f"{self.name}-{n}-sidecar.log"
         admin = 15020
         e = dict(os.environ)
         e.update({"POD_NAMESPACE": self.cluster.namespace_of.get(self.name, "default"),
@@ -246,6 +248,7 @@ class Cluster:
         self.tmp = tempfile.mkdtemp(prefix=f"palisade-{self.prefix}-")
         os.chmod(self.tmp, 0o755)
         self.namespace_of: dict[str, str] = {}
+        self.starts = 0
         _sh(["ip", "netns", "add", self.sw])
         _sh(["ip", "netns", "exec", self.sw, "ip", "link", "add", "br0", "type", "bridge"])
         _sh(["ip", "netns", "exec", self.sw, "ip", "link", "set", "br0", "up"])
