@@ -47,6 +47,7 @@ class Config:
     header_timeout: float = 30.0
     identify_timeout: float = 0.2
     read_buffer_limit: int = 1 << 20
+    splice: bool = True
     max_connections: int = 100_000
     max_connections_per_peer: int = 10_000
     # policy and identity

@@ -19,13 +19,14 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import socket
 import struct
 import time
 from collections import defaultdict
 from typing import Any
 
-from firewall import metrics
+from firewall import metrics, splice
 from firewall.protocols.base import TOCLIENT, TOSERVER
 from firewall.session import Inspection, Session
 
@@ -145,7 +146,7 @@ class Flow:
 
     __slots__ = ("proxy", "session", "sides", "early", "early_len", "eof", "lost", "closed",
                  "last", "paused", "done", "reset_seen", "connected", "peer_key", "hold_timer",
-                 "_fast")
+                 "_fast", "splicer", "want_splice", "_splice_tries")
 
     def __init__(self, proxy: Proxy, session: Session, client: _Side) -> None:
         self.proxy = proxy
@@ -164,6 +165,9 @@ class Flow:
         self.peer_key = ""
         self.hold_timer: asyncio.TimerHandle | None = None
         self._fast = False
+        self.splicer: splice.Splicer | None = None
+        self.want_splice = False
+        self._splice_tries = 0
 
     # -- wiring
     def side_made(self, side: _Side) -> None:
@@ -184,6 +188,8 @@ class Flow:
             self._pass_eof(TOSERVER)
         if self.paused[TOSERVER] and not self.closed:
             self.resume_reading(TOSERVER)
+        if self._fast and not self.closed:
+            self.maybe_splice()
 
     # -- data
     def on_data(self, d: int, data: bytes) -> None:
@@ -203,13 +209,74 @@ class Flow:
             dst.transport.write(data)  # type: ignore[union-attr]
             return
         out, stop = s.feed(d, data)
-        self._fast = s.passthrough
+        if s.passthrough and not self._fast:
+            self._fast = True
+            if out:
+                dst.transport.write(out)  # type: ignore[union-attr]
+            if stop is None and not s.holding(d):
+                self.maybe_splice()
+                return
+            out = b""
         if out:
             dst.transport.write(out)  # type: ignore[union-attr]
         if stop is not None:
             self._stop(stop, d)
         elif s.holding(d):
             self._arm_hold(d)
+
+    # -- zero-copy hand-over (firewall/splice.py)
+    def maybe_splice(self) -> None:
+        """Hand a flow nothing inspects any more to the kernel (splice), once both write
+        buffers are empty; until then reading stays paused so no byte overtakes another."""
+        if (self.splicer is not None or not self.proxy.splice or self.closed or self.eof[0]
+                or self.eof[1] or self.session.holding(0) or self.session.holding(1)):
+            return
+        c, s = self.sides
+        if c is None or s is None or c.transport is None or s.transport is None:
+            return
+        ct, st = c.transport, s.transport
+        if not self.want_splice:
+            self.want_splice = True
+            for d in (TOSERVER, TOCLIENT):
+                self.pause_reading(d)
+        if ct.get_write_buffer_size() or st.get_write_buffer_size():
+            self._splice_tries += 1
+            if self._splice_tries > 2000:  # a receiver that never reads: stay on the Protocol path
+                self.want_splice = False
+                for d in (TOSERVER, TOCLIENT):
+                    self.resume_reading(d)
+                return
+            self.proxy.loop.call_later(0.002, self.maybe_splice)
+            return
+        try:
+            cfd = os.dup(ct.get_extra_info("socket").fileno())
+            try:
+                sfd = os.dup(st.get_extra_info("socket").fileno())
+            except OSError:
+                os.close(cfd)
+                raise
+        except (OSError, AttributeError):
+            self.want_splice = False
+            for d in (TOSERVER, TOCLIENT):
+                self.resume_reading(d)
+            return
+        self.splicer = splice.Splicer(self.proxy.loop, cfd, sfd, self._spliced_bytes, self._spliced_end)
+        ct.close()  # closes uvloop's descriptor only: our dups keep the connection
+        st.close()
+        self.splicer.start()
+        metrics.SPLICED.inc()
+
+    def _spliced_bytes(self, d: int, n: int) -> None:
+        self.session.bytes[d] += n
+        self.last = time.monotonic()
+
+    def _spliced_end(self, reason: str) -> None:
+        s = self.session
+        if reason != "eof" and s.close_reason == "eof":
+            s.close_reason = reason
+        self.closed = True
+        self.lost = [True, True]
+        self._maybe_done()
 
     def _arm_hold(self, d: int) -> None:
         """Bytes are held while a protocol is identified or a request head completes;
@@ -281,6 +348,8 @@ class Flow:
             self.close(reset=False)
 
     def on_lost(self, d: int, exc: Exception | None) -> None:
+        if self.splicer is not None:
+            return  # the transport was closed by the hand-over; the splicer owns the sockets now
         self.lost[d] = True
         if exc is not None and not self.closed:
             self.reset_seen = True
@@ -319,6 +388,8 @@ class Flow:
                 pass
 
     def resume_reading(self, d: int) -> None:
+        if self.want_splice and self.splicer is None:
+            return  # waiting for write buffers to empty before the splice hand-over
         side = self.sides[d]
         if side is not None and side.transport is not None and self.paused[d]:
             self.paused[d] = False
@@ -328,6 +399,9 @@ class Flow:
                 pass
 
     def close(self, reset: bool) -> None:
+        if self.splicer is not None:
+            self.splicer.close(reset, self.session.close_reason)
+            return
         if self.closed:
             return
         self.closed = True
@@ -358,6 +432,7 @@ class Proxy:
         self.per_peer: dict[str, int] = defaultdict(int)
         self._sweeper: asyncio.Task | None = None
         self.transparent_upstream = True
+        self.splice = splice.AVAILABLE and getattr(cfg, "splice", True)
 
     # ---------------------------------------------------------------- listeners
     def bind(self, reuseport: bool = False) -> None:

@@ -48,7 +48,8 @@ def _apply_flags(cfg: Config, args: argparse.Namespace) -> Config:
     for flag, attr, value in (("no_drop_privileges", "drop_privileges", False), ("no_dlp", "dlp", False),
                               ("no_l7", "l7", False), ("l7_events", "l7_events", True),
                               ("no_dns", "dns", False), ("no_outbound", "outbound", False),
-                              ("no_inbound", "inbound", False), ("no_ipv6", "ipv6", False)):
+                              ("no_inbound", "inbound", False), ("no_ipv6", "ipv6", False),
+                              ("no_splice", "splice", False)):
         if getattr(args, flag, False):
             setattr(cfg, attr, value)
     from_environment(cfg)
@@ -445,6 +446,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-outbound", action="store_true")
     p.add_argument("--no-dns", action="store_true")
     p.add_argument("--no-ipv6", action="store_true")
+    p.add_argument("--no-splice", action="store_true",
+                   help="never hand uninspected flows to the kernel's zero-copy splice relay")
     p.add_argument("--workers", type=int, help="processes sharing the listeners via SO_REUSEPORT")
     p.add_argument("--uid", type=int)
     p.add_argument("--gid", type=int)

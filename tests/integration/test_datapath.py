@@ -25,10 +25,11 @@ def _py(pod, code: str, check: bool = True, timeout: float = 60):
     return pod.run([PY, "-c", textwrap.dedent(code)], check=check, timeout=timeout)
 
 
-def test_bulk_200mb_each_way_byte_exact_and_recorded(cluster):
+@pytest.mark.parametrize("relay", ["splice", "protocol"])
+def test_bulk_200mb_each_way_byte_exact_and_recorded(cluster, relay):
     srv, cli = cluster.pod("server"), cluster.pod("client")
     blast = srv.serve_blast(9000)
-    sc = srv.start_sidecar(*L4)
+    sc = srv.start_sidecar(*L4, *(["--no-splice"] if relay == "protocol" else []))
     n = 200 * 1024 * 1024
     r = cli.blast(srv.ip, client_bytes=n, server_bytes=n)
     assert r["failed"] == 0, r
@@ -44,6 +45,8 @@ def test_bulk_200mb_each_way_byte_exact_and_recorded(cluster):
     # the application saw the real client address (transparent upstream)
     assert rec[0]["peer"] == cli.ip
     assert flow["source_preserved"] is True
+    spliced = re.search(r"^palisade_spliced_flows_total (\S+)", sc.http("/metrics")[1], re.M)
+    assert float(spliced.group(1)) == (1.0 if relay == "splice" else 0.0)
 
 
 def test_outbound_connection_is_captured_relayed_and_recorded(cluster):
@@ -88,11 +91,12 @@ while True:
 """
 
 
-def test_half_close_is_propagated_both_ways(cluster):
+@pytest.mark.parametrize("relay", ["splice", "protocol"])
+def test_half_close_is_propagated_both_ways(cluster, relay):
     srv, cli = cluster.pod("server"), cluster.pod("client")
     srv.popen([PY, "-c", SERVER_HALF_CLOSE])
     srv.wait_listening(9200)
-    sc = srv.start_sidecar(*L4)
+    sc = srv.start_sidecar(*L4, *(["--no-splice"] if relay == "protocol" else []))
     r = _py(cli, f"""
         import socket, hashlib
         s = socket.create_connection(("{srv.ip}", 9200), timeout=10)
@@ -122,11 +126,12 @@ while True:
 """
 
 
-def test_server_reset_reaches_client_as_reset(cluster):
+@pytest.mark.parametrize("relay", ["splice", "protocol"])
+def test_server_reset_reaches_client_as_reset(cluster, relay):
     srv, cli = cluster.pod("server"), cluster.pod("client")
     srv.popen([PY, "-c", SERVER_RST])
     srv.wait_listening(9300)
-    sc = srv.start_sidecar(*L4)
+    sc = srv.start_sidecar(*L4, *(["--no-splice"] if relay == "protocol" else []))
     r = _py(cli, f"""
         import socket, time
         s = socket.create_connection(("{srv.ip}", 9300), timeout=10)
@@ -165,10 +170,11 @@ def _rss_kib(pid: int, field: str = "VmHWM") -> int:
     return int(m.group(1)) if m else 0
 
 
-def test_slow_receiver_keeps_sidecar_memory_bounded(cluster):
+@pytest.mark.parametrize("relay", ["splice", "protocol"])
+def test_slow_receiver_keeps_sidecar_memory_bounded(cluster, relay):
     srv, cli = cluster.pod("server"), cluster.pod("client")
     srv.serve_blast(9000)
-    sc = srv.start_sidecar(*L4)
+    sc = srv.start_sidecar(*L4, *(["--no-splice"] if relay == "protocol" else []))
     base = _rss_kib(sc.pid(), "VmRSS")
     n = 300 * 1024 * 1024
     # the client reads nothing for 4 seconds while the server pushes 300 MB
