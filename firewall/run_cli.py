@@ -125,6 +125,8 @@ class Sidecar:
         return Identity.make(ip, self.cfg.pod_namespace or "default", self.cfg.pod_name or os.uname().nodename,
                              self.labels)
 
+    worker = 0
+
     def build_inspection(self) -> Any:
         from firewall.session import Inspection
 
@@ -132,6 +134,7 @@ class Sidecar:
                           emit=self.sink.emit, l7=self.cfg.l7, l7_events=self.cfg.l7_events,
                           local=self.local_identity(), captures=self.captures)
         self._apply_annotations(insp)
+        insp.worker = self.worker
         return insp
 
     def _apply_annotations(self, insp: Any) -> None:
@@ -280,6 +283,7 @@ def run(cfg: Config, sink: EventSink, labels: dict[str, str] | None = None) -> i
             log.info(drop(cfg.uid, cfg.gid))
         except OSError as exc:
             raise StartupError(f"cannot drop privileges: {exc}") from None
+    side.worker = worker
     _start_side_threads(side, worker)
     try:
         import uvloop

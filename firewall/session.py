@@ -63,6 +63,7 @@ class Inspection:
         self.captures = captures
         self.mode_override: str | None = None
         self.quarantined = False
+        self.worker = 0
 
     def resolve(self, ip: str) -> Identity:
         if self.identities is not None:
@@ -496,6 +497,7 @@ class Session:
             "encrypted": self.encrypted,
             "close_reason": self.close_reason,
             "source_preserved": self.source_preserved,
+            "worker": self.insp.worker,
             "l7": self.summary(),
             "flow": {"bytes_toserver": self.bytes[TOSERVER], "bytes_toclient": self.bytes[TOCLIENT],
                      "start": ts_iso(self.start), "end": ts_iso(end), "alerts": self._alerts},

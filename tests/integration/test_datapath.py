@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import subprocess
 import textwrap
 import time
 
@@ -301,3 +302,18 @@ def test_metrics_and_health_endpoints(cluster):
     assert code == 200
     assert re.search(r'palisade_connections_total\{direction="inbound",verdict="allow"\} 1\.0', body)
     assert re.search(r'palisade_bytes_total\{direction="toclient",flow_direction="inbound"\} 2000\.0', body)
+
+
+def test_workers_share_the_listeners(cluster):
+    srv, cli = cluster.pod("server"), cluster.pod("client")
+    srv.serve_blast(9000)
+    sc = srv.start_sidecar(*L4, "--workers", "2")
+    procs = subprocess.run(["pgrep", "-s", str(sc.pid())], capture_output=True, text=True).stdout.split()
+    assert len(procs) == 2
+    r = cli.blast(srv.ip, connections=400, concurrency=100, client_bytes=50_000, server_bytes=50_000)
+    assert r["failed"] == 0
+    flows = sc.wait_flows(400, timeout=30)
+    workers = {f["worker"] for f in flows}
+    assert workers == {0, 1}, workers  # SO_REUSEPORT spread the connections over both processes
+    assert sc.stop() == 0
+    assert subprocess.run(["pgrep", "-s", str(sc.pid())], capture_output=True).returncode == 1

@@ -1,0 +1,156 @@
+"""The sans-IO session: bytes in, bytes-to-forward out, no sockets (STYLE.md's playbook idea)."""
+
+from __future__ import annotations
+
+import pytest
+
+from firewall.dlp import DlpEngine
+from firewall.identity import Identity
+from firewall.policy import PolicySet
+from firewall.protocols.base import TOCLIENT, TOSERVER
+from firewall.session import Inspection, Session
+
+POLICY = """
+apiVersion: palisade.dev/v1
+kind: FirewallPolicy
+metadata: {name: api, namespace: payments}
+spec:
+  selector: {matchLabels: {app: api}}
+  mode: protect
+  default: deny
+  ingress:
+    - name: shop-posts-charges
+      from: [{namespace: shop}]
+      ports: [{port: 80}]
+      appProto: http
+      http: [{methods: [POST], pathPrefix: /v1/charge}]
+      action: allow
+  egress:
+    - name: to-analytics
+      to: [{labels: {app: analytics}}]
+      ports: [{port: 9100}]
+      action: allow
+  dlp:
+    - name: no-pan-out
+      packs: [payment_cards]
+      direction: egress
+      to: [{scope: out-of-scope}]
+      action: block
+"""
+
+LOCAL = Identity.make("10.0.0.2", "payments", "api-0", {"app": "api", "pci.palisade.dev/scope": "cde"})
+PEERS = {
+    "10.0.0.3": Identity.make("10.0.0.3", "shop", "web-0", {"app": "web", "pci.palisade.dev/scope": "connected"}),
+    "10.0.0.4": Identity.make("10.0.0.4", "analytics", "an-0", {"app": "analytics"}),
+}
+
+
+class Peers:
+    def resolve(self, ip):
+        return PEERS.get(ip, Identity(ip))
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return DlpEngine.load()
+
+
+@pytest.fixture
+def insp(tmp_path, engine):
+    p = tmp_path / "p.yaml"
+    p.write_text(POLICY)
+    events = []
+    i = Inspection(policy=PolicySet.load([str(p)]), dlp=engine, identities=Peers(), local=LOCAL,
+                   emit=events.append)
+    i.events = events  # type: ignore[attr-defined]
+    return i
+
+
+def inbound(insp, src="10.0.0.3", port=80):
+    s = Session(insp, "inbound", (src, 40000), ("10.0.0.2", port))
+    return s, s.open()
+
+
+def test_l4_deny_before_any_byte(insp):
+    s, ok = inbound(insp, src="10.0.0.9")  # unknown peer: world, out of scope -> cde
+    assert ok is False
+    assert s.verdict == "deny" and s.rule == "cde-segmentation"
+    alert = [e for e in insp.events if e["event_type"] == "alert"][0]
+    assert alert["alert"]["action"] == "blocked"
+
+
+def test_request_head_is_held_until_complete_then_forwarded(insp):
+    s, ok = inbound(insp)
+    assert ok
+    req = b"POST /v1/charge HTTP/1.1\r\nHost: api\r\nContent-Length: 2\r\n\r\nok"
+    out, stop = s.feed(TOSERVER, req[:10])
+    assert out == b"" and stop is None  # identification / incomplete head: nothing forwarded yet
+    out2, stop = s.feed(TOSERVER, req[10:])
+    assert stop is None
+    assert out + out2 == req
+
+
+def test_second_pipelined_request_is_cut_exactly_and_answered_403(insp):
+    s, _ = inbound(insp)
+    ok = b"POST /v1/charge HTTP/1.1\r\nHost: api\r\nContent-Length: 0\r\n\r\n"
+    bad = b"GET /admin HTTP/1.1\r\nHost: api\r\n\r\n"
+    out, stop = s.feed(TOSERVER, ok + bad)
+    assert out == ok  # the allowed request is delivered, not one byte of the denied one
+    assert stop is not None and stop.reply.startswith(b"HTTP/1.1 403")
+    assert b"default-deny" in stop.reply
+
+
+def test_byte_by_byte_feeding_forwards_the_same_bytes(insp):
+    s, _ = inbound(insp)
+    req = b"POST /v1/charge HTTP/1.1\r\nHost: api\r\nContent-Length: 5\r\n\r\nhello"
+    got = b""
+    for i in range(len(req)):
+        out, stop = s.feed(TOSERVER, req[i:i + 1])
+        assert stop is None
+        got += out
+    assert got == req
+    assert s.app_proto == "http"
+
+
+def test_dlp_block_outbound_pan_never_forwarded_whole(insp):
+    s = Session(insp, "outbound", ("10.0.0.2", 5000), ("10.0.0.4", 9100))
+    assert s.open()
+    body = b'{"card": "4111 1111 1111 1111"}'
+    req = b"POST /c HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    forwarded = b""
+    stop = None
+    for i in range(0, len(req), 7):
+        out, stop = s.feed(TOSERVER, req[i:i + 7])
+        forwarded += out
+        if stop:
+            break
+    assert stop is not None and stop.reason.startswith("dlp-block")
+    assert b"4111 1111 1111 1111" not in forwarded
+    alert = [e for e in insp.events if e.get("alert", {}).get("category") == "dlp"][0]
+    assert alert["dlp"]["masked"] == "411111******1111"
+    assert "4111 1111 1111 1111" not in repr(insp.events)
+
+
+def test_response_direction_passes(insp):
+    s, _ = inbound(insp)
+    s.feed(TOSERVER, b"POST /v1/charge HTTP/1.1\r\nHost: api\r\nContent-Length: 0\r\n\r\n")
+    resp = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    out, stop = s.feed(TOCLIENT, resp)
+    assert out == resp and stop is None
+    rec = s.record()
+    assert rec["app_proto"] == "http" and rec["rule"] == "shop-posts-charges"
+    assert rec["flow"]["bytes_toserver"] == 0  # the proxy counts bytes, not the session
+
+
+def test_quarantine_denies_everything(insp):
+    insp.quarantined = True
+    s, ok = inbound(insp)
+    assert ok is False and s.rule == "quarantine"
+
+
+def test_monitor_override_allows_but_alerts(insp):
+    insp.mode_override = "monitor"
+    s, ok = inbound(insp, src="10.0.0.9")
+    assert ok is True and s.mode == "monitor"
+    alert = [e for e in insp.events if e["event_type"] == "alert"][0]
+    assert alert["alert"]["action"] == "allowed"
