@@ -472,6 +472,9 @@ class PolicySet:
                     continue
                 cared = True
                 if app not in r.app_protos:
+                    if app == "http2" and "grpc" in r.app_protos and event is None:
+                        # an h2c connection may carry gRPC: known per stream, from each request
+                        pending.append(r)
                     continue
                 if r.l7 is not None:
                     if event is None:

@@ -86,6 +86,34 @@ def _bad_request(status: str, reason: str) -> bytes:
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
+def _h2_refusal(stream_id: int, grpc: bool, rule: str, with_settings: bool) -> bytes:
+    """An HTTP/2 answer for one denied stream, then GOAWAY: gRPC PERMISSION_DENIED (7) as a
+    trailers-only response, plain HTTP/2 a 403.  Header values are encoded as never-indexed
+    literals so the client's HPACK dynamic table is not touched (its state stays in step with
+    the real server's encoder for frames already delivered)."""
+    import struct
+
+    from hpack import Encoder
+    from hpack.struct import NeverIndexedHeaderTuple
+
+    msg = f"denied by palisade rule {rule}"
+    if grpc:
+        headers = [(":status", "200"), ("content-type", "application/grpc"), ("grpc-status", "7"),
+                   ("grpc-message", msg)]
+    else:
+        headers = [(":status", "403"), ("content-type", "text/plain")]
+    enc = Encoder()
+    block = enc.encode([NeverIndexedHeaderTuple(k, v) for k, v in headers], huffman=False)
+
+    def frame(ftype: int, flags: int, sid: int, payload: bytes) -> bytes:
+        return struct.pack("!I", len(payload))[1:] + bytes([ftype, flags]) + struct.pack("!I", sid) + payload
+
+    out = frame(0x4, 0, 0, b"") if with_settings else b""
+    out += frame(0x1, 0x5, stream_id, block)  # HEADERS, END_STREAM | END_HEADERS
+    out += frame(0x7, 0, 0, struct.pack("!II", stream_id, 0))  # GOAWAY, last stream = this, NO_ERROR
+    return out
+
+
 class Session:
     """One TCP flow. ``direction`` is "inbound" (peer -> this pod) or "outbound"."""
 
@@ -402,6 +430,10 @@ class Session:
             cut = ev.offset if ev.direction == TOSERVER else None
             if self.app_proto == "http" and ev.direction == TOSERVER and ev.kind == "request":
                 reply = _forbidden(d.rule, d.reason or "denied by rule")
+            elif (self.app_proto in ("http2", "grpc") and ev.direction == TOSERVER and ev.kind == "request"
+                  and ev.fields.get("stream_id")):
+                reply = _h2_refusal(int(ev.fields["stream_id"]), ev.app_proto == "grpc", d.rule,
+                                    with_settings=self._seen[TOCLIENT] == 0)
         stop = Stop(f"denied:{d.rule}", reply, cut=cut)
         return stop
 

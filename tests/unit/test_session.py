@@ -154,3 +154,49 @@ def test_monitor_override_allows_but_alerts(insp):
     assert ok is True and s.mode == "monitor"
     alert = [e for e in insp.events if e["event_type"] == "alert"][0]
     assert alert["alert"]["action"] == "allowed"
+
+
+GRPC_POLICY = """
+apiVersion: palisade.dev/v1
+kind: FirewallPolicy
+metadata: {name: api, namespace: payments}
+spec:
+  selector: {matchLabels: {app: api}}
+  mode: protect
+  default: deny
+  ingress:
+    - name: shop-calls-quotes
+      from: [{namespace: shop}]
+      ports: [{port: 50051}]
+      appProto: grpc
+      http: [{pathPrefix: /quotes.Quotes/}]
+      action: allow
+"""
+
+
+def test_grpc_call_denied_with_permission_denied_status(tmp_path, engine):
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    p = tmp_path / "g.yaml"
+    p.write_text(GRPC_POLICY)
+    insp = Inspection(policy=PolicySet.load([str(p)]), dlp=engine, identities=Peers(), local=LOCAL,
+                      emit=lambda e: None)
+    s = Session(insp, "inbound", ("10.0.0.3", 40000), ("10.0.0.2", 50051))
+    assert s.open()
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    hdrs = [(":method", "POST"), (":scheme", "http"), (":authority", "api"),
+            (":path", "/admin.Admin/DropTables"), ("content-type", "application/grpc"), ("te", "trailers")]
+    client.send_headers(1, hdrs, end_stream=True)
+    out, stop = s.feed(TOSERVER, client.data_to_send())
+    assert stop is not None and stop.reply
+    assert b"/admin.Admin/DropTables" not in out  # the denied call never reaches the server
+    events = client.receive_data(stop.reply)
+    got = {type(e).__name__: e for e in events}
+    assert "ResponseReceived" in got and "StreamEnded" in got
+    headers = {k.decode() if isinstance(k, bytes) else k: v.decode() if isinstance(v, bytes) else v
+               for k, v in got["ResponseReceived"].headers}
+    assert headers["grpc-status"] == "7"
+    assert "ConnectionTerminated" in got
