@@ -406,3 +406,27 @@ def test_reload_rejects_broken_policy_and_applies_valid_change(env, sidecar_fact
         assert env.curl(env.checkout, *ok).stdout == "403"
     finally:
         env.policy.write_text(original)
+
+
+def test_reload_cuts_open_flows_the_new_policy_denies(env, sidecar_factory):
+    sc = sidecar_factory()
+    holder = env.checkout.popen([PY, "-c", textwrap.dedent(f"""
+        import socket
+        s = socket.create_connection(("{env.payments.ip}", 9000))
+        s.sendall(b"POST /v1/charge HTTP/1.1\\r\\nHost: p\\r\\nContent-Length: 0\\r\\n\\r\\n")
+        print(s.recv(4096).split(b"\\r\\n")[0].decode(), flush=True)
+        try:
+            print("closed" if not s.recv(100) else "data", flush=True)
+        except ConnectionResetError:
+            print("reset", flush=True)
+    """)])
+    assert holder.stdout.readline().decode().strip() == "HTTP/1.1 200 OK"
+    original = env.policy.read_text()
+    try:
+        env.policy.write_text(original.replace("- namespace: shop\n          labels: {app: checkout}",
+                                               "- namespace: shop-v2\n          labels: {app: checkout}"))
+        assert holder.stdout.readline().decode().strip() in ("reset", "closed")
+        flow = sc.wait_flows(1, src_ip=env.checkout.ip)[0]
+        assert flow["verdict"] == "deny" and flow["close_reason"] == "reload"
+    finally:
+        env.policy.write_text(original)
