@@ -48,6 +48,7 @@ class Config:
     identify_timeout: float = 0.2
     read_buffer_limit: int = 1 << 20
     splice: bool = True
+    dlp_offload_bytes: int = 65536  # chunks this large are scanned on a worker thread (0: never)
     max_connections: int = 100_000
     max_connections_per_peer: int = 10_000
     # policy and identity
@@ -87,6 +88,8 @@ class Config:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
                 raise ConfigError(f"{where}: {name}: expected a number > 0, got {v!r}")
+        if self.dlp_offload_bytes < 0:
+            raise ConfigError(f"{where}: dlp_offload_bytes: expected an integer >= 0")
         for name in ("workers", "read_buffer_limit", "max_connections", "max_connections_per_peer",
                      "pcap_max_concurrent", "pcap_disk_budget"):
             v = getattr(self, name)

@@ -25,6 +25,7 @@ POLICY_RELOADS = Counter("palisade_policy_reloads_total", "Policy reloads", ["re
 DNS_QUERIES = Counter("palisade_dns_queries_total", "DNS queries relayed", ["verdict"])
 PEER_LIMITED = Counter("palisade_peer_limited_total", "Connections refused by the per-peer limit")
 EVENT_LOOP_LAG = Gauge("palisade_event_loop_lag_seconds", "Event loop scheduling lag")
+DLP_OFFLOADED = Counter("palisade_dlp_offloaded_chunks_total", "Chunks scanned on the DLP worker thread")
 SPLICED = Counter("palisade_spliced_flows_total", "Flows handed to the zero-copy splice relay")
 QUARANTINED = Gauge("palisade_quarantined", "1 while the pod is quarantined")
 

@@ -146,7 +146,7 @@ class Flow:
 
     __slots__ = ("proxy", "session", "sides", "early", "early_len", "eof", "lost", "closed",
                  "last", "paused", "done", "reset_seen", "connected", "peer_key", "hold_timer",
-                 "_fast", "splicer", "want_splice", "_splice_tries")
+                 "_fast", "splicer", "want_splice", "_splice_tries", "scanning", "queued", "eof_pending")
 
     def __init__(self, proxy: Proxy, session: Session, client: _Side) -> None:
         self.proxy = proxy
@@ -168,6 +168,9 @@ class Flow:
         self.splicer: splice.Splicer | None = None
         self.want_splice = False
         self._splice_tries = 0
+        self.scanning = [False, False]  # a DLP scan of this direction is running on the worker thread
+        self.queued: list[list[bytes]] = [[], []]
+        self.eof_pending = [False, False]
 
     # -- wiring
     def side_made(self, side: _Side) -> None:
@@ -208,7 +211,18 @@ class Flow:
         if self._fast and s.passthrough:
             dst.transport.write(data)  # type: ignore[union-attr]
             return
-        out, stop = s.feed(d, data)
+        if self.scanning[d]:
+            self.queued[d].append(data)  # keep the order: one scan in flight per direction
+            self.pause_reading(d)
+            return
+        if len(data) >= self.proxy.offload_bytes and s.wants_scan():
+            stop = s.inspect(d, data)
+            if stop is None and s.wants_scan():
+                self._offload(d, data)
+                return
+            out, stop = s.assemble(d, data, stop)
+        else:
+            out, stop = s.feed(d, data)
         if s.passthrough and not self._fast:
             self._fast = True
             if out:
@@ -223,6 +237,51 @@ class Flow:
             self._stop(stop, d)
         elif s.holding(d):
             self._arm_hold(d)
+
+    # -- DLP scans of large chunks on the worker thread (Hyperscan releases the GIL)
+    def _offload(self, d: int, data: bytes) -> None:
+        metrics.DLP_OFFLOADED.inc()
+        self.scanning[d] = True
+        self.pause_reading(d)
+        loop = self.proxy.loop
+        s = self.session
+        fut = self.proxy.executor.submit(s.scan_findings, d, data)
+        fut.add_done_callback(lambda f: loop.call_soon_threadsafe(self._scanned, d, data, f))
+
+    def _scanned(self, d: int, data: bytes, fut: Any) -> None:
+        self.scanning[d] = False
+        if self.closed:
+            return
+        s = self.session
+        try:
+            stop = s.scanned(d, fut.result())
+        except Exception:  # noqa: BLE001 - a scanner fault: fail closed where policy blocks
+            stop = s.scanned(d, None, error=True)
+        out, stop = s.assemble(d, data, stop)
+        dst = self.sides[1 - d]
+        if out and dst is not None:
+            dst.transport.write(out)  # type: ignore[union-attr]
+        if stop is not None:
+            self._stop(stop, d)
+            return
+        queued, self.queued[d] = self.queued[d], []
+        for i, chunk in enumerate(queued):
+            self.on_data_queued(d, chunk)
+            if self.scanning[d] or self.closed:
+                self.queued[d] = queued[i + 1:] + self.queued[d]
+                return
+        if self.eof_pending[d]:
+            self.eof_pending[d] = False
+            self._pass_eof(d)
+        if not self.closed and (dst is None or dst.transport is None
+                                or dst.transport.get_write_buffer_size() < HIGH_WATER):
+            self.resume_reading(d)  # else resume_writing of the receiver resumes it
+
+    def on_data_queued(self, d: int, data: bytes) -> None:
+        """A chunk read while a scan was running: its bytes are already counted."""
+        s = self.session
+        s.bytes[d] -= len(data)
+        self.on_data(d, data)
 
     # -- zero-copy hand-over (firewall/splice.py)
     def maybe_splice(self) -> None:
@@ -325,6 +384,9 @@ class Flow:
             return
         if not self.connected:
             return  # passed on after the upstream connects
+        if self.scanning[d] or self.queued[d]:
+            self.eof_pending[d] = True  # after the bytes still being scanned
+            return
         self._pass_eof(d)
 
     def _pass_eof(self, d: int) -> None:
@@ -433,6 +495,10 @@ class Proxy:
         self._sweeper: asyncio.Task | None = None
         self.transparent_upstream = True
         self.splice = splice.AVAILABLE and getattr(cfg, "splice", True)
+        self.offload_bytes = getattr(cfg, "dlp_offload_bytes", 65536) or (1 << 62)
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="palisade-dlp")
 
     # ---------------------------------------------------------------- listeners
     def bind(self, reuseport: bool = False) -> None:

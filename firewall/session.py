@@ -234,15 +234,46 @@ class Session:
         """Inspect ``data`` travelling in direction ``d``; return (bytes to forward now, stop)."""
         if self._stopped is not None:
             return b"", self._stopped
-        self._seen[d] += len(data)
-        stop: Stop | None = None
-        if self._ident is not None:
-            stop = self._identify(d, data)
-        elif self._parser is not None:
-            stop = self._parse(d, data)
+        stop = self.inspect(d, data)
         if stop is None and self._dlp_on():
             stop = self._scan(d, data)
-        # assemble what may be forwarded
+        return self.assemble(d, data, stop)
+
+    # The proxy may split feed() in three to run the DLP scan (which releases the GIL) on a
+    # worker thread for large chunks: inspect() and assemble() on the event loop, scan_async()
+    # between them.  The order of bytes per direction is kept by the proxy (one scan in flight).
+    def inspect(self, d: int, data: bytes) -> Stop | None:
+        """Identification and parsing (L7 verdicts) of one chunk."""
+        self._seen[d] += len(data)
+        if self._ident is not None:
+            return self._identify(d, data)
+        if self._parser is not None:
+            return self._parse(d, data)
+        return None
+
+    def wants_scan(self) -> bool:
+        return self._stopped is None and self._dlp_on()
+
+    def scan_findings(self, d: int, data: bytes) -> list:
+        """The DLP scan alone (thread-safe for one direction at a time: no session state but
+        the direction's own stream)."""
+        s = self._dlp[d]
+        if s is None:
+            s = self._dlp[d] = self.insp.dlp.stream()
+        return s.scan(data)
+
+    def scanned(self, d: int, findings: list | None, error: bool = False) -> Stop | None:
+        if error:
+            if self._enforced and any(a.action == "block" for a in self._dlp_actions):
+                self.verdict = "deny"
+                return Stop("dlp-error")
+            return None
+        return self._handle_findings(d, findings) if findings else None
+
+    def assemble(self, d: int, data: bytes, stop: Stop | None) -> tuple[bytes, Stop | None]:
+        """What of (held bytes + data) may be forwarded now."""
+        if self._stopped is not None:
+            return b"", self._stopped
         pend = self._pending[d]
         buf = pend + data if pend else data
         start = self._sent[d]

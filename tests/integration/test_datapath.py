@@ -12,6 +12,7 @@ import signal
 import subprocess
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -317,3 +318,22 @@ def test_workers_share_the_listeners(cluster):
     assert workers == {0, 1}, workers  # SO_REUSEPORT spread the connections over both processes
     assert sc.stop() == 0
     assert subprocess.run(["pgrep", "-s", str(sc.pid())], capture_output=True).returncode == 1
+
+
+@pytest.mark.parametrize("offload", [True, False])
+def test_bulk_with_full_inspection_is_byte_exact(cluster, offload):
+    """L7 identification + DLP on every byte (learn mode: alert-only), with the DLP scan of large
+    chunks on the worker thread or inline: the relay must stay byte-exact and ordered."""
+    srv, cli = cluster.pod("server"), cluster.pod("client")
+    blast = srv.serve_blast(9000)
+    cfg = Path(cluster.tmp) / "sidecar.yaml"
+    cfg.write_text(f"dlp_offload_bytes: {65536 if offload else 0}\n")
+    sc = srv.start_sidecar("--config", str(cfg))
+    n = 40 * 1024 * 1024
+    r = cli.blast(srv.ip, client_bytes=n, server_bytes=n, connections=3, concurrency=3)
+    assert r["failed"] == 0, r
+    assert all(x["recv_ok"] for x in blast.wait_results(3))
+    flows = sc.wait_flows(3, dest_port=9000)
+    assert all(f["flow"]["bytes_toserver"] == n + 24 and f["flow"]["bytes_toclient"] == n for f in flows)
+    m = re.search(r"^palisade_dlp_offloaded_chunks_total (\S+)", sc.http("/metrics")[1], re.M)
+    assert (float(m.group(1)) > 0) is offload
