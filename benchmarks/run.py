@@ -2,53 +2,116 @@
 
 Paths compared (every scenario runs every path, so ratios are from one machine state):
   direct         client -> server port excluded from redirection
-  nginx          client -> nginx stream proxy (C reference, L4 only) -> server
-  palisade-l4    client -> sidecar with L7 parsing and DLP off -> server
-  palisade-full  client -> sidecar with protocol parsing + policy + default DLP packs -> server
+  nginx          client -> nginx stream proxy (C reference, L4 only, 1 worker) -> server
+  palisade-l4    client -> sidecar with L7 parsing and DLP off (policy-free L4 relay) -> server
+  palisade-full  client -> sidecar with protocol parsing + the 100-rule policy (benchmarks/policy100.yaml,
+                 --policy + --identity) + every default DLP pack scanning both directions -> server
 
-Scenarios: bulk (iperf3, N bytes each way: MB/s, sidecar CPU s/GB, RSS), pingpong (1 KiB
-request/response on one connection: p50/p99 in microseconds), churn (new connections/s),
-idle (RSS with many idle connections: bytes per connection).
+Scenarios (--scenarios, comma list; default all):
+  bulk        iperf3 binary payload and an HTTP text payload with PII sprinkled (one value per
+              64 KiB, alerted on, never blocked), N bytes each way: MB/s, proxy CPU s/GB, peak RSS
+  pingpong    1 KiB request/response on one connection, closed loop: p50/p99 in microseconds
+  rps         HTTP/1.1 keep-alive, 1 KiB bodies both ways, open loop at a fixed 1,000 req/s
+              (benchmarks/loadgen.py, coordinated-omission corrected): p50/p90/p99/p99.9 and the
+              latency each proxy adds; proxy vCPU per 1,000 req/s (CPU time from /proc/PID/stat)
+  saturation  wrk, 64 connections, 1 KiB POSTs: maximum req/s
+  redis       redis-benchmark GET/SET/LPUSH/LRANGE_100: req/s and % overhead against direct
+  churn       new TCP connections/s (connect, 1 byte each way, close)
+  idle        RSS with many idle connections open: bytes per connection (sidecar and nginx)
+  startup     sidecar process start -> /readyz 200, DLP database cache cold and warm
+  workers     palisade-full with --workers 1 vs 2: parallel bulk and saturation, scaling ratio
 
-Usage: python benchmarks/run.py [--quick] [--out DIR] [--scenarios bulk,pingpong,churn,idle]
-Needs root (network namespaces). Prints a Markdown table and writes DIR/results.json.
+Usage: python benchmarks/run.py [--quick] [--out DIR] [--scenarios bulk,rps,...]
+Needs root (network namespaces). Prints a Markdown table; writes DIR/results.json,
+DIR/results.md and DIR/latency.png.  See benchmarks/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import os
 import platform
 import re
+import resource
+import shutil
+import signal
 import statistics
+import subprocess
 import sys
-import tempfile
+import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 
-from tests.harness import PY, Cluster  # noqa: E402
+from loadgen import json_body  # noqa: E402
 
-PORT_PROXIED, PORT_DIRECT, PORT_NGINX = 5201, 5202, 5203
-ECHO_PROXIED, ECHO_DIRECT, ECHO_NGINX = 7001, 7002, 7003
 PATHS = ("direct", "nginx", "palisade-l4", "palisade-full")
+ALL_SCENARIOS = ("bulk", "pingpong", "rps", "saturation", "redis", "churn", "idle", "startup", "workers")
+# (proxied through the sidecar, direct = excluded from redirection, nginx stream -> direct)
+PORTS = {
+    "iperf": (5201, 5202, 5203),
+    "echo": (7001, 7002, 7003),
+    "http": (8080, 8082, 8083),
+    "bulk": (8081, 8084, 8085),
+    "redis": (6379, 6380, 6381),
+}
+PORT_PROXIED, PORT_DIRECT, PORT_NGINX = PORTS["iperf"]  # names kept for callers of the first version
+ADMIN_PORT = 15020
+PCT_KEYS = ("p50", "p90", "p99", "p99.9")
+REDIS_TESTS = ("SET", "GET", "LPUSH", "LRANGE_100")
+POLICY100 = HERE / "policy100.yaml"
+SERVER_NS, CLIENT_NS = "bench", "bench-clients"
+SERVER_LABELS = {"app": "bench-server"}
+CLIENT_LABELS = {"app": "loadgen"}
 
-NGINX_CONF = """
+NGINX_PROXY_CONF = """
 load_module /usr/lib/nginx/modules/ngx_stream_module.so;
 worker_processes 1;
+worker_rlimit_nofile 65536;
 daemon off;
-pid {tmp}/nginx.pid;
-error_log {tmp}/nginx-error.log;
-events {{ worker_connections 20000; }}
+pid {tmp}/nginx-proxy.pid;
+error_log {tmp}/nginx-proxy-error.log;
+events {{ worker_connections 30000; }}
 stream {{
-  server {{ listen {p1}; proxy_pass 127.0.0.1:{t1}; proxy_buffer_size 256k; }}
-  server {{ listen {p2}; proxy_pass 127.0.0.1:{t2}; proxy_buffer_size 256k; }}
+{servers}
+}}
+"""
+
+NGINX_ORIGIN_CONF = """
+worker_processes 1;
+worker_rlimit_nofile 65536;
+daemon off;
+pid {tmp}/nginx-origin.pid;
+error_log {tmp}/nginx-origin-error.log;
+events {{ worker_connections 20000; }}
+http {{
+  access_log off;
+  keepalive_requests 100000000;
+  keepalive_timeout 600s;
+  client_body_buffer_size 64k;
+  client_max_body_size 1m;
+  client_body_temp_path {tmp}/ob;
+  proxy_temp_path {tmp}/op;
+  fastcgi_temp_path {tmp}/of;
+  uwsgi_temp_path {tmp}/ou;
+  scgi_temp_path {tmp}/os;
+  default_type application/json;
+  server {{
+    listen {p1} reuseport;
+    listen {p2} reuseport;
+    location / {{ return 200 '{body}'; }}
+  }}
 }}
 """
 
 ECHO_SERVER = """
 import socket, threading
+threading.stack_size(256 << 10)
 def serve(port):
     s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind(("0.0.0.0", port)); s.listen(65535)
@@ -101,8 +164,105 @@ print("open", flush=True)
 sys.stdin.readline()
 """
 
+# HTTP/1.1 bulk peer: the server answers POST /bulk/up (reads Content-Length bytes) and
+# GET /bulk/down/N (sends N bytes of the text payload); the client runs K such requests in
+# parallel and prints MB/s.  Plain blocking sockets: several GB/s here, never the bottleneck.
+HTTPBULK = r"""
+import json, socket, sys, threading, time
+PAYLOAD = memoryview(open(sys.argv[2], "rb").read())
+def send_n(s, n):
+    L = len(PAYLOAD)
+    while n > 0:
+        k = min(n, L); s.sendall(PAYLOAD[:k]); n -= k
+def recv_n(s, n, buf):
+    mv = memoryview(buf)
+    while n > 0:
+        k = s.recv_into(mv, min(n, len(buf)))
+        if not k: raise ConnectionError("short body: %d bytes missing" % n)
+        n -= k
+def read_head(s):
+    data = b""
+    while b"\r\n\r\n" not in data:
+        b = s.recv(65536)
+        if not b: raise ConnectionError("closed in the head")
+        data += b
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    hdrs = {k.strip().lower(): v.strip() for k, _, v in (l.partition(":") for l in lines[1:])}
+    return lines[0], hdrs, rest
+def handle(c):
+    try:
+        first, hdrs, rest = read_head(c)
+        method, path, _ = first.split(" ", 2)
+        buf = bytearray(1 << 20)
+        if method == "POST":
+            recv_n(c, int(hdrs.get("content-length", 0)) - len(rest), buf)
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n")
+        else:
+            n = int(path.rsplit("/", 1)[1])
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\nContent-Length: "
+                      + str(n).encode() + b"\r\n\r\n")
+            send_n(c, n)
+        c.shutdown(socket.SHUT_WR)
+        while c.recv(65536): pass
+    except (OSError, ValueError) as e:
+        print("server error", e, file=sys.stderr, flush=True)
+    c.close()
+def serve(port):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", port)); s.listen(1024)
+    while True:
+        c, _ = s.accept()
+        threading.Thread(target=handle, args=(c,), daemon=True).start()
+def one(host, port, mode, n, out):
+    s = socket.create_connection((host, port), timeout=120)
+    buf = bytearray(1 << 20)
+    if mode == "up":
+        s.sendall(("POST /bulk/up HTTP/1.1\r\nHost: %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n"
+                   % (host, n)).encode())
+        send_n(s, n)
+        first, hdrs, rest = read_head(s)
+    else:
+        s.sendall(("GET /bulk/down/%d HTTP/1.1\r\nHost: %s\r\n\r\n" % (n, host)).encode())
+        first, hdrs, rest = read_head(s)
+        recv_n(s, int(hdrs["content-length"]) - len(rest), buf)
+    out.append(first.split(" ")[1])
+    s.close()
+if sys.argv[1] == "server":
+    for p in sys.argv[3:]:
+        threading.Thread(target=serve, args=(int(p),), daemon=True).start()
+    threading.Event().wait()
+else:
+    host, port, mode, n, k = sys.argv[3], int(sys.argv[4]), sys.argv[5], int(sys.argv[6]), int(sys.argv[7])
+    out = []
+    t0 = time.perf_counter()
+    ts = [threading.Thread(target=one, args=(host, port, mode, n // k, out)) for _ in range(k)]
+    for t in ts: t.start()
+    for t in ts: t.join()
+    secs = time.perf_counter() - t0
+    print(json.dumps({"MBps": (n // k) * k / secs / 1e6, "secs": secs, "statuses": out}))
+"""
+
+READY_POLL = """
+import socket, sys, time
+port, deadline = int(sys.argv[1]), time.monotonic() + float(sys.argv[2])
+while time.monotonic() < deadline:
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=1)
+        s.sendall(b"GET /readyz HTTP/1.0\\r\\n\\r\\n"); r = s.recv(64); s.close()
+        if r.split(b" ")[1:2] == [b"200"]:
+            print(time.monotonic()); sys.exit(0)
+    except (OSError, IndexError):
+        pass
+    time.sleep(0.002)
+sys.exit(1)
+"""
+
+# ------------------------------------------------------------------------ measurement helpers
+
 
 def proc_stats(pid: int) -> dict:
+    """CPU seconds (user+system), RSS and its high-water mark of one process."""
     with open(f"/proc/{pid}/stat") as fh:
         parts = fh.read().rsplit(")", 1)[1].split()
     tick = os.sysconf("SC_CLK_TCK")
@@ -111,6 +271,31 @@ def proc_stats(pid: int) -> dict:
     rss = int(re.search(r"VmRSS:\s+(\d+)", st).group(1))
     hwm = int(re.search(r"VmHWM:\s+(\d+)", st).group(1))
     return {"cpu": (int(parts[11]) + int(parts[12])) / tick, "rss_kib": rss, "hwm_kib": hwm}
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def tree_stats(pid: int) -> dict:
+    """proc_stats summed over a process and its children (--workers forks; nginx master+worker)."""
+    total = {"cpu": 0.0, "rss_kib": 0, "hwm_kib": 0}
+    for p in [pid, *children(pid)]:
+        try:
+            s = proc_stats(p)
+        except (OSError, AttributeError):
+            continue
+        for k in total:
+            total[k] += s[k]
+    return total
+
+
+def percentile(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(len(xs) * p / 100))]
 
 
 def iperf(cli, host: str, port: int, nbytes: int, reverse: bool) -> float:
@@ -122,116 +307,597 @@ def iperf(cli, host: str, port: int, nbytes: int, reverse: bool) -> float:
     return j["end"]["sum_received"]["bits_per_second"] / 8 / 1e6
 
 
-def percentile(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(len(xs) * p / 100))]
+def parse_wrk(text: str) -> dict:
+    """Requests/sec, non-2xx and socket errors from wrk's report."""
+    out: dict = {}
+    m = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    if m:
+        out["rps"] = float(m.group(1))
+    m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+    out["non2xx"] = int(m.group(1)) if m else 0
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    out["socket_errors"] = sum(map(int, m.groups())) if m else 0
+    return out
 
 
-def main() -> int:
+def parse_redis_csv(text: str) -> dict[str, float]:
+    """redis-benchmark --csv: {"SET": rps, ...}; test names upper-cased, LRANGE_100 keeps its suffix."""
+    out: dict[str, float] = {}
+    for row in csv.reader(io.StringIO(text)):
+        if len(row) < 2 or row[0] == "test":
+            continue
+        name = row[0].split(" ")[0].upper()
+        try:
+            out[name] = float(row[1])
+        except ValueError:
+            continue
+    return out
+
+
+# ------------------------------------------------------------------------ report
+
+# (key, label) in table order; the table shows the rows some path has a value for.
+METRICS: list[tuple[str, str]] = [
+    ("bulk_up_MBps", "bulk binary (iperf3) upload MB/s"),
+    ("bulk_down_MBps", "bulk binary (iperf3) download MB/s"),
+    ("text_up_MBps", "bulk text+PII (HTTP) upload MB/s"),
+    ("text_down_MBps", "bulk text+PII (HTTP) download MB/s"),
+    ("cpu_s_per_GB", "proxy CPU s/GB, binary"),
+    ("text_cpu_s_per_GB", "proxy CPU s/GB, text"),
+    ("rss_peak_kib", "proxy peak RSS KiB (VmHWM after bulk)"),
+    ("rps_p50_us", "1,000 req/s: p50 us"),
+    ("rps_p90_us", "1,000 req/s: p90 us"),
+    ("rps_p99_us", "1,000 req/s: p99 us"),
+    ("rps_p99.9_us", "1,000 req/s: p99.9 us"),
+    ("rps_added_p50_us", "1,000 req/s: added p50 us"),
+    ("rps_added_p90_us", "1,000 req/s: added p90 us"),
+    ("rps_added_p99_us", "1,000 req/s: added p99 us"),
+    ("rps_added_p99.9_us", "1,000 req/s: added p99.9 us"),
+    ("rps_achieved", "1,000 req/s: achieved req/s"),
+    ("vcpu_per_1k_rps", "proxy vCPU per 1,000 req/s"),
+    ("sat_rps", "saturation req/s (wrk, 64 conns)"),
+    ("redis_SET_rps", "redis SET req/s"),
+    ("redis_GET_rps", "redis GET req/s"),
+    ("redis_LPUSH_rps", "redis LPUSH req/s"),
+    ("redis_LRANGE_100_rps", "redis LRANGE_100 req/s"),
+    ("redis_overhead_pct", "redis overhead % (mean of 4 tests)"),
+    ("churn_conn_per_s", "new connections/s"),
+    ("pingpong_p50_us", "ping-pong 1 KiB p50 us (closed loop)"),
+    ("pingpong_p99_us", "ping-pong 1 KiB p99 us (closed loop)"),
+    ("rss_idle_kib", "proxy RSS idle KiB"),
+    ("idle_conns", "idle connections opened"),
+    ("bytes_per_idle_conn", "proxy bytes per idle connection"),
+    ("startup_cold_ms", "start -> /readyz ms, DLP cache cold"),
+    ("startup_warm_ms", "start -> /readyz ms, DLP cache warm"),
+    ("startup_ms", "start -> /readyz ms"),
+    ("workers1_bulk_MBps", "--workers 1: 4 parallel text downloads MB/s"),
+    ("workers2_bulk_MBps", "--workers 2: 4 parallel text downloads MB/s"),
+    ("workers1_sat_rps", "--workers 1: saturation req/s"),
+    ("workers2_sat_rps", "--workers 2: saturation req/s"),
+]
+
+
+def _fmt(v) -> str:
+    if v is None or v == "":
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.2f}".rstrip("0").rstrip(".") if v else "0"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def make_table(paths: dict[str, dict]) -> str:
+    """Markdown table: one row per metric, one column per path (paths in PATHS order first)."""
+    cols = [p for p in PATHS if p in paths] + [p for p in paths if p not in PATHS]
+    known = {k for k, _ in METRICS}
+    rows = [(k, label) for k, label in METRICS if any(k in paths[p] for p in cols)]
+    extra = sorted({k for p in cols for k in paths[p]} - known)
+    rows += [(k, k) for k in extra]
+    lines = ["| metric | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for k, label in rows:
+        lines.append(f"| {label} | " + " | ".join(_fmt(paths[p].get(k)) for p in cols) + " |")
+    return "\n".join(lines)
+
+
+def derive(paths: dict[str, dict]) -> dict:
+    """Ratios and differences between paths (only those whose inputs exist)."""
+    P = paths
+    d: dict = {}
+
+    def have(p: str, *keys: str) -> bool:
+        return p in P and all(P[p].get(k) is not None for k in keys)
+
+    def avg(p: str, a: str, b: str) -> float:
+        return (P[p][a] + P[p][b]) / 2
+
+    for kind, a, b in (("bulk", "bulk_up_MBps", "bulk_down_MBps"), ("text", "text_up_MBps", "text_down_MBps")):
+        if have("palisade-l4", a, b) and have("nginx", a, b) and avg("nginx", a, b):
+            d[f"l4_vs_nginx_{kind}"] = round(avg("palisade-l4", a, b) / avg("nginx", a, b), 2)
+        if have("palisade-l4", a, b) and have("direct", a, b) and avg("direct", a, b):
+            d[f"l4_vs_direct_{kind}"] = round(avg("palisade-l4", a, b) / avg("direct", a, b), 2)
+        if have("palisade-full", a, b) and have("nginx", a, b) and avg("nginx", a, b):
+            d[f"full_vs_nginx_{kind}"] = round(avg("palisade-full", a, b) / avg("nginx", a, b), 2)
+        if have("palisade-full", a, b):
+            d[f"full_{kind}_MBps"] = round(avg("palisade-full", a, b))
+    if have("direct", "pingpong_p99_us"):
+        dd = P["direct"]["pingpong_p99_us"]
+        for p, name in (("nginx", "nginx"), ("palisade-l4", "l4"), ("palisade-full", "full")):
+            if have(p, "pingpong_p99_us"):
+                d[f"{name}_added_p99_us"] = round(P[p]["pingpong_p99_us"] - dd, 1)
+    for p, name in (("nginx", "nginx"), ("palisade-l4", "l4"), ("palisade-full", "full")):
+        if have(p, "rps_added_p99_us"):
+            d[f"{name}_rps_added_p99_us"] = P[p]["rps_added_p99_us"]
+        if have(p, "vcpu_per_1k_rps"):
+            d[f"{name}_vcpu_per_1k_rps"] = P[p]["vcpu_per_1k_rps"]
+        if have(p, "sat_rps") and have("direct", "sat_rps") and P["direct"]["sat_rps"]:
+            d[f"{name}_sat_vs_direct"] = round(P[p]["sat_rps"] / P["direct"]["sat_rps"], 2)
+        if have(p, "redis_overhead_pct"):
+            d[f"{name}_redis_overhead_pct"] = P[p]["redis_overhead_pct"]
+    if have("palisade-full", "workers1_bulk_MBps", "workers2_bulk_MBps") and P["palisade-full"]["workers1_bulk_MBps"]:
+        d["workers2_bulk_scaling"] = round(P["palisade-full"]["workers2_bulk_MBps"]
+                                           / P["palisade-full"]["workers1_bulk_MBps"], 2)
+    if have("palisade-full", "workers1_sat_rps", "workers2_sat_rps") and P["palisade-full"]["workers1_sat_rps"]:
+        d["workers2_rps_scaling"] = round(P["palisade-full"]["workers2_sat_rps"]
+                                          / P["palisade-full"]["workers1_sat_rps"], 2)
+    return d
+
+
+# (name, derived/path key, comparison, target, unit)
+TARGETS: list[tuple[str, str, str, float, str]] = [
+    ("Palisade L4 bulk (binary) vs nginx", "l4_vs_nginx_bulk", ">=", 0.9, "x"),
+    ("Palisade L4 bulk (text) vs nginx", "l4_vs_nginx_text", ">=", 0.9, "x"),
+    ("Palisade full bulk on text", "full_text_MBps", ">=", 400, "MB/s"),
+    ("added p99 at 1,000 req/s, full inspection", "full_rps_added_p99_us", "<=", 500, "us"),
+    ("vCPU per 1,000 req/s, full inspection", "full_vcpu_per_1k_rps", "<=", 0.05, "vCPU"),
+    ("idle RSS (palisade-full)", "full_rss_idle_MiB", "<=", 40, "MiB"),
+    ("bytes per idle connection (palisade-full)", "full_kib_per_idle_conn", "<=", 16, "KiB"),
+    ("--workers 2 bulk scaling", "workers2_bulk_scaling", ">=", 1.6, "x"),
+    ("--workers 2 req/s scaling", "workers2_rps_scaling", ">=", 1.6, "x"),
+]
+
+
+def targets(paths: dict[str, dict], derived: dict) -> list[dict]:
+    """The issue's targets against this run: measured value, met or not, and by how much."""
+    vals = dict(derived)
+    full = paths.get("palisade-full", {})
+    if full.get("rss_idle_kib") is not None:
+        vals["full_rss_idle_MiB"] = round(full["rss_idle_kib"] / 1024, 1)
+    if full.get("bytes_per_idle_conn") is not None:
+        vals["full_kib_per_idle_conn"] = round(full["bytes_per_idle_conn"] / 1024, 1)
+    out = []
+    for name, key, op, target, unit in TARGETS:
+        v = vals.get(key)
+        if v is None:
+            out.append({"target": name, "key": key, "goal": f"{op} {target:g} {unit}", "measured": None,
+                        "met": None, "gap": "not measured"})
+            continue
+        met = v >= target if op == ">=" else v <= target
+        if met:
+            gap = ""
+        elif op == ">=":
+            gap = f"{v / target:.0%} of target" if target else ""
+        else:
+            gap = f"{v / target:.1f}x the limit" if target else ""
+        out.append({"target": name, "key": key, "goal": f"{op} {target:g} {unit}", "measured": v, "met": met,
+                    "gap": gap})
+    return out
+
+
+def targets_table(rows: list[dict]) -> str:
+    lines = ["| target | goal | measured | met |", "|---|---|---:|---|"]
+    for r in rows:
+        met = "n/a" if r["met"] is None else ("yes" if r["met"] else f"**no** ({r['gap']})")
+        lines.append(f"| {r['target']} | {r['goal']} | {_fmt(r['measured'])} | {met} |")
+    return "\n".join(lines)
+
+
+def chart(paths: dict[str, dict], png: Path) -> bool:
+    """Latency percentiles per path at 1,000 req/s (and the added latency) as one PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no chart (pip install matplotlib)", file=sys.stderr)
+        return False
+    cols = [p for p in PATHS if p in paths and f"rps_{PCT_KEYS[0]}_us" in paths[p]]
+    if not cols:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    width = 0.8 / len(cols)
+    for ax, prefix, title in ((axes[0], "rps_", "latency at 1,000 req/s (open loop)"),
+                              (axes[1], "rps_added_", "latency added vs direct")):
+        for i, p in enumerate(cols):
+            ys = [paths[p].get(f"{prefix}{k}_us") for k in PCT_KEYS]
+            if any(y is None for y in ys):
+                continue
+            xs = [j + (i - (len(cols) - 1) / 2) * width for j in range(len(PCT_KEYS))]
+            ax.bar(xs, [y / 1000 for y in ys], width, label=p, color=f"C{PATHS.index(p) if p in PATHS else i}")
+        ax.set_xticks(range(len(PCT_KEYS)), PCT_KEYS)
+        ax.set_ylabel("ms")
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[0].legend(fontsize=8)
+    axes[1].axhline(0.5, color="red", lw=0.8, ls="--")
+    axes[1].text(0, 0.5, " p99 target 0.5 ms", color="red", fontsize=7, va="bottom")
+    fig.suptitle("HTTP/1.1 keep-alive, 1 KiB bodies: direct vs nginx stream vs Palisade", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def machine_info() -> dict:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        mem = Path("/proc/meminfo").read_text().splitlines()[0].split(":", 1)[1].strip()
+    except (OSError, IndexError):
+        pass
+    return {"cpus": os.cpu_count(), "cpu_model": cpu, "mem_total": mem, "kernel": platform.release(),
+            "python": platform.python_version(), "loadavg_start": list(os.getloadavg())}
+
+
+def git_rev() -> str:
+    try:
+        r = subprocess.run(["git", "-C", str(HERE.parent), "rev-parse", "--short", "HEAD"], capture_output=True,
+                           text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(HERE.parent), "status", "--porcelain", "--", "firewall"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return r.stdout.strip() + ("+dirty(firewall/)" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+# ------------------------------------------------------------------------ the run
+
+
+class Bench:
+    def __init__(self, a: argparse.Namespace, nbytes: int) -> None:
+        from tests.harness import PY, Cluster
+
+        self.PY = PY
+        self.a = a
+        self.quick = a.quick
+        self.nbytes = nbytes
+        self.scen = set(a.scenarios.split(","))
+        self.c = Cluster(a.prefix, a.octet)
+        self.tmp = Path(self.c.tmp)
+        self.srv = self.c.pod("server", namespace=SERVER_NS)
+        self.cli = self.c.pod("client", namespace=CLIENT_NS)
+        self.nginx_proxy: subprocess.Popen | None = None
+        self.log: dict = {}
+
+    # -- setup
+    def setup(self) -> None:
+        srv, tmp, PY = self.srv, self.tmp, self.PY
+        ident = [{"ip": srv.ip, "namespace": SERVER_NS, "pod": "server", "labels": SERVER_LABELS},
+                 {"ip": self.cli.ip, "namespace": CLIENT_NS, "pod": "client", "labels": CLIENT_LABELS}]
+        self.identity = tmp / "identity.yaml"
+        self.identity.write_text(json.dumps(ident))  # JSON is YAML
+        need = self.scen & {"bulk", "workers"}
+        if need:
+            sys.path.insert(0, str(HERE))
+            from dlp_corpus import pii_text
+
+            self.payload = tmp / "payload-text.bin"
+            self.payload.write_bytes(pii_text(seed=2, size=8 << 20, every=65536))
+            srv.popen([PY, "-c", HTTPBULK, "server", str(self.payload), str(PORTS["bulk"][0]), str(PORTS["bulk"][1])])
+        srv.popen(["iperf3", "-s", "-p", str(PORTS["iperf"][0])])
+        srv.popen(["iperf3", "-s", "-p", str(PORTS["iperf"][1])])
+        srv.popen([PY, "-c", ECHO_SERVER.replace("PORTS", repr(list(PORTS["echo"][:2])))])
+        origin = tmp / "nginx-origin.conf"
+        origin.write_text(NGINX_ORIGIN_CONF.format(tmp=tmp, p1=PORTS["http"][0], p2=PORTS["http"][1],
+                                                   body=json_body(1024).decode()))
+        srv.popen(["nginx", "-c", str(origin)])
+        if "redis" in self.scen:
+            for p in PORTS["redis"][:2]:
+                srv.popen(["redis-server", "--port", str(p), "--bind", "0.0.0.0", "--protected-mode", "no",
+                           "--save", "", "--appendonly", "no", "--dir", str(tmp)])
+        servers = "\n".join(f"  server {{ listen {n}; proxy_pass 127.0.0.1:{d}; proxy_buffer_size 256k; }}"
+                            for _, d, n in PORTS.values())
+        conf = tmp / "nginx-proxy.conf"
+        conf.write_text(NGINX_PROXY_CONF.format(tmp=tmp, servers=servers))
+        self.nginx_proxy = srv.popen(["nginx", "-c", str(conf)])
+        waits = [PORTS["iperf"][0], PORTS["iperf"][1], *PORTS["echo"][:2], *PORTS["http"][:2]]
+        waits += [n for _, _, n in PORTS.values()]
+        if need:
+            waits += list(PORTS["bulk"][:2])
+        if "redis" in self.scen:
+            waits += list(PORTS["redis"][:2])
+        for p in waits:
+            srv.wait_listening(p)
+        excl = sorted({d for _, d, _ in PORTS.values()} | {n for _, _, n in PORTS.values()})
+        srv.redirect("apply", "--exclude-inbound-ports", ",".join(map(str, excl)))
+        self.wrk_lua = tmp / "post.lua"
+        body = json_body(1024).decode()
+        self.wrk_lua.write_text(f'wrk.method = "POST"\nwrk.body = \'{body}\'\n'
+                                'wrk.headers["Content-Type"] = "application/json"\n')
+        self.warm_cache = tmp / "dlp-cache-warm"
+
+    def nginx_worker(self) -> int:
+        kids = children(self.nginx_proxy.pid)
+        return kids[0] if kids else self.nginx_proxy.pid
+
+    # -- sidecar
+    def sidecar_args(self, path: str, workers: int = 1, cache: Path | None = None) -> list[str]:
+        args = ["--labels", json.dumps(SERVER_LABELS)]
+        if path == "palisade-l4":
+            args += ["--no-l7", "--no-dlp"]
+        else:
+            args += ["--policy", str(POLICY100), "--identity", str(self.identity)]
+        args += ["--dlp-cache", str(cache or self.warm_cache)]
+        if workers > 1:
+            args += ["--workers", str(workers)]
+        return args
+
+    def start_sidecar(self, path: str, workers: int = 1, cache: Path | None = None):
+        """Start and time process start -> /readyz 200 (polled every 2 ms from inside the pod)."""
+        t0 = time.monotonic()
+        sc = self.srv.start_sidecar(*self.sidecar_args(path, workers, cache), apply_redirect=False, wait=False,
+                                    env={"POD_NAMESPACE": SERVER_NS})
+        r = self.srv.run([self.PY, "-c", READY_POLL, str(ADMIN_PORT), "90"], check=False, timeout=120)
+        if r.returncode != 0:
+            raise RuntimeError(f"sidecar ({path}) not ready: {sc.stderr()[-3000:]}")
+        ms = (float(r.stdout.strip()) - t0) * 1000
+        return sc, round(ms)
+
+    # -- scenarios
+    def http_bulk(self, port: int, mode: str, nbytes: int, k: int = 1) -> float:
+        r = self.cli.run([self.PY, "-c", HTTPBULK, "client", str(self.payload), self.srv.ip, str(port), mode,
+                          str(nbytes), str(k)], check=False, timeout=900)
+        try:
+            j = json.loads(r.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise RuntimeError(f"text bulk {mode} on :{port} failed: {r.stderr[-2000:]}") from None
+        if set(j["statuses"]) != {"200"}:
+            raise RuntimeError(f"text bulk {mode} on :{port}: statuses {j['statuses']}")
+        return j["MBps"]
+
+    def wrk(self, port: int, secs: float, conns: int = 64) -> dict:
+        r = self.cli.run(["wrk", "-t1", f"-c{conns}", f"-d{secs}s", "-s", str(self.wrk_lua),
+                          f"http://{self.srv.ip}:{port}/api/items"], check=False, timeout=secs + 60)
+        return parse_wrk(r.stdout)
+
+    def run_path(self, path: str, r: dict) -> None:
+        scen, cli, srv, PY = self.scen, self.cli, self.srv, self.PY
+        q = self.quick
+        sc = None
+        pid = None
+        if path.startswith("palisade"):
+            if path == "palisade-full" and "startup" in scen:
+                cold = self.tmp / "dlp-cache-cold"
+                shutil.rmtree(cold, ignore_errors=True)
+                sc, r["startup_cold_ms"] = self.start_sidecar(path, cache=cold)
+                sc.stop()
+                self.warm_cache = cold  # filled by the cold start
+                sc, r["startup_warm_ms"] = self.start_sidecar(path)
+            else:
+                sc, ms = self.start_sidecar(path)
+                if "startup" in scen:
+                    r["startup_ms"] = ms
+            pid = sc.pid()
+            r["rss_idle_kib"] = tree_stats(pid)["rss_kib"]
+        elif path == "nginx":
+            pid = self.nginx_worker()
+            r["rss_idle_kib"] = proc_stats(pid)["rss_kib"]
+        col = {"direct": 1, "nginx": 2}.get(path, 0)
+
+        def port(kind: str) -> int:
+            return PORTS[kind][col]
+
+        def cpu() -> float:
+            return tree_stats(pid)["cpu"] if pid else 0.0
+
+        if "bulk" in scen:
+            c0 = cpu()
+            r["bulk_up_MBps"] = round(iperf(cli, srv.ip, port("iperf"), self.nbytes, reverse=False))
+            r["bulk_down_MBps"] = round(iperf(cli, srv.ip, port("iperf"), self.nbytes, reverse=True))
+            c1 = cpu()
+            r["text_up_MBps"] = round(self.http_bulk(port("bulk"), "up", self.nbytes))
+            r["text_down_MBps"] = round(self.http_bulk(port("bulk"), "down", self.nbytes))
+            c2 = cpu()
+            if pid:
+                r["cpu_s_per_GB"] = round((c1 - c0) / (2 * self.nbytes / 1e9), 3)
+                r["text_cpu_s_per_GB"] = round((c2 - c1) / (2 * self.nbytes / 1e9), 3)
+                r["rss_peak_kib"] = tree_stats(pid)["hwm_kib"]
+        if "pingpong" in scen:
+            res = cli.run([PY, "-c", PINGPONG, srv.ip, str(port("echo")), str(2000 if q else 10000)], timeout=300)
+            lat = json.loads(res.stdout)
+            r["pingpong_p50_us"] = round(statistics.median(lat), 1)
+            r["pingpong_p99_us"] = round(percentile(lat, 99), 1)
+        if "rps" in scen:
+            secs = self.a.rps_duration or (5 if q else 30)
+            warm = 1.0
+            c0 = cpu()
+            res = cli.run([PY, str(HERE / "loadgen.py"), "--host", srv.ip, "--port", str(port("http")),
+                           "--rate", "1000", "--duration", str(secs), "--warmup", str(warm), "--connections", "8",
+                           "--body", "1024", "--path", "/api/items"], check=False, timeout=secs + 120)
+            c1 = cpu()
+            try:
+                j = json.loads(res.stdout)
+            except ValueError:
+                raise RuntimeError(f"loadgen failed on {path}: {res.stderr[-2000:]}") from None
+            for k in PCT_KEYS:
+                r[f"rps_{k}_us"] = j["latency_us"][k]
+            r["rps_achieved"] = j["achieved_rps"]
+            errs = sum(j["errors"].values()) + sum(v for s, v in j["statuses"].items() if s != "200")
+            if errs:
+                r["rps_errors"] = errs
+            if j.get("overloaded"):
+                r["rps_overloaded"] = True
+            self.log.setdefault("loadgen", {})[path] = j
+            if pid:
+                sent = 1000 * (secs + warm)
+                r["vcpu_per_1k_rps"] = round((c1 - c0) / sent * 1000, 4)
+        if "saturation" in scen:
+            w = self.wrk(port("http"), 3 if q else 10)
+            r["sat_rps"] = round(w.get("rps", 0))
+            if w["non2xx"] or w["socket_errors"]:
+                r["sat_errors"] = w["non2xx"] + w["socket_errors"]
+        if "redis" in scen:
+            n = 10000 if q else 100000
+            res = cli.run(["redis-benchmark", "-h", srv.ip, "-p", str(port("redis")), "-n", str(n), "-c", "50",
+                           "-t", "set,get,lpush,lrange_100", "--csv"], check=False, timeout=600)
+            got = parse_redis_csv(res.stdout)
+            for t in REDIS_TESTS:
+                if t in got:
+                    r[f"redis_{t}_rps"] = round(got[t])
+            if not got:
+                r["redis_error"] = (res.stderr or res.stdout)[-300:]
+        if "churn" in scen:
+            res = cli.run([PY, "-c", CHURN, srv.ip, str(port("echo")), str(2 if q else 10)], timeout=120)
+            j = json.loads(res.stdout)
+            r["churn_conn_per_s"] = round(j["conns"] / j["secs"])
+            if j["errors"]:
+                r["churn_errors"] = j["errors"]
+        if "idle" in scen and pid:
+            n = 1000 if q else 10000
+            before = tree_stats(pid)["rss_kib"]
+            p = cli.popen([PY, "-c", IDLE, srv.ip, str(port("echo")), str(n)], stdin=subprocess.PIPE)
+            line = p.stdout.readline().decode().strip()
+            if line == "open":
+                after = tree_stats(pid)["rss_kib"]
+                r["idle_conns"] = n
+                r["bytes_per_idle_conn"] = round((after - before) * 1024 / n)
+            else:
+                r["idle_error"] = p.stderr.read().decode()[-300:] if p.poll() is not None else "no answer"
+            p.stdin.write(b"\n")
+            p.stdin.flush()
+            p.wait(60)
+        if path == "palisade-full" and "workers" in scen:
+            self.workers_pass(r, 1, sc)
+        if sc is not None:
+            sc.stop()
+
+    def workers_pass(self, r: dict, workers: int, sc=None) -> None:
+        """Parallel load (4 text downloads, wrk 64 connections) through palisade-full with N workers."""
+        own = sc is None
+        if own:
+            sc, _ = self.start_sidecar("palisade-full", workers=workers)
+        n = max(64 << 20, self.nbytes // 2)
+        r[f"workers{workers}_bulk_MBps"] = round(self.http_bulk(PORTS["bulk"][0], "down", n, k=4))
+        w = self.wrk(PORTS["http"][0], 3 if self.quick else 10)
+        r[f"workers{workers}_sat_rps"] = round(w.get("rps", 0))
+        if own:
+            sc.stop()
+
+
+def redis_overheads(P: dict[str, dict]) -> None:
+    """% fewer requests/s than direct, per test, and their mean (NeuVector publishes this table)."""
+    base = P.get("direct", {})
+    for p, r in P.items():
+        if p == "direct":
+            continue
+        pct = []
+        for t in REDIS_TESTS:
+            b, v = base.get(f"redis_{t}_rps"), r.get(f"redis_{t}_rps")
+            if b and v is not None:
+                pct.append((b - v) / b * 100)
+        if pct:
+            r["redis_overhead_pct"] = round(sum(pct) / len(pct), 1)
+
+
+def added_latency(P: dict[str, dict]) -> None:
+    base = P.get("direct", {})
+    for p, r in P.items():
+        if p == "direct":
+            continue
+        for k in PCT_KEYS:
+            b, v = base.get(f"rps_{k}_us"), r.get(f"rps_{k}_us")
+            if b is not None and v is not None:
+                r[f"rps_added_{k}_us"] = round(v - b, 1)
+
+
+def write_outputs(results: dict, out: Path) -> str:
+    P = results["paths"]
+    table = make_table(P)
+    tt = targets_table(results["targets"])
+    m = results["machine"]
+    md = (f"{table}\n\n### Targets (issue 9)\n\n{tt}\n\n"
+          f"Machine: {m['cpus']} vCPU {m.get('cpu_model', '')}, {m.get('mem_total', '')}, kernel {m['kernel']}, "
+          f"Python {m['python']}; load average at start {m['loadavg_start'][0]:.2f}, at end "
+          f"{results.get('loadavg_end', [0])[0]:.2f}. Code {results.get('git', '')}. "
+          f"Bytes each way (bulk): {results['bytes_each_way']:,}.\n\n```json\n"
+          + json.dumps(results["derived"], indent=2) + "\n```\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(md)
+    return md
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small sizes: finishes in about a minute")
-    ap.add_argument("--out", default="bench-out")
-    ap.add_argument("--scenarios", default="bulk,pingpong,churn,idle")
+    ap.add_argument("--quick", action="store_true", help="small sizes and short runs: under two minutes")
+    ap.add_argument("--out", default="bench-out", help="folder for results.json, results.md, latency.png")
+    ap.add_argument("--scenarios", default=",".join(ALL_SCENARIOS), help="comma list of " + ",".join(ALL_SCENARIOS))
+    ap.add_argument("--paths", default=",".join(PATHS), help="comma list of " + ",".join(PATHS))
     ap.add_argument("--bytes", type=int, default=None, help="bulk bytes each way (default 1 GiB, quick 256 MiB)")
-    a = ap.parse_args()
+    ap.add_argument("--rps-duration", type=float, default=None, help="seconds at 1,000 req/s (default 30, quick 5)")
+    ap.add_argument("--prefix", default="bn", help="namespace name prefix (parallel runs need distinct ones)")
+    ap.add_argument("--octet", type=int, default=250, help="10.<octet>.0.0/24 for the pods")
+    a = ap.parse_args(argv)
+    scen = [s for s in a.scenarios.split(",") if s]
+    bad = [s for s in scen if s not in ALL_SCENARIOS]
+    paths = [p for p in a.paths.split(",") if p]
+    bad += [p for p in paths if p not in PATHS]
+    if bad:
+        print(f"benchmarks/run.py: unknown scenario/path {', '.join(bad)}", file=sys.stderr)
+        return 2
     if os.geteuid() != 0:
         print("benchmarks/run.py: needs root (network namespaces)", file=sys.stderr)
         return 2
+    # 10,000 idle connections are 20,000 descriptors in each proxy; children inherit the limit
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 65536), max(hard, 65536)))
+    except (ValueError, OSError):
+        pass
     nbytes = a.bytes or ((256 << 20) if a.quick else (1 << 30))
-    pp_n = 2000 if a.quick else 10000
-    churn_s = 3 if a.quick else 10
-    idle_n = 1000 if a.quick else 10000
-    scen = set(a.scenarios.split(","))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict = {"machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
-                                 "python": platform.python_version()},
+    t_start = time.monotonic()
+    results: dict = {"machine": machine_info(), "git": git_rev(), "quick": a.quick, "scenarios": scen,
                      "bytes_each_way": nbytes, "paths": {}}
-    with Cluster("bn", 250) as c:
-        srv, cli = c.pod("server"), c.pod("client")
-        srv.popen(["iperf3", "-s", "-p", str(PORT_PROXIED)])
-        srv.popen(["iperf3", "-s", "-p", str(PORT_DIRECT)])
-        srv.popen([PY, "-c", ECHO_SERVER.replace("PORTS", repr([ECHO_PROXIED, ECHO_DIRECT]))])
-        tmp = tempfile.mkdtemp()
-        conf = Path(tmp) / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(tmp=tmp, p1=PORT_NGINX, t1=PORT_DIRECT, p2=ECHO_NGINX, t2=ECHO_DIRECT))
-        nginx = srv.popen(["nginx", "-c", str(conf)])
-        for p in (PORT_PROXIED, PORT_DIRECT, PORT_NGINX, ECHO_PROXIED, ECHO_DIRECT, ECHO_NGINX):
-            srv.wait_listening(p)
-        excl = ",".join(map(str, (PORT_DIRECT, PORT_NGINX, ECHO_DIRECT, ECHO_NGINX)))
-        srv.redirect("apply", "--exclude-inbound-ports", excl)
-        for path in PATHS:
+    b = Bench(a, nbytes)
+    old = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        b.setup()
+        for path in paths:
             r: dict = {}
-            sc = None
-            if path.startswith("palisade"):
-                args = ["--no-l7", "--no-dlp"] if path == "palisade-l4" else []
-                sc = srv.start_sidecar(*args, apply_redirect=False)
-                r["rss_idle_kib"] = proc_stats(sc.pid())["rss_kib"]
-            port = {"direct": PORT_DIRECT, "nginx": PORT_NGINX}.get(path, PORT_PROXIED)
-            eport = {"direct": ECHO_DIRECT, "nginx": ECHO_NGINX}.get(path, ECHO_PROXIED)
-            pid = sc.pid() if sc else (nginx.pid if path == "nginx" else None)
-            if path == "nginx":
-                # the worker does the relaying; find it (child of the master)
-                kids = Path(f"/proc/{nginx.pid}/task/{nginx.pid}/children").read_text().split()
-                pid = int(kids[0]) if kids else nginx.pid
-            if "bulk" in scen:
-                s0 = proc_stats(pid) if pid else None
-                up = iperf(cli, srv.ip, port, nbytes, reverse=False)
-                down = iperf(cli, srv.ip, port, nbytes, reverse=True)
-                r["bulk_up_MBps"], r["bulk_down_MBps"] = round(up), round(down)
-                if s0:
-                    s1 = proc_stats(pid)
-                    r["cpu_s_per_GB"] = round((s1["cpu"] - s0["cpu"]) / (2 * nbytes / 1e9), 3)
-                    r["rss_peak_kib"] = s1["hwm_kib"]
-            if "pingpong" in scen:
-                res = cli.run([PY, "-c", PINGPONG, srv.ip, str(eport), str(pp_n)], timeout=300)
-                lat = json.loads(res.stdout)
-                r["pingpong_p50_us"] = round(statistics.median(lat), 1)
-                r["pingpong_p99_us"] = round(percentile(lat, 99), 1)
-            if "churn" in scen:
-                res = cli.run([PY, "-c", CHURN, srv.ip, str(eport), str(churn_s)], timeout=120)
-                j = json.loads(res.stdout)
-                r["churn_conn_per_s"] = round(j["conns"] / j["secs"])
-            if "idle" in scen and sc is not None:
-                before = proc_stats(sc.pid())["rss_kib"]
-                p = cli.popen([PY, "-c", IDLE, srv.ip, str(eport), str(idle_n)], stdin=__import__("subprocess").PIPE)
-                line = p.stdout.readline().decode().strip()
-                if line == "open":
-                    after = proc_stats(sc.pid())["rss_kib"]
-                    r["idle_conns"] = idle_n
-                    r["bytes_per_idle_conn"] = round((after - before) * 1024 / idle_n)
-                p.stdin.write(b"\n")
-                p.stdin.flush()
-                p.wait(30)
-            if sc is not None:
-                sc.stop()
+            t0 = time.monotonic()
+            b.run_path(path, r)
             results["paths"][path] = r
-            print(f"{path}: {r}", file=sys.stderr, flush=True)
-    # derived ratios
+            print(f"{path} ({time.monotonic() - t0:.0f}s): {r}", file=sys.stderr, flush=True)
+        if "workers" in scen and "palisade-full" in paths:
+            b.workers_pass(results["paths"]["palisade-full"], 2)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        b.c.close()
     P = results["paths"]
-    derived = {}
-    if "bulk" in scen:
-        def bulk(p):
-            return (P[p]["bulk_up_MBps"] + P[p]["bulk_down_MBps"]) / 2
-        derived["l4_vs_nginx_bulk"] = round(bulk("palisade-l4") / bulk("nginx"), 2)
-        derived["l4_vs_direct_bulk"] = round(bulk("palisade-l4") / bulk("direct"), 2)
-        derived["full_vs_nginx_bulk"] = round(bulk("palisade-full") / bulk("nginx"), 2)
-    if "pingpong" in scen:
-        d = P["direct"]["pingpong_p99_us"]
-        derived["nginx_added_p99_us"] = round(P["nginx"]["pingpong_p99_us"] - d, 1)
-        derived["l4_added_p99_us"] = round(P["palisade-l4"]["pingpong_p99_us"] - d, 1)
-        derived["full_added_p99_us"] = round(P["palisade-full"]["pingpong_p99_us"] - d, 1)
-    results["derived"] = derived
-    cols = sorted({k for r in P.values() for k in r})
-    lines = ["| path | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-    for p in PATHS:
-        lines.append(f"| {p} | " + " | ".join(str(P[p].get(k, "")) for k in cols) + " |")
-    table = "\n".join(lines)
-    print(table)
-    print()
-    print(json.dumps(derived))
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "results.md").write_text(table + "\n\n```json\n" + json.dumps(derived, indent=2) + "\n```\n")
+    redis_overheads(P)
+    added_latency(P)
+    results["derived"] = derive(P)
+    results["targets"] = targets(P, results["derived"])
+    results["loadgen"] = b.log.get("loadgen", {})
+    results["loadavg_end"] = list(os.getloadavg())
+    results["elapsed_s"] = round(time.monotonic() - t_start, 1)
+    if chart(P, out / "latency.png"):
+        results["chart"] = "latency.png"
+    md = write_outputs(results, out)
+    print(md)
+    print(f"wrote {out}/results.json, results.md{', latency.png' if 'chart' in results else ''} "
+          f"in {results['elapsed_s']:.0f}s", file=sys.stderr)
     return 0
 
 
