@@ -313,7 +313,9 @@ def mariadb(pod: Pod, workdir: Path, port: int, user: str, password: str, databa
     pod.run(["mariadb", "--no-defaults", "-S", str(sock), "-u", "root", "-e",
              f"CREATE DATABASE {database}; CREATE USER '{user}'@'%' IDENTIFIED BY '{password}'; "
              f"GRANT ALL ON {database}.* TO '{user}'@'%';"])
-    peer.info.update(user=user, password=password, database=database, socket=sock)
+    version = pod.run(["mariadb", "--no-defaults", "-S", str(sock), "-u", "root", "-N", "-B", "-e",
+                       "SELECT VERSION()"]).stdout.strip()
+    peer.info.update(user=user, password=password, database=database, socket=sock, version=version)
     return peer
 
 
