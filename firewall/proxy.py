@@ -93,15 +93,7 @@ def listen_socket(host: str, port: int, *, transparent: bool, udp: bool = False,
 
 def _reset(transport: asyncio.BaseTransport | None) -> None:
     """Close with RST (SO_LINGER 0), which is how a refusal or a peer's reset is propagated."""
-    if transport is None or transport.is_closing():
-        if transport is not None:
-            sock = transport.get_extra_info("socket")
-            if sock is not None:
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
-                except OSError:
-                    pass
-            transport.abort()
+    if transport is None:
         return
     sock = transport.get_extra_info("socket")
     if sock is not None:
