@@ -981,8 +981,8 @@ class Demo:
     STEPS: list[tuple[str, str, str]] = [
         ("step_cluster", "A small cluster of network namespaces",
          "Four pods on one bridge: the payment API and its Redis database are in the cardholder-data "
-         "environment (CDE), checkout is connected to it, analytics is out of scope. Real servers: nginx, "
-         "sshd, redis-server and an HTTP collector."),
+         "environment (CDE), checkout is connected to it, analytics is out of scope. Real servers: nginx "
+         "(or Python's http.server when nginx is missing), sshd, redis-server and an HTTP collector."),
         ("step_learn", "Learn mode: record the traffic, export a policy",
          "The init container installs the nftables steering rules, the sidecar starts in learn mode and every "
          "connection becomes a flow record. `policy learn` turns the records into one FirewallPolicy per "
@@ -1021,7 +1021,7 @@ class Demo:
                 t0 = time.monotonic()
                 try:
                     getattr(self, method)()
-                except (DemoError, subprocess.SubprocessError, OSError, KeyError, ValueError) as exc:
+                except Exception as exc:  # noqa: BLE001 - a step that breaks is a failed step, not a traceback
                     msg = str(exc) if isinstance(exc, DemoError) else f"{type(exc).__name__}: {exc}"
                     n.done(res, t0, msg)
                     self.show_logs()
@@ -1038,6 +1038,10 @@ class Demo:
         n.console.print(f"Artifacts (policies, events, capture, segmentation test, report): [bold]{self.out}[/bold]")
         n.console.print("[bold green]Every step behaved as narrated.[/bold green]" if ok
                         else "[bold red]Some steps did not behave as narrated (see above).[/bold red]")
+        if not ok and self.args.quiet:
+            for r in n.results:
+                if not r.ok:
+                    print(f"demo: step failed: {r.title}: {mask_digits(r.error)}", file=sys.stderr)
         return 0 if ok else 1
 
     def show_logs(self) -> None:
@@ -1060,13 +1064,17 @@ class Demo:
             (self.out / "logs" / p.name).write_text(mask_digits(p.read_text(errors="replace")))
 
     def finish(self) -> None:
-        """Stop the sidecars gently (their captures and flows finish), keep the artifacts, remove the rest."""
+        """Stop the sidecars gently (their captures and flows finish), keep the artifacts, remove the rest.
+
+        With --keep everything stays up (the sidecars too: without them the pods fail closed)."""
+        if self.args.keep:
+            with contextlib.suppress(OSError):
+                self.save_artifacts()
+            return
         with contextlib.suppress(Exception):
             self.stop_sidecars()
         with contextlib.suppress(OSError):
             self.save_artifacts()
-        if self.args.keep:
-            return
         self.cluster.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -1137,8 +1145,10 @@ def main(args: argparse.Namespace) -> int:
             for s, h in old.items():
                 signal.signal(s, h)
         if args.keep and rc != 130:
-            print(f"demo: --keep: the pods are still up, e.g.  ip netns exec {args.prefix}-checkout curl "
-                  f"http://10.{args.subnet_octet}.0.2:{API_PORT}/  ; remove them with: python -m firewall demo --cleanup")
+            print(f"demo: --keep: the pods and sidecars are still up, e.g.\n"
+                  f"  ip netns exec {args.prefix}-checkout curl -X POST http://10.{args.subnet_octet}.0.2:{API_PORT}"
+                  f"/v1/charge\n  ip netns exec {args.prefix}-analytics curl http://10.{args.subnet_octet}.0.2:{API_PORT}/"
+                  f"   (reset: out of scope)\nremove them with: python -m firewall demo --cleanup")
         print(f"demo: finished in {time.monotonic() - t0:.0f}s")
         return rc
     finally:
@@ -1187,7 +1197,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cleanup", action="store_true",
                    help="only remove the namespaces and processes of a previous run, then exit")
     p.add_argument("--pdf", action="store_true", help="also print report.pdf with headless Chromium (slower)")
-    p.add_argument("--quiet", action="store_true", help="print nothing but errors and the exit status")
+    p.add_argument("--quiet", action="store_true", help="print only failed steps (the exit status says the rest)")
     p.add_argument("--prefix", default="pdemo", help="namespace name prefix (default pdemo)")
     p.add_argument("--subnet-octet", type=int, default=180, metavar="N",
                    help="pods get 10.N.0.0/24 addresses (default 180)")
