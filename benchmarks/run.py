@@ -293,6 +293,22 @@ def tree_stats(pid: int) -> dict:
     return total
 
 
+def count_dlp_alerts(events: Path) -> int:
+    n = 0
+    try:
+        with open(events, "rb") as fh:
+            for line in fh:
+                if b'"alert"' in line and b'"dlp"' in line:
+                    try:
+                        e = json.loads(line)
+                    except ValueError:
+                        continue
+                    n += e.get("event_type") == "alert" and e.get("alert", {}).get("category") == "dlp"
+    except OSError:
+        pass
+    return n
+
+
 def percentile(xs: list[float], p: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(len(xs) * p / 100))]
@@ -345,6 +361,7 @@ METRICS: list[tuple[str, str]] = [
     ("cpu_s_per_GB", "proxy CPU s/GB, binary"),
     ("text_cpu_s_per_GB", "proxy CPU s/GB, text"),
     ("rss_peak_kib", "proxy peak RSS KiB (VmHWM after bulk)"),
+    ("dlp_alerts", "DLP alerts raised during bulk (PII in the text)"),
     ("rps_p50_us", "1,000 req/s: p50 us"),
     ("rps_p90_us", "1,000 req/s: p90 us"),
     ("rps_p99_us", "1,000 req/s: p99 us"),
@@ -711,6 +728,9 @@ class Bench:
                 r["cpu_s_per_GB"] = round((c1 - c0) / (2 * self.nbytes / 1e9), 3)
                 r["text_cpu_s_per_GB"] = round((c2 - c1) / (2 * self.nbytes / 1e9), 3)
                 r["rss_peak_kib"] = tree_stats(pid)["hwm_kib"]
+            if sc is not None:
+                # proof that the full path really scanned: the sprinkled PII was reported (not blocked)
+                r["dlp_alerts"] = count_dlp_alerts(sc.events_path)
         if "pingpong" in scen:
             res = cli.run([PY, "-c", PINGPONG, srv.ip, str(port("echo")), str(2000 if q else 10000)], timeout=300)
             lat = json.loads(res.stdout)
