@@ -138,7 +138,7 @@ class Flow:
 
     __slots__ = ("proxy", "session", "sides", "early", "early_len", "eof", "lost", "closed",
                  "last", "paused", "done", "reset_seen", "connected", "peer_key", "hold_timer",
-                 "_fast", "splicer", "want_splice", "_splice_tries", "scanning", "queued", "eof_pending")
+                 "_fast", "splicer", "want_splice", "_splice_tries", "scanning", "queued", "eof_pending", "replaying")
 
     def __init__(self, proxy: Proxy, session: Session, client: _Side) -> None:
         self.proxy = proxy
@@ -163,22 +163,35 @@ class Flow:
         self.scanning = [False, False]  # a DLP scan of this direction is running on the worker thread
         self.queued: list[list[bytes]] = [[], []]
         self.eof_pending = [False, False]
+        self.replaying = False
 
     # -- wiring
     def side_made(self, side: _Side) -> None:
-        pass
+        """The upstream connection is made: attach it now, before uvloop can deliver the
+        server's first bytes (server-first protocols: MySQL greeting, HTTP/2 preface)."""
+        if side.d == TOCLIENT and self.sides[TOCLIENT] is None:
+            if self.closed:
+                _reset(side.transport)
+                return
+            self.attach_server(side)
 
     def attach_server(self, server: _Side) -> None:
+        if self.sides[TOCLIENT] is server:
+            return
         self.sides[TOCLIENT] = server
         server.transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)  # type: ignore[union-attr]
         self.connected = True
         self._fast = self.session.passthrough
         early, self.early = self.early, []
         self.early_len = 0
-        for chunk in early:
-            self.on_data(TOSERVER, chunk)
-            if self.closed:
-                return
+        self.replaying = True  # no splice hand-over in the middle of the replay
+        try:
+            for chunk in early:
+                self.on_data(TOSERVER, chunk)
+                if self.closed:
+                    return
+        finally:
+            self.replaying = False
         if self.eof[TOSERVER] and not self.closed:
             self._pass_eof(TOSERVER)
         if self.paused[TOSERVER] and not self.closed:
@@ -279,8 +292,11 @@ class Flow:
     def maybe_splice(self) -> None:
         """Hand a flow nothing inspects any more to the kernel (splice), once both write
         buffers are empty; until then reading stays paused so no byte overtakes another."""
-        if (self.splicer is not None or not self.proxy.splice or self.closed or self.eof[0]
-                or self.eof[1] or self.session.holding(0) or self.session.holding(1)):
+        if (self.splicer is not None or not self.proxy.splice or self.closed or self.replaying
+                or self._splice_tries >= 10**6):
+            return
+        if self.eof[0] or self.eof[1] or self.session.holding(0) or self.session.holding(1):
+            self._cancel_splice()  # a half-closed or held flow stays on the Protocol path
             return
         c, s = self.sides
         if c is None or s is None or c.transport is None or s.transport is None:
@@ -293,9 +309,7 @@ class Flow:
         if ct.get_write_buffer_size() or st.get_write_buffer_size():
             self._splice_tries += 1
             if self._splice_tries > 2000:  # a receiver that never reads: stay on the Protocol path
-                self.want_splice = False
-                for d in (TOSERVER, TOCLIENT):
-                    self.resume_reading(d)
+                self._cancel_splice()
                 return
             self.proxy.loop.call_later(0.002, self.maybe_splice)
             return
@@ -307,15 +321,20 @@ class Flow:
                 os.close(cfd)
                 raise
         except (OSError, AttributeError):
-            self.want_splice = False
-            for d in (TOSERVER, TOCLIENT):
-                self.resume_reading(d)
+            self._cancel_splice()
             return
         self.splicer = splice.Splicer(self.proxy.loop, cfd, sfd, self._spliced_bytes, self._spliced_end)
         ct.close()  # closes uvloop's descriptor only: our dups keep the connection
         st.close()
         self.splicer.start()
         metrics.SPLICED.inc()
+
+    def _cancel_splice(self) -> None:
+        if self.want_splice:
+            self.want_splice = False
+            self._splice_tries = 10**6  # do not try again for this flow
+            for d in (TOSERVER, TOCLIENT):
+                self.resume_reading(d)
 
     def _spliced_bytes(self, d: int, n: int) -> None:
         self.session.bytes[d] += n
@@ -341,10 +360,19 @@ class Flow:
             if self.closed:
                 return
             s = self.session
-            if s._ident is not None:  # identification still undecided: give up, forward
+            if s._ident is not None:
+                # identification undecided: the policy depends on the protocol (that is why
+                # bytes are held), so wait for more bytes up to header_timeout, then decide
+                # "unknown" (which such a policy normally denies) rather than guess early
+                if time.time() - s.start < self.proxy.cfg.header_timeout:
+                    self.hold_timer = loop.call_later(self.proxy.cfg.identify_timeout, fire)
+                    return
                 out = s.release(d)
-                if out:
+                if out and not self.closed:
                     self.sides[1 - d].transport.write(out)  # type: ignore[union-attr]
+                if s._stopped is not None:
+                    self._stop(s._stopped, d)
+                    return
                 self._fast = s.passthrough
             elif s.holding(d):
                 # an incomplete request head: wait up to header_timeout, then refuse

@@ -247,19 +247,28 @@ def _routing(cfg: RedirectConfig, add: bool) -> None:
                     raise
 
 
-def _sysctls() -> None:
-    """Loose reverse-path filtering: the transparent upstream SYN arrives on lo from the
-    client's address, which strict rp_filter would drop as a martian."""
-    for path in ("/proc/sys/net/ipv4/conf/all/rp_filter", "/proc/sys/net/ipv4/conf/lo/rp_filter"):
+def _sysctls(cfg: RedirectConfig) -> None:
+    """Per-namespace sysctls of the pod.
+
+    * loose reverse-path filtering: the transparent upstream SYN arrives on lo from the
+      client's address, which strict rp_filter would drop as a martian;
+    * with DNS capture, ``ip_unprivileged_port_start=0`` (what containerd and Docker set in
+      containers anyway): the sidecar (UID 1337, no CAP_NET_BIND_SERVICE) answers the
+      application from the resolver's address, port 53, through a transparent socket.
+    """
+    values = [("/proc/sys/net/ipv4/conf/all/rp_filter", "0"), ("/proc/sys/net/ipv4/conf/lo/rp_filter", "0")]
+    if cfg.capture_dns:
+        values.append(("/proc/sys/net/ipv4/ip_unprivileged_port_start", "0"))
+    for path, value in values:
         try:
             with open(path, "w") as fh:
-                fh.write("0")
+                fh.write(value)
         except OSError:
             pass
 
 
 def apply(cfg: RedirectConfig) -> None:
-    _sysctls()
+    _sysctls(cfg)
     _routing(cfg, add=True)
     _nft(render(cfg))
 

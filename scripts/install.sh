@@ -13,7 +13,7 @@ if [ -z "${PALISADE_SKIP_APT:-}" ]; then
     nftables iproute2 tcpdump tshark socat curl openssl \
     nginx libnginx-mod-stream redis-server redis-tools postgresql postgresql-client \
     mariadb-server mariadb-client openssh-server openssh-client dnsmasq bind9-dnsutils \
-    nghttp2-client nghttp2-server graphviz chromium iperf3 wrk >/dev/null
+    nghttp2-client nghttp2-server graphviz chromium iperf3 wrk prometheus >/dev/null
 fi
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
