@@ -35,6 +35,42 @@ examples:
 """
 
 
+# Examples for subcommands whose module does not carry its own epilog: "--help" always shows one.
+EXAMPLES: dict[tuple[str, ...], str] = {
+    ("policy", "validate"): "python -m firewall policy validate examples/\n"
+                            "  python -m firewall policy validate policy.yaml cluster.yaml   # in CI: exit 1 on problems",
+    ("policy", "explain"): "python -m firewall policy explain --policy examples/ --identity "
+                           "examples/identity/identities.yaml \\\n      --from shop/web-0 --to payments/payment-api-0 --port 9000",
+    ("policy", "learn"): "python -m firewall policy learn --events eve-qa-1.json --events eve-qa-2.json -o learned.yaml",
+    ("policy", "schema"): "python -m firewall policy schema > policy.schema.json",
+    ("dlp", "validate"): "python -m firewall dlp validate dlp_rules/\n"
+                         "  python -m firewall dlp validate my_packs/       # after dropping a pack file there",
+    ("dlp", "packs"): "python -m firewall dlp packs\n  python -m firewall dlp packs --json",
+    ("dlp", "scan"): "python -m firewall dlp scan payload.txt\n"
+                     "  python -m firewall dlp scan --enable payment_cards --chunk-size 7 - < request.bin",
+    ("capture", "parse-spec"): 'python -m firewall capture parse-spec "duration=60s,filter=tcp port 5432,max-bytes=50MiB"',
+    ("capture", "compile-filter"): 'python -m firewall capture compile-filter "tcp port 443"',
+    ("capture", "run"): 'python -m firewall capture run --spec "duration=10s,filter=tcp port 80" --pcap-dir /tmp/pcap',
+    ("capture", "watch"): "python -m firewall capture watch --podinfo /etc/palisade/podinfo --pcap-dir /var/run/palisade/pcap",
+    ("report",): "python -m firewall report --policy examples/ --events eve.json -o report/\n"
+                 "  python -m firewall report --policy p/ --events eve1.json --events eve2.json.gz "
+                 "--identity ids.yaml --segtest seg.json -o report/",
+    ("segtest",): "python -m firewall segtest --plan plan.yaml -o results.json\n"
+                  "  python -m firewall segtest --plan plan.yaml --source analytics -o -",
+}
+
+
+def _add_examples(parser: argparse.ArgumentParser, path: tuple[str, ...]) -> None:
+    ex = EXAMPLES.get(path)
+    if ex and not (parser.epilog and "example" in parser.epilog.lower()):
+        parser.epilog = ((parser.epilog + "\n\n") if parser.epilog else "") + "examples:\n  " + ex
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                _add_examples(child, (*path, name))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m firewall",
@@ -51,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         mod.register(sub)
+    for name, child in sub.choices.items():
+        _add_examples(child, (name,))
     return parser
 
 

@@ -49,7 +49,8 @@ def _apply_flags(cfg: Config, args: argparse.Namespace) -> Config:
                               ("no_l7", "l7", False), ("l7_events", "l7_events", True),
                               ("no_dns", "dns", False), ("no_outbound", "outbound", False),
                               ("no_inbound", "inbound", False), ("no_ipv6", "ipv6", False),
-                              ("no_splice", "splice", False)):
+                              ("no_splice", "splice", False),
+                              ("kubernetes_identity", "kubernetes_identity", True)):
         if getattr(args, flag, False):
             setattr(cfg, attr, value)
     from_environment(cfg)
@@ -177,6 +178,18 @@ class Sidecar:
         self.policy = self.load_policy()
         self.policy_digest = _files_digest(self.cfg.policy)
         self.identities = self.load_identities()
+        if self.cfg.kubernetes_identity:
+            # peers from the API server (list + watch pods); needs get/list/watch on pods for the
+            # pod's service account (docs/platform.md); imported before the privilege drop
+            import kubernetes.client  # noqa: F401
+            import kubernetes.config  # noqa: F401
+
+            from firewall.identity import KubernetesIdentitySource
+
+            self.kube = KubernetesIdentitySource(on_change=lambda _m: self._swap("identity")).start()
+            if not self.kube.wait_ready(10):
+                log.warning("kubernetes identity: no pod list yet; peers are 'world' until it arrives")
+            self.identities = self.kube
         self.identity_digest = _files_digest([self.cfg.identity] if self.cfg.identity else [])
         self.dlp = self.load_dlp()
         self.sink.emit({"event_type": "policy", "policy": {
@@ -199,7 +212,7 @@ class Sidecar:
             except Exception as exc:  # noqa: BLE001 - the old policy stays in force
                 metrics.POLICY_RELOADS.labels("rejected").inc()
                 self._reject("policy", exc)
-        if self.cfg.identity:
+        if self.cfg.identity and self.kube is None:
             digest = _files_digest([self.cfg.identity])
             if digest != self.identity_digest:
                 self.identity_digest = digest
@@ -444,6 +457,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="YAML config file (CLI flags override it)")
     p.add_argument("--policy", action="append", metavar="PATH", help="policy file or directory (repeatable)")
     p.add_argument("--identity", help="static identity YAML: list of {ip, namespace, pod, labels}")
+    p.add_argument("--kubernetes-identity", action="store_true",
+                   help="resolve peers from the Kubernetes API (list+watch pods; needs RBAC)")
     p.add_argument("--podinfo", help="downward-API directory with 'annotations' and 'labels'")
     p.add_argument("--mode", choices=MODES, help="override the policy mode for this pod")
     p.add_argument("--dlp-rules", action="append", metavar="DIR", help="DLP rule pack directory (repeatable)")
