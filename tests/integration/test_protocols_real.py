@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,14 +79,8 @@ spec:
 """
 
 
-# Server-first protocols: runs of the same client, because the failure below is a race.
+# Server-first protocols: several runs of the same client, because a mistake there is a race.
 REPEAT = 10
-SERVER_FIRST = pytest.mark.xfail(strict=True, reason=(
-    "firewall/proxy.py: bytes the server sends before Proxy._connect() reaches Flow.attach_server() "
-    "(uvloop delivers data_received right after connection_made) land in Flow.early and are replayed "
-    "as TOSERVER, i.e. written back to the server (MySQL greeting, HTTP/2 server preface); an EOF in that "
-    "window is dropped. Fix: attach the server side in Flow.side_made() (from connection_made)"))
-
 
 @dataclass
 class Result:
@@ -260,7 +256,6 @@ def test_http11_keepalive_two_requests_with_curl_and_nginx(lab):
 
 
 # ---------------------------------------------------------------- HTTP/2 cleartext
-@SERVER_FIRST
 def test_h2c_prior_knowledge_with_nghttp_and_nghttpd(lab):
     base = lab.baseline["h2c"]
     assert base.rc == 0 and base.out.startswith("alpha over h2c\n") and base.out.count("bravo h2\n") == 5000
@@ -325,10 +320,6 @@ def _dig_answers(out: str) -> list[tuple[str, str, str]]:
     return sorted((r[0].rstrip("."), r[3], r[4]) for r in rows)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "firewall/dnsrelay.py DnsRelay._on_answer binds the reply socket to (server_ip, 53); after the privilege "
-    "drop (UID 1337, only CAP_NET_ADMIN/CAP_NET_RAW) binding a port below 1024 fails with EACCES, the answer "
-    "is dropped (logged at DEBUG only) and the flow record still says allow/eof"))
 def test_dns_over_udp_through_the_relay_with_dig_and_dnsmasq(lab):
     base = lab.baseline["dig-udp"]
     expected = sorted(("multi.palisade.test", "A", a) for a in DNS_RECORDS["multi.palisade.test"])
@@ -346,7 +337,8 @@ def test_dns_over_udp_through_the_relay_with_dig_and_dnsmasq(lab):
     assert ans["dns"]["qname"] == "multi.palisade.test" and ans["dns"]["qtype"] == "A"
     assert sorted((a["name"], a["type"], a["data"]) for a in ans["dns"]["answers"]) == expected
     assert {a["ttl"] for a in ans["dns"]["answers"]} == {300}
-    # ... and dig got the same answer as without the sidecar (this is what fails today)
+    # ... and dig got the same answer as without the sidecar (the relay answers from the server's
+    # address and port 53 while running as UID 1337)
     assert got == base
 
 
@@ -396,7 +388,6 @@ def test_pgsql_user_database_and_verbs_with_psql(lab):
 
 
 # ---------------------------------------------------------------- MySQL / MariaDB
-@SERVER_FIRST
 def test_mysql_user_database_and_verbs_with_mysql_client(lab):
     base = lab.baseline["mysql"]
     assert base.rc == 0 and base.out == "1\twidget\n2\tgadget\n"
@@ -414,6 +405,62 @@ def test_mysql_user_database_and_verbs_with_mysql_client(lab):
         assert l7["verbs"].get("SELECT", 0) >= 1  # the mysql client may add its own SELECT @@version_comment
         assert l7["errors"] == 0
     no_secrets(lab.sidecar, MY_PASSWORD)
+
+
+# ---------------------------------------------------------------- server-first: the greeting beats the attach
+HOLD_SYN = """table inet pqhold {{
+  chain out {{
+    type filter hook output priority 0; policy accept;
+    meta skuid 1337 tcp dport {port} tcp flags syn drop
+  }}
+}}
+"""
+
+
+@pytest.mark.parametrize("name,port", [("mysql", MY_PORT), ("h2c", H2C_PORT)])
+def test_server_first_bytes_waiting_before_the_upstream_is_attached(lab, name, port):
+    """Deterministic form of the race: the server's first bytes (MariaDB greeting, HTTP/2 server
+    preface) are already in the sidecar's upstream socket when it resumes after connect().
+
+    The sidecar's first SYN to the server is dropped (nftables, UID 1337 only), the sidecar is
+    frozen while it is in SYN-SENT, the drop is lifted, the kernel's SYN retransmission
+    completes the handshake and the server sends; once those bytes sit unread in the upstream
+    socket the sidecar continues. They must reach the client, not go back to the server."""
+    sc, srv = lab.sidecar, lab.srv
+    base = lab.baseline[name]
+    assert base.rc == 0 and base.out
+    out: dict = {}
+
+    def run() -> None:
+        def upstream(state: str) -> list[str]:
+            return srv.run(["ss", "-Htn", "state", state, "dport", "=", f":{port}"]).stdout.split()
+
+        srv.run(["nft", "-f", "-"], input=HOLD_SYN.format(port=port))
+        stopped = False
+        try:
+            t = threading.Thread(target=lambda: out.update(r=lab.client(name)))
+            t.start()
+            wait_until(lambda: upstream("syn-sent"), 10, interval=0.01, what="the sidecar's SYN to the server")
+            os.kill(sc.pid(), signal.SIGSTOP)
+            stopped = True
+            srv.run(["nft", "delete", "table", "inet", "pqhold"])
+            # established by the retransmitted SYN; Recv-Q > 0: the server's bytes wait unread
+            wait_until(lambda: (lambda q: q and int(q[0]) > 0)(upstream("established")), 15, interval=0.02,
+                       what="server bytes queued in the frozen sidecar's upstream socket")
+        finally:
+            if stopped:
+                os.kill(sc.pid(), signal.SIGCONT)
+            srv.run(["nft", "delete", "table", "inet", "pqhold"], check=False)
+        t.join(60)
+
+    _, flows = new_flows(sc, 1, run, dest_port=port)
+    assert out["r"] == base
+    f = flows[0]
+    assert f["app_proto"] == ("mysql" if name == "mysql" else "http2")
+    if name == "mysql":
+        assert f["l7"]["user"] == DB_USER and f["l7"]["database"] == DB_NAME
+    else:
+        assert f["l7"]["requests"] == 2 and f["l7"]["statuses"] == {"200": 2}
 
 
 # ---------------------------------------------------------------- policy: app_proto on any port, DNS qname
@@ -480,7 +527,7 @@ def test_policy_dns_qname_rule_denies_the_query_over_udp_and_tcp(lab, guard):
     assert guard.base["dig-blocked-tcp"] == base_bad
     sc = guard.sidecar
     dns_log = lab.peers[[p.name for p in lab.peers].index("dnsmasq")]
-    # an allowed name resolves exactly as without the sidecar (over TCP: see the UDP xfail above)
+    # an allowed name resolves exactly as without the sidecar (over TCP; UDP is covered above)
     got, flows = new_flows(sc, 1, lambda: guard.dig("allowed.palisade.test", "+tcp"), proto="TCP", dest_port=53)
     assert got == base_ok
     assert flows[0]["verdict"] == "allow" and flows[0]["l7"]["queries"] == ["allowed.palisade.test"]
