@@ -122,7 +122,7 @@ class Session:
         "local", "peer", "flowinfo", "start", "bytes", "app_proto", "verdict", "rule", "mode",
         "close_reason", "encrypted", "passthrough", "_ident", "_ident_buf", "_parser", "_hold",
         "_pending", "_sent", "_seen", "_dlp", "_dlp_actions", "_enforced", "_stopped", "source_preserved",
-        "_alerts", "_l7_summary", "_capture_done",
+        "_alerts", "_l7_summary", "_capture_done", "_bodies",
     )
 
     def __init__(self, insp: Inspection, direction: str, src: tuple, dst: tuple, proto: str = "TCP") -> None:
@@ -160,6 +160,7 @@ class Session:
         self._alerts = 0
         self._l7_summary: dict | None = None
         self._capture_done = False
+        self._bodies: list[list] = []  # decoded HTTP bodies under DLP: [next offset, decoder, stream]
 
     # ------------------------------------------------------------------ identities
     def _workloads(self) -> tuple[Identity, Identity]:
@@ -212,12 +213,15 @@ class Session:
                 self.close_reason = "denied"
                 return False
             needs = getattr(policy, "needs_app", policy.needs_l7)
-            self._hold = insp.l7 and self._enforced and needs(self.flowinfo)
             if not insp.quarantined:
                 try:
                     self._dlp_actions = list(policy.dlp_for(self.flowinfo, mode_override=insp.mode_override))
                 except Exception:  # noqa: BLE001
                     self._dlp_actions = []
+            # hold request heads until complete when a verdict depends on them: an L7/app rule,
+            # or a DLP block (a percent-encoded value in the target is only seen decoded)
+            blocks = insp.dlp is not None and any(a.action == "block" for a in self._dlp_actions)
+            self._hold = insp.l7 and self._enforced and (blocks or needs(self.flowinfo))
         else:
             self._dlp_actions = []
         if insp.l7:
@@ -246,10 +250,70 @@ class Session:
         """Identification and parsing (L7 verdicts) of one chunk."""
         self._seen[d] += len(data)
         if self._ident is not None:
-            return self._identify(d, data)
-        if self._parser is not None:
-            return self._parse(d, data)
+            return self._identify(d, data)  # the replay after identification covers bodies too
+        if self._parser is None:
+            return None
+        stop = self._parse(d, data)
+        if stop is None and self._bodies and d == TOSERVER:
+            stop = self._scan_bodies(data, self._seen[d] - len(data))
+        return stop
+
+    # ------------------------------------------------------------------ decoded HTTP views
+    def _decoded_request(self, ev: L7Event) -> Stop | None:
+        """DLP on what the server will decode: the percent-decoded target now, and a decoded
+        (de-chunked, decompressed, form-decoded) body as it streams (firewall/httpdecode.py)."""
+        from firewall.httpdecode import BodyDecoder, decode_target
+
+        f = ev.fields
+        target = decode_target(f.get("path") or "")
+        if target is not None:
+            try:
+                findings = self.insp.dlp.scan_bytes(target)
+            except Exception:  # noqa: BLE001
+                findings = []
+            stop = self._handle_findings(TOSERVER, findings, cut=ev.offset) if findings else None
+            if stop is not None:
+                return stop
+        ctype = (f.get("content_type") or "").lower()
+        dec = BodyDecoder(chunked=bool(f.get("chunked")), encoding=f.get("content_encoding"),
+                          form=ctype.startswith("application/x-www-form-urlencoded"),
+                          length=f.get("content_length"))
+        if dec.needed and (f.get("chunked") or f.get("content_length")) and f.get("head_end") is not None:
+            self._bodies.append([int(f["head_end"]), dec, self.insp.dlp.stream()])
         return None
+
+    def _scan_bodies(self, data: bytes, base: int) -> Stop | None:
+        end = base + len(data)
+        for b in list(self._bodies):
+            pos, dec, stream = b
+            if pos >= end:
+                continue
+            rel = max(0, pos - base)
+            out, used = dec.feed(data[rel:])
+            b[0] = base + rel + used
+            try:
+                findings = stream.scan(out) if out else []
+                if dec.done:
+                    findings += stream.close()
+            except Exception:  # noqa: BLE001
+                findings = []
+            if dec.done:
+                self._bodies.remove(b)
+            if findings:
+                stop = self._handle_findings(TOSERVER, findings)
+                if stop is not None:
+                    return stop
+            if dec.error:
+                self._alert("dlp", "dlp:undecodable-body", blocked=self._blocks(), severity=2,
+                            extra={"dlp": {"error": dec.error, "direction": "toserver"}})
+                if self._blocks():
+                    self.verdict = "deny"
+                    return Stop("dlp-block:undecodable", _bad_request(
+                        "415 Unsupported Media Type", f"refused by palisade: {dec.error}"))
+        return None
+
+    def _blocks(self) -> bool:
+        return self._enforced and any(a.action == "block" for a in self._dlp_actions)
 
     def wants_scan(self) -> bool:
         return self._stopped is None and self._dlp_on()
@@ -372,8 +436,12 @@ class Session:
                 self.passthrough = True
             return None
         for d in (TOSERVER, TOCLIENT):
+            base = 0
             for chunk in bufs[d]:
                 stop = self._parse(d, chunk)
+                if stop is None and self._bodies and d == TOSERVER:
+                    stop = self._scan_bodies(chunk, base)
+                base += len(chunk)
                 if stop is not None:
                     return stop
         return None
@@ -407,6 +475,11 @@ class Session:
             self._learn_dns(ev)
         if ev.kind == "anomaly":
             return self._on_anomaly(ev)
+        if (ev.kind == "request" and ev.direction == TOSERVER and ev.app_proto == "http"
+                and self._dlp_on()):
+            stop = self._decoded_request(ev)
+            if stop is not None:
+                return stop
         policy = insp.policy
         if policy is None or self.flowinfo is None:
             return None
@@ -487,7 +560,7 @@ class Session:
             return None
         return self._handle_findings(d, findings)
 
-    def _handle_findings(self, d: int, findings: list) -> Stop | None:
+    def _handle_findings(self, d: int, findings: list, cut: int | None = None) -> Stop | None:
         block_rule = None
         for f in findings:
             action, rule = "alert", f"dlp:{f.rule_id}"
@@ -512,7 +585,7 @@ class Session:
         reply = None
         if self.app_proto == "http" and d == TOSERVER:
             reply = _forbidden(block_rule, "sensitive data in clear text")
-        stop = Stop(f"dlp-block:{block_rule}", reply, cut=None)
+        stop = Stop(f"dlp-block:{block_rule}", reply, cut=cut)
         return stop
 
     # ------------------------------------------------------------------ outputs

@@ -303,6 +303,7 @@ class HttpParser(StreamParser):
             "content_encoding": enc[-1] if enc else None,
             "content_type": (h.get("content-type") or [None])[0],
             "upgrade": (h.get("upgrade") or [None])[0],
+            "head_end": st.pos + head_len,
         }
         out.append(L7Event(APP_PROTO, "request", TOSERVER, st.pos, fields, end))
         self.requests += 1

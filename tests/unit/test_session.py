@@ -200,3 +200,52 @@ def test_grpc_call_denied_with_permission_denied_status(tmp_path, engine):
                for k, v in got["ResponseReceived"].headers}
     assert headers["grpc-status"] == "7"
     assert "ConnectionTerminated" in got
+
+
+def _post_out(insp, head: bytes, body: bytes, step: int = 5):
+    s = Session(insp, "outbound", ("10.0.0.2", 5000), ("10.0.0.4", 9100))
+    assert s.open()
+    req = head + body
+    fwd, stop = b"", None
+    for i in range(0, len(req), step):
+        out, stop = s.feed(TOSERVER, req[i:i + step])
+        fwd += out
+        if stop:
+            break
+    return fwd, stop
+
+
+@pytest.mark.parametrize("step", [1, 5, 4096])
+def test_pan_split_by_chunked_encoding_is_blocked(insp, step):
+    parts = [b'{"card": "4', b"11111111", b'1111111"}']
+    body = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\n\r\n"
+    head = b"POST /c HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+    fwd, stop = _post_out(insp, head, body, step)
+    assert stop is not None and stop.reply.startswith(b"HTTP/1.1 403"), stop
+    assert b"1111111\"}" not in fwd  # the chunk completing the number was not forwarded
+
+
+def test_pan_in_gzip_body_is_blocked(insp):
+    import gzip
+
+    body = gzip.compress(b'{"card": "4111111111111111"}')
+    head = b"POST /c HTTP/1.1\r\nHost: a\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(body)
+    fwd, stop = _post_out(insp, head, body, 7)
+    assert stop is not None and stop.reason.startswith("dlp-block")
+
+
+def test_percent_encoded_pan_in_target_is_blocked_before_the_head_is_forwarded(insp):
+    enc = "".join(f"%{ord(c):02X}" for c in "4111111111111111").encode()
+    head = b"GET /c?card=" + enc + b" HTTP/1.1\r\nHost: a\r\n\r\n"
+    fwd, stop = _post_out(insp, head, b"", 3)
+    assert stop is not None and stop.reply.startswith(b"HTTP/1.1 403")
+    assert fwd == b""  # the held head never left
+
+
+def test_gzip_bomb_is_refused_where_dlp_blocks(insp):
+    import zlib
+
+    bomb = zlib.compress(b"0" * (20 << 20), 9)
+    head = b"POST /c HTTP/1.1\r\nHost: a\r\nContent-Encoding: deflate\r\nContent-Length: %d\r\n\r\n" % len(bomb)
+    fwd, stop = _post_out(insp, head, bomb, 65536)
+    assert stop is not None and stop.reply.startswith(b"HTTP/1.1 415")
