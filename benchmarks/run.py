@@ -3,7 +3,7 @@
 Paths compared (every scenario runs every path, so ratios are from one machine state):
   direct         client -> server port excluded from redirection
   nginx          client -> nginx stream proxy (C reference, L4 only, 1 worker) -> server
-  palisade-l4    client -> sidecar with L7 parsing and DLP off (policy-free L4 relay) -> server
+  palisade-l4    client -> sidecar with the same policy (L4 verdicts only), L7 parsing and DLP off -> server
   palisade-full  client -> sidecar with protocol parsing + the 100-rule policy (benchmarks/policy100.yaml,
                  --policy + --identity) + every default DLP pack scanning both directions -> server
 
@@ -382,6 +382,7 @@ METRICS: list[tuple[str, str]] = [
     ("pingpong_p50_us", "ping-pong 1 KiB p50 us (closed loop)"),
     ("pingpong_p99_us", "ping-pong 1 KiB p99 us (closed loop)"),
     ("rss_idle_kib", "proxy RSS idle KiB"),
+    ("rss_fresh_kib", "proxy RSS idle KiB, restarted before the idle test"),
     ("idle_conns", "idle connections opened"),
     ("bytes_per_idle_conn", "proxy bytes per idle connection"),
     ("startup_cold_ms", "start -> /readyz ms, DLP cache cold"),
@@ -649,10 +650,9 @@ class Bench:
     # -- sidecar
     def sidecar_args(self, path: str, workers: int = 1, cache: Path | None = None) -> list[str]:
         args = ["--labels", json.dumps(SERVER_LABELS)]
+        args += ["--policy", str(POLICY100), "--identity", str(self.identity)]
         if path == "palisade-l4":
             args += ["--no-l7", "--no-dlp"]
-        else:
-            args += ["--policy", str(POLICY100), "--identity", str(self.identity)]
         args += ["--dlp-cache", str(cache or self.warm_cache)]
         if workers > 1:
             args += ["--workers", str(workers)]
@@ -781,7 +781,15 @@ class Bench:
             r["churn_conn_per_s"] = round(j["conns"] / j["secs"])
             if j["errors"]:
                 r["churn_errors"] = j["errors"]
+        if path == "palisade-full" and "workers" in scen:
+            self.workers_pass(r, 1, sc)
         if "idle" in scen and pid:
+            if sc is not None:
+                # a fresh process: memory freed by the earlier scenarios would hide the growth
+                sc.stop()
+                sc, _ = self.start_sidecar(path)
+                pid = sc.pid()
+                r["rss_fresh_kib"] = tree_stats(pid)["rss_kib"]
             n = 1000 if q else 10000
             before = tree_stats(pid)["rss_kib"]
             p = cli.popen([PY, "-c", IDLE, srv.ip, str(port("echo")), str(n)], stdin=subprocess.PIPE)
@@ -795,8 +803,6 @@ class Bench:
             p.stdin.write(b"\n")
             p.stdin.flush()
             p.wait(60)
-        if path == "palisade-full" and "workers" in scen:
-            self.workers_pass(r, 1, sc)
         if sc is not None:
             sc.stop()
 
