@@ -253,6 +253,8 @@ class Env:
                 "--labels", json.dumps(self.labels), *extra]
         if policy:
             args += ["--policy", str(self.policy)]
+        for old in self.sidecars:  # one sidecar per pod at a time (they share the listener ports)
+            old.stop()
         sc = self.payments.start_sidecar(*args, apply_redirect=not self.redirect_done,
                                          env={"POD_NAMESPACE": "payments", **(env or {})})
         self.redirect_done = True
