@@ -149,7 +149,8 @@ class DnsRelay:
         ev = self._parse(answer, TOCLIENT)
         if ev is not None:
             s._on_event(ev)
-            s._l7_summary = {"queries": [ev.fields.get("qname")], "rcode": ev.fields.get("rcode")}
+            s._l7_summary = {"queries": [ev.fields.get("qname")], "qtype": ev.fields.get("qtype"),
+                             "rcode": ev.fields.get("rcode"), "answers": len(ev.fields.get("answers") or [])}
         try:
             out = socket.socket(self.family, socket.SOCK_DGRAM)
             if self.family == socket.AF_INET6:
@@ -163,7 +164,8 @@ class DnsRelay:
             metrics.DNS_QUERIES.labels("allow").inc()
         except OSError as exc:
             metrics.RELAY_ERRORS.labels("dns-reply").inc()
-            log.debug("dns reply: %s", exc)
+            log.warning("dns reply to %s from %s:%d failed: %s", p.client[0], p.server[0], p.server[1], exc)
+            s.close_reason = "reply-failed"
         self._finish(p)
 
     def _expire(self) -> None:

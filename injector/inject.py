@@ -228,6 +228,9 @@ def _check_conflicts(spec: dict, volume_names: list[str]) -> list[str]:
     return warnings
 
 
+UNPRIV_PORT_SYSCTL = "net.ipv4.ip_unprivileged_port_start"
+
+
 def render(pod: dict, config: InjectorConfig) -> Rendered:
     """Return a copy of ``pod`` with Palisade injected. Raises ``AnnotationError``/``InjectError``.
 
@@ -259,6 +262,17 @@ def render(pod: dict, config: InjectorConfig) -> Rendered:
         spec["containers"] = [sidecar, *app]
         added = {"initContainers": [INIT_NAME], "containers": [SIDECAR_NAME]}
     spec["volumes"] = [*(spec.get("volumes") or []), *vols]
+    # The sidecar (UID 1337, no CAP_NET_BIND_SERVICE) answers DNS from the resolver's port 53;
+    # a "safe" namespaced sysctl (Kubernetes >= 1.22), which containerd sets to 0 anyway.
+    pod_sc = dict(spec.get("securityContext") or {})
+    sysctls = list(pod_sc.get("sysctls") or [])
+    mine = [x for x in sysctls if x.get("name") == UNPRIV_PORT_SYSCTL]
+    if not mine:
+        pod_sc["sysctls"] = [*sysctls, {"name": UNPRIV_PORT_SYSCTL, "value": "0"}]
+        spec["securityContext"] = pod_sc
+    elif str(mine[0].get("value")) not in ("0", "53"):
+        warnings.append(f"{UNPRIV_PORT_SYSCTL}={mine[0].get('value')} set by the pod: the sidecar cannot "
+                        "answer DNS from port 53; DNS capture will fail (exclude it or allow 53)")
 
     new_annotations = dict(annotations)
     new_annotations[ANN_STATUS] = STATUS_INJECTED
