@@ -104,6 +104,20 @@ def _reset(transport: asyncio.BaseTransport | None) -> None:
     transport.abort()
 
 
+def _peer_gone(flow: Flow) -> bool:
+    """A pending socket error (ECONNRESET ...) on either side of a flow."""
+    for side in flow.sides:
+        if side is None or side.transport is None:
+            continue
+        sock = side.transport.get_extra_info("socket")
+        try:
+            if sock is not None and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                return True
+        except OSError:
+            return True
+    return False
+
+
 class _Side(asyncio.Protocol):
     __slots__ = ("flow", "d", "transport")
 
@@ -138,7 +152,7 @@ class Flow:
 
     __slots__ = ("proxy", "session", "sides", "early", "early_len", "eof", "lost", "closed",
                  "last", "paused", "done", "reset_seen", "connected", "peer_key", "hold_timer",
-                 "_fast", "splicer", "want_splice", "_splice_tries", "scanning", "queued", "eof_pending", "replaying")
+                 "_fast", "splicer", "want_splice", "_splice_tries", "scanning", "queued", "eof_pending", "replaying", "hold_since")
 
     def __init__(self, proxy: Proxy, session: Session, client: _Side) -> None:
         self.proxy = proxy
@@ -164,6 +178,7 @@ class Flow:
         self.queued: list[list[bytes]] = [[], []]
         self.eof_pending = [False, False]
         self.replaying = False
+        self.hold_since = 0.0  # when the bytes now held started to be held (header deadline)
 
     # -- wiring
     def side_made(self, side: _Side) -> None:
@@ -197,7 +212,8 @@ class Flow:
         if self.paused[TOSERVER] and not self.closed:
             self.resume_reading(TOSERVER)
         if self._fast and not self.closed:
-            self.maybe_splice()
+            # not from inside connection_made: uvloop attaches the socket object after it returns
+            self.proxy.loop.call_soon(self.maybe_splice)
 
     # -- data
     def on_data(self, d: int, data: bytes) -> None:
@@ -241,7 +257,11 @@ class Flow:
         if stop is not None:
             self._stop(stop, d)
         elif s.holding(d):
+            if not self.hold_since:
+                self.hold_since = time.monotonic()
             self._arm_hold(d)
+        else:
+            self.hold_since = 0.0
 
     # -- DLP scans of large chunks on the worker thread (Hyperscan releases the GIL)
     def _offload(self, d: int, data: bytes) -> None:
@@ -376,7 +396,7 @@ class Flow:
                 self._fast = s.passthrough
             elif s.holding(d):
                 # an incomplete request head: wait up to header_timeout, then refuse
-                if time.monotonic() - self.last > self.proxy.cfg.header_timeout:
+                if time.monotonic() - (self.hold_since or self.last) > self.proxy.cfg.header_timeout:
                     s.close_reason = "header-timeout"
                     self.close(reset=True)
                 else:
@@ -593,8 +613,14 @@ class Proxy:
             metrics.EVENT_LOOP_LAG.set(max(0.0, self.loop.time() - t0 - 1.0))
             now = time.monotonic()
             for f in list(self.flows):
-                if not f.closed and now - f.last > idle:
+                if f.closed:
+                    continue
+                if now - f.last > idle:
                     f.session.close_reason = "idle-timeout"
+                    f.close(reset=True)
+                elif (f.paused[0] or f.paused[1]) and f.splicer is None and _peer_gone(f):
+                    # a paused side is not polled: a peer's RST would go unnoticed until idle_timeout
+                    f.session.close_reason = "reset"
                     f.close(reset=True)
 
     def cut_all(self, reason: str) -> int:

@@ -297,6 +297,9 @@ def run(cfg: Config, sink: EventSink, labels: dict[str, str] | None = None) -> i
         except OSError as exc:
             raise StartupError(f"cannot drop privileges: {exc}") from None
     side.worker = worker
+    from firewall.session import seed_flow_ids
+
+    seed_flow_ids(worker, workers)
     _start_side_threads(side, worker)
     try:
         import uvloop

@@ -24,6 +24,13 @@ from firewall.identity import Identity
 from firewall.protocols.base import TOCLIENT, TOSERVER, L7Event
 
 _flow_ids = itertools.count(int(time.time() * 1000) % 10**9 * 1000)
+
+
+def seed_flow_ids(worker: int, workers: int) -> None:
+    """After fork: interleave the workers' flow ids so no two flows share one."""
+    global _flow_ids
+    base = int(time.time() * 1000) % 10**9 * 1000
+    _flow_ids = itertools.count(base * max(1, workers) + worker, max(1, workers))
 DIR_NAMES = ("toserver", "toclient")
 
 
