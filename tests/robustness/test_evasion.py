@@ -191,9 +191,6 @@ def _chunked(parts: list[bytes]) -> bytes:
     return b"".join(f"{len(p):x}\r\n".encode() + p + b"\r\n" for p in parts) + b"0\r\n\r\n"
 
 
-@pytest.mark.xfail(strict=True, reason="session.py scans the raw stream: chunk-size lines inserted between "
-                   "the digits hide the PAN from DLP; the server de-chunks and gets it (needs DLP on the "
-                   "de-chunked HTTP body)")
 def test_pan_split_across_chunked_encoding_boundaries_is_blocked(env):
     body = _chunked([b'{"card": "41111111', b"11111111", b'"}'])
     head = http_request("POST", "/collect", headers={"Transfer-Encoding": "chunked"})
@@ -208,9 +205,6 @@ def test_pan_chunked_but_whole_inside_one_chunk_is_blocked(env):
     _assert_blocked(env, _post(env, [{"send": head + body.decode(), "split": 7}]))
 
 
-@pytest.mark.xfail(strict=True, reason="session.py never decodes Content-Encoding: a gzip body carries the "
-                   "PAN past DLP (decide: bounded gunzip before the scan, or refuse compressed bodies "
-                   "where a DLP block applies)")
 def test_pan_in_gzip_body_is_blocked_or_refused(env):
     body = gzip.compress(json.dumps({"card": PAN}).encode())
     head = http_request("POST", "/collect", headers={"Content-Encoding": "gzip", "Content-Length": str(len(body))})
@@ -219,8 +213,6 @@ def test_pan_in_gzip_body_is_blocked_or_refused(env):
     assert res["response"].startswith(("HTTP/1.1 403", "HTTP/1.1 415")), res
 
 
-@pytest.mark.xfail(strict=True, reason="session.py scans the raw request line: a percent-encoded PAN in the "
-                   "query string is not seen by DLP (needs a percent-decoded view of target/form bodies)")
 def test_pan_percent_encoded_in_query_is_blocked(env):
     enc = "".join(f"%{ord(ch):02X}" for ch in PAN)
     res = _post(env, [{"send": http_request("GET", f"/collect?card={enc}")}])
@@ -305,9 +297,6 @@ def test_tls_sni_deny_rule_refuses_the_handshake(env):
     assert ok["handshake"] and ok["echo"] == "ping-over-tls", ok
 
 
-@pytest.mark.xfail(strict=True, reason="proxy.py Flow._arm_hold: when identification has not decided within "
-                   "identify_timeout (0.2 s) the held bytes are released as app_proto 'unknown', so a "
-                   "ClientHello sent slowly is never parsed and an SNI deny rule never applies")
 def test_tls_sni_deny_rule_holds_for_a_slow_client_hello(env):
     res = _tls(env, 9444, "c2.evil.example", split=1, delay=0.0, slow_first=6)
     flow = _flow(env, res["port"])
