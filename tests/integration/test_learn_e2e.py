@@ -545,3 +545,84 @@ def test_early_data_survives_the_splice_hand_over():
         assert flow["flow"]["bytes_toserver"] == 24 + 6 * 65536  # the sidecar read everything
         res = blast.wait_results(1)[0]
         assert res["recv"] == 6 * 65536 and res["recv_ok"], res
+
+
+# --------------------------------------------------------------------------- bug: fd double close after an L7 deny
+
+L7_POLICY = """\
+apiVersion: palisade.dev/v1
+kind: FirewallPolicy
+metadata:
+  name: web
+  namespace: web
+spec:
+  selector:
+    matchLabels: {app: web}
+  mode: protect
+  default: deny
+  ingress:
+    - name: client-get-ok
+      description: the client reads /ok
+      from:
+        - labels: {app: client}
+      ports: [{port: 9000}]
+      appProto: http
+      http:
+        - methods: [GET]
+          pathPrefix: /ok
+      action: allow
+"""
+
+BURST = """
+import socket, sys, threading
+host, n, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+codes = []
+def run():
+    for _ in range(n):
+        try:
+            s = socket.create_connection((host, 9000), timeout=10)
+            s.sendall(b"GET /ok HTTP/1.1\\r\\nHost: web\\r\\nConnection: close\\r\\n\\r\\n")
+            data = b""
+            while True:
+                b = s.recv(65536)
+                if not b:
+                    break
+                data += b
+            s.close()
+            codes.append(data.split(b" ")[1].decode() if data else "empty")
+        except OSError as exc:
+            codes.append(type(exc).__name__)
+ts = [threading.Thread(target=run) for _ in range(threads)]
+for t in ts: t.start()
+for t in ts: t.join()
+print(" ".join(codes))
+"""
+
+
+@pytest.mark.xfail(strict=True, reason="proxy._connect: a flow stopped inside the upstream's connection_made (early "
+                                       "request denied at L7) leaves the Python socket un-detached; its GC closes "
+                                       "the fd number again and resets an unrelated later flow")
+def test_l7_deny_of_an_early_request_does_not_reset_later_allowed_flows():
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    with Cluster("pw", 198) as c:
+        tmp = Path(c.tmp)
+        web, client = c.pod("web", namespace="web"), c.pod("client", namespace="web")
+        ng = tmp / "nginx"
+        ng.mkdir()
+        (ng / "nginx.conf").write_text(NGINX.replace("listen 9001;", "").format(tmp=ng))
+        web.popen(["nginx", "-c", str(ng / "nginx.conf")])
+        web.wait_listening(9000)
+        policy = tmp / "policy.yaml"
+        _write_atomic(policy, L7_POLICY)
+        identity = _identity_file(tmp, [(web, "web", {"app": "web"}), (client, "web", {"app": "client"})])
+        web.start_sidecar("--policy", str(policy), "--identity", str(identity),
+                               "--labels", json.dumps({"app": "web"}))
+        denied, codes = [], []
+        for _ in range(5):
+            # curl sends the request at once: it arrives while the sidecar is still connecting upstream
+            denied.append(LearnEnv.curl(client, f"http://{web.ip}:9000/admin").stdout)
+            r = client.run([PY, "-c", BURST, web.ip, "25", "4"], timeout=120)
+            codes += r.stdout.split()
+        assert len(codes) == 500
+        assert (denied, {c: codes.count(c) for c in set(codes)}) == (["403"] * 5, {"200": 500})
