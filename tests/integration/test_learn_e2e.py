@@ -462,6 +462,8 @@ def test_reload_under_load_keeps_every_allowed_flow_byte_exact(relay, octet):
         assert "actoin" in rej[0]["error"] and "policy.yaml" in rej[0]["error"]
         assert not [a for a in sc.events("alert") if a["alert"]["category"] == "policy"]
         assert not [e for e in sc.events() if e.get("event_type") == "shutdown"]
+        print(f"reload under load {relay}: {len(reloads)} reloads + {len(rejects)} rejected file while "
+              f"{total_conns} transfers ({(want_ts + want_tc) / 2**20:.0f} MiB) ran, none cut")
         # the last valid policy is in force: a transfer after the reloads still goes through
         r = cli.blast(srv.ip, client_bytes=100_000, server_bytes=100_000, seed=5)
         assert r["failed"] == 0

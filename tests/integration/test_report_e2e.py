@@ -464,4 +464,3 @@ def test_report_html_renders_in_headless_chromium(world):
     html = (world.report_bad / "report.html").read_text()
     for needle in ("analytics-debug-hole", "checkout-to-payments", "cde-segmentation", PAN_MASKED):
         assert needle in html
-    wait_until(lambda: png.exists(), 1)
