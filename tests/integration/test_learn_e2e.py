@@ -628,3 +628,65 @@ def test_l7_deny_of_an_early_request_does_not_reset_later_allowed_flows():
             codes += r.stdout.split()
         assert len(codes) == 500
         assert (denied, {c: codes.count(c) for c in set(codes)}) == (["403"] * 5, {"200": 500})
+
+
+# --------------------------------------------------------------------------- reload and open keep-alive connections
+
+KEEPALIVE = """
+import os, socket, sys
+host, go = sys.argv[1], sys.argv[2]
+s = socket.create_connection((host, 9000))
+def req(path):
+    s.sendall(f"GET {path} HTTP/1.1\\r\\nHost: web\\r\\n\\r\\n".encode())
+    data = b""
+    try:
+        while b"\\r\\n\\r\\n" not in data:
+            b = s.recv(65536)
+            if not b:
+                return "closed"
+            data += b
+    except OSError as exc:
+        return type(exc).__name__
+    head, _, body = data.partition(b"\\r\\n\\r\\n")
+    n = int([ln for ln in head.split(b"\\r\\n") if ln.lower().startswith(b"content-length")][0].split(b":")[1])
+    while len(body) < n:
+        body += s.recv(65536)
+    return head.split(b" ")[1].decode()
+print(req("/ok/1"), flush=True)
+sys.stdin.readline()  # the test reloads the policy, then says go
+print(req("/ok/2"), flush=True)
+"""
+
+
+@pytest.mark.xfail(strict=True, reason="run_cli.Sidecar._swap/proxy.cut_all re-check open flows at L4 only and "
+                                       "sessions keep the Inspection they started with: later requests on an open "
+                                       "keep-alive connection are judged by the old L7 rules")
+def test_reload_that_narrows_l7_rules_applies_to_open_keepalive_connections():
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    with Cluster("pw", 199) as c:
+        tmp = Path(c.tmp)
+        web, client = c.pod("web", namespace="web"), c.pod("client", namespace="web")
+        ng = tmp / "nginx"
+        ng.mkdir()
+        (ng / "nginx.conf").write_text(NGINX.replace("listen 9001;", "").format(tmp=ng))
+        web.popen(["nginx", "-c", str(ng / "nginx.conf")])
+        web.wait_listening(9000)
+        policy = tmp / "policy.yaml"
+        _write_atomic(policy, L7_POLICY)
+        cfg = tmp / "sidecar.yaml"
+        cfg.write_text("reload_interval: 0.3\n")
+        identity = _identity_file(tmp, [(web, "web", {"app": "web"}), (client, "web", {"app": "client"})])
+        sc = web.start_sidecar("--config", str(cfg), "--policy", str(policy), "--identity", str(identity),
+                               "--labels", json.dumps({"app": "web"}))
+        p = client.popen([PY, "-c", KEEPALIVE, web.ip, "go"], stdin=subprocess.PIPE)
+        assert p.stdout.readline().strip() == b"200"
+        # the policy no longer allows /ok (only /v2): L4 still allows the port, L7 must now say no
+        _write_atomic(policy, L7_POLICY.replace("pathPrefix: /ok", "pathPrefix: /v2"))
+        sc.wait_event(lambda e: e.get("event_type") == "policy" and e["policy"]["action"] == "reloaded", 15)
+        assert LearnEnv.curl(client, f"http://{web.ip}:9000/ok/3").stdout == "403"  # a new connection: denied
+        p.stdin.write(b"go\n")
+        p.stdin.flush()
+        second = p.stdout.readline().strip().decode()
+        p.wait(10)
+        assert second in ("403", "closed", "ConnectionResetError"), second
