@@ -114,8 +114,12 @@ ECHO_SERVER = """
 import selectors, socket
 sel = selectors.DefaultSelector()
 def accept(ls):
-    c, _ = ls.accept()
-    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        c, _ = ls.accept()
+        c.setblocking(True)
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:  # nothing to accept (non-blocking listener) or reset before accept
+        return
     sel.register(c, selectors.EVENT_READ, echo)
 def echo(c):
     try:
@@ -129,7 +133,7 @@ def echo(c):
     c.close()
 for p in PORTS:
     s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", p)); s.listen(65535)
+    s.bind(("0.0.0.0", p)); s.listen(65535); s.setblocking(False)
     sel.register(s, selectors.EVENT_READ, accept)
 while True:
     for key, _ in sel.select():
@@ -164,8 +168,11 @@ import socket, sys, time
 host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 socks = []
 for i in range(n):
-    s = socket.create_connection((host, port), timeout=10); s.sendall(b"x")
-    if s.recv(1) != b"x": sys.exit("no echo on connection %d" % i)
+    try:
+        s = socket.create_connection((host, port), timeout=10); s.sendall(b"x")
+        if s.recv(1) != b"x": sys.exit("no echo on connection %d" % i)
+    except OSError as e:
+        sys.exit("connection %d of %d: %r" % (i, n, e))
     socks.append(s)
 print("open", flush=True)
 sys.stdin.readline()
@@ -377,6 +384,8 @@ METRICS: list[tuple[str, str]] = [
     ("rps_added_p90_us", "1,000 req/s: added p90 us"),
     ("rps_added_p99_us", "1,000 req/s: added p99 us"),
     ("rps_added_p99.9_us", "1,000 req/s: added p99.9 us"),
+    ("rps_svc_p50_us", "1,000 req/s: service time p50 us (send -> answer)"),
+    ("rps_svc_p99_us", "1,000 req/s: service time p99 us (send -> answer)"),
     ("rps_achieved", "1,000 req/s: achieved req/s"),
     ("vcpu_per_1k_rps", "proxy vCPU per 1,000 req/s"),
     ("sat_rps", "saturation req/s (wrk, 64 conns)"),
@@ -757,6 +766,7 @@ class Bench:
                 raise RuntimeError(f"loadgen failed on {path}: {res.stderr[-2000:]}") from None
             for k in PCT_KEYS:
                 r[f"rps_{k}_us"] = j["latency_us"][k]
+            r["rps_svc_p50_us"], r["rps_svc_p99_us"] = j["service_us"]["p50"], j["service_us"]["p99"]
             r["rps_achieved"] = j["achieved_rps"]
             errs = sum(j["errors"].values()) + sum(v for s, v in j["statuses"].items() if s != "200")
             if errs:
