@@ -43,7 +43,6 @@ def _capset(caps: tuple[int, ...]) -> None:
         idx, bit = divmod(c, 32)
         data[idx].effective |= 1 << bit
         data[idx].permitted |= 1 << bit
-        data[idx].inheritable |= 1 << bit
     if _libc.capset(ctypes.byref(hdr), ctypes.byref(data)) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"capset failed: {os.strerror(err)}")
@@ -69,7 +68,5 @@ def drop(uid: int, gid: int) -> str:
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
     _capset(KEEP)
-    for c in KEEP:  # ambient: keep them across exec of helpers (tcpdump for filter compile)
-        _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, c, 0, 0)
     _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     return f"dropped to uid {uid} gid {gid} keeping CAP_NET_ADMIN, CAP_NET_RAW"

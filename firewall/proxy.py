@@ -284,8 +284,8 @@ class Flow:
             stop = s.scanned(d, None, error=True)
         out, stop = s.assemble(d, data, stop)
         dst = self.sides[1 - d]
-        if out and dst is not None:
-            dst.transport.write(out)  # type: ignore[union-attr]
+        if out and dst is not None and dst.transport is not None and not dst.transport.is_closing():
+            dst.transport.write(out)
         if stop is not None:
             self._stop(stop, d)
             return
@@ -430,6 +430,9 @@ class Flow:
         self._pass_eof(d)
 
     def _pass_eof(self, d: int) -> None:
+        if self.scanning[d] or self.queued[d]:
+            self.eof_pending[d] = True  # the FIN follows the bytes still being scanned
+            return
         s = self.session
         if not s.passthrough:
             out, stop = s.eof(d)
@@ -637,10 +640,14 @@ class Proxy:
                 f.close(reset=True)
                 n += 1
                 continue
+            s.insp = self.inspection  # later L7 decisions of this flow use the new policy
             pol = self.inspection.policy
             if pol is not None and s.flowinfo is not None:
                 try:
                     d = pol.decide(s.flowinfo, mode_override=self.inspection.mode_override)
+                    if d.verdict != "deny" and s.app_proto not in ("unknown", ""):
+                        d = pol.decide_app(s.flowinfo, s.app_proto,
+                                           mode_override=self.inspection.mode_override) or d
                 except Exception:  # noqa: BLE001
                     continue
                 if d.verdict == "deny" and d.enforced:
@@ -729,6 +736,10 @@ class Proxy:
                 return
             server = _Side(flow, TOCLIENT)
             await self.loop.create_connection(lambda: server, sock=sock)
+            if server.transport is None or server.transport.is_closing():
+                # the flow was stopped inside connection_made, before uvloop adopted the socket
+                # object: forget the fd so the object's finaliser cannot close a reused number
+                sock.detach()
         except (OSError, TimeoutError) as exc:
             sock.close()
             if isinstance(exc, TimeoutError):

@@ -499,8 +499,11 @@ def _rule_hits(policies: list[PolicyDoc], stats: EventStats,
                     meaning = f"DLP detector {name[4:]} fired where no policy DLP rule names its pack (alert only)"
                 u = unmatched[name] = {"rule": name, "builtin": meaning is not None,
                                        "meaning": meaning or "not defined in these policy files",
-                                       "count": 0, "last": None}
-            u["count"] += n
+                                       "count": 0, "alerts": 0, "last": None}
+            if field_ in ("allowed", "denied"):
+                u["count"] += n  # flows; their alerts are counted apart
+            else:
+                u["alerts"] += n
             if last is not None and (u["last"] is None or last > u["last"]):
                 u["last"] = last
             return

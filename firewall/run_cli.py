@@ -192,6 +192,7 @@ class Sidecar:
             self.identities = self.kube
         self.identity_digest = _files_digest([self.cfg.identity] if self.cfg.identity else [])
         self.dlp = self.load_dlp()
+        self._dlp_digest = _files_digest(self.cfg.dlp_rules) if self.cfg.dlp_rules else ""
         self.sink.emit({"event_type": "policy", "policy": {
             "action": "loaded", "files": self.cfg.policy,
             "mode": self.policy.mode_for(self.local_identity()) if self.policy else "learn",
@@ -223,7 +224,7 @@ class Sidecar:
                     self._reject("identity", exc)
         if self.cfg.dlp and self.cfg.dlp_rules:
             digest = _files_digest(self.cfg.dlp_rules)
-            if digest != getattr(self, "_dlp_digest", digest):
+            if digest != self._dlp_digest:
                 try:
                     self.dlp = self.load_dlp()
                     changed = True

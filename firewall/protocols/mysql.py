@@ -133,7 +133,7 @@ class MysqlParser(StreamParser):
         want = min(n, 16)
         if len(st.buf) < 4 + want:
             return False
-        if st.buf[4] == 0xFF and want >= 3:
+        if want >= 3 and st.buf[4] == 0xFF:
             out.append(L7Event(APP_PROTO, "response", TOCLIENT, st.pos,
                                self._error(bytes(st.buf[4 : 4 + want])), st.pos + 4 + n))
         st.advance(4 + n)

@@ -601,9 +601,6 @@ print(" ".join(codes))
 """
 
 
-@pytest.mark.xfail(strict=True, reason="proxy._connect: a flow stopped inside the upstream's connection_made (early "
-                                       "request denied at L7) leaves the Python socket un-detached; its GC closes "
-                                       "the fd number again and resets an unrelated later flow")
 def test_l7_deny_of_an_early_request_does_not_reset_later_allowed_flows():
     if os.geteuid() != 0:
         pytest.skip("needs root")
@@ -658,9 +655,6 @@ print(req("/ok/2"), flush=True)
 """
 
 
-@pytest.mark.xfail(strict=True, reason="run_cli.Sidecar._swap/proxy.cut_all re-check open flows at L4 only and "
-                                       "sessions keep the Inspection they started with: later requests on an open "
-                                       "keep-alive connection are judged by the old L7 rules")
 def test_reload_that_narrows_l7_rules_applies_to_open_keepalive_connections():
     if os.geteuid() != 0:
         pytest.skip("needs root")

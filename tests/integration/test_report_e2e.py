@@ -401,8 +401,6 @@ def test_report_scopes_rule_counts_and_never_hit_rules(world):
     assert not [f for f in rep["findings"] if f["requirement"] == "11.4.5"]
 
 
-@pytest.mark.xfail(strict=True, reason="report._rule_hits.bump adds flow records AND their alerts into one count "
-                                       "for built-in/unknown rule names: 5 denied flows show as 10")
 def test_report_builtin_rule_count_is_the_number_of_flows(world):
     rep = _report(world.report_ok)
     builtin = {u["rule"]: u for u in rep["unmatched_rules_in_events"]}

@@ -26,11 +26,7 @@ EXAMPLES = int(os.environ.get("PALISADE_FUZZ_EXAMPLES", "60"))
 ATHERIS_RUNS = int(os.environ.get("PALISADE_ATHERIS_RUNS", "250"))
 
 # regression inputs for bugs not fixed yet (file: why); they must keep failing until fixed
-KNOWN_BUGS = {
-    ("mysql", "zero-length-server-packet"):
-        "firewall/protocols/mysql.py MysqlParser._server_packet reads st.buf[4] of a zero-length "
-        "packet (IndexError -> parser stops) when the packet ends the segment",
-}
+KNOWN_BUGS: dict[tuple[str, str], str] = {}
 
 
 def _harness(name: str):
@@ -56,7 +52,6 @@ def test_regression_inputs(name, case):
     _harness(name).TestOneInput(data)
 
 
-@pytest.mark.xfail(reason=KNOWN_BUGS[("mysql", "zero-length-server-packet")], strict=True)
 def test_mysql_zero_length_packet_is_not_a_parser_error():
     """Plain form of the mysql regression input: the parser keeps going after an empty packet."""
     from firewall.protocols import make_parser
@@ -129,8 +124,5 @@ def test_atheris_short_run(name, tmp_path):
     r = subprocess.run(cmd, cwd=str(REPO), capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, PYTHONPATH=str(REPO)))
     crashes = [p.name for p in tmp_path.iterdir() if p.name.startswith(("crash-", "timeout-", "oom-"))]
-    if r.returncode != 0 and name == "mysql" and crashes and all(
-            _mysql_known((tmp_path / c).read_bytes()) for c in crashes):
-        pytest.xfail(KNOWN_BUGS[("mysql", "zero-length-server-packet")])
     assert r.returncode == 0 and not crashes, f"{name}: {crashes}\n{r.stderr[-3000:]}"
     assert f"Done {ATHERIS_RUNS} runs" in r.stderr

@@ -80,10 +80,6 @@ def test_full_featured_sidecar_keeps_only_its_two_capabilities_and_leaks_no_pan(
 
 
 @pytest.mark.netns
-@pytest.mark.xfail(strict=True, reason="firewall/privileges.py drop() raises NET_ADMIN/NET_RAW as inheritable + "
-                   "ambient 'for helpers (tcpdump for filter compile)', but captures compile filters in-process "
-                   "(capture.py) and the sidecar execs nothing: any program it ran would inherit both "
-                   "capabilities. Fix: do not raise ambient/inheritable caps")
 def test_sidecar_has_no_inheritable_or_ambient_capabilities():
     if os.geteuid() != 0:
         pytest.skip("needs root")

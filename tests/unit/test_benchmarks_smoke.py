@@ -318,11 +318,6 @@ print(json.dumps({"ok": ok, "errors": errors}))
 
 
 @pytest.mark.netns
-@pytest.mark.xfail(strict=True, reason=(
-    "firewall/proxy.py: Flow.side_made -> attach_server -> maybe_splice closes the upstream transport "
-    "inside its connection_made, before uvloop's create_connection(sock=sock) attaches the socket object; "
-    "when that socket object is freed it closes the fd number again, by then reused by another flow "
-    "(EBADF in Proxy._connect, connections time out)"))
 def test_l4_splice_relay_survives_connection_churn():
     """The benchmark's churn scenario through palisade-l4: every short connection must work."""
     from tests.harness import PY, Cluster
