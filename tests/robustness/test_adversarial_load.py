@@ -75,13 +75,17 @@ SLOWLORIS = r"""
 import json, socket, sys, time
 host, port, n, interval, duration = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
 socks = []
+t0 = time.monotonic(); closed_at = {}
 for i in range(n):
     s = socket.create_connection((host, port), timeout=5)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    s.sendall(b"GET /v1/charge HTTP/1.1\r\nHost: payments\r\nX-Slow: ")
+    try:  # a connection over the per-peer limit may already be reset here
+        s.sendall(b"GET /v1/charge HTTP/1.1\r\nHost: payments\r\nX-Slow: ")
+    except OSError:
+        closed_at[i] = 0.0
     socks.append(s)
 print(json.dumps({"opened": n}), flush=True)
-t0 = time.monotonic(); alive = list(range(n)); closed_at = {}
+alive = [i for i in range(n) if i not in closed_at]
 while time.monotonic() - t0 < duration and alive:
     time.sleep(interval)
     for i in list(alive):
