@@ -343,7 +343,13 @@ class Flow:
         except (OSError, AttributeError):
             self._cancel_splice()
             return
-        self.splicer = splice.Splicer(self.proxy.loop, cfd, sfd, self._spliced_bytes, self._spliced_end)
+        try:
+            self.splicer = splice.Splicer(self.proxy.loop, cfd, sfd, self._spliced_bytes, self._spliced_end)
+        except OSError:
+            os.close(cfd)
+            os.close(sfd)
+            self._cancel_splice()
+            return
         ct.close()  # closes uvloop's descriptor only: our dups keep the connection
         st.close()
         self.splicer.start()

@@ -288,6 +288,11 @@ def run(cfg: Config, sink: EventSink, labels: dict[str, str] | None = None) -> i
             pids = []
             break
         pids.append(pid)
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:  # two descriptors per flow (plus pipes while spliced): use what we may
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     proxy = Proxy(cfg, None, sink.emit)  # type: ignore[arg-type]
     proxy.bind(reuseport=reuseport)  # as root: transparent listeners need it before the drop
     if cfg.drop_privileges:

@@ -39,11 +39,8 @@ class Pump:
 
     def __init__(self, splicer: Splicer, d: int, src: int, dst: int) -> None:
         self.splicer, self.d, self.src, self.dst = splicer, d, src, dst
-        self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            self.size = fcntl.fcntl(self.w, F_SETPIPE_SZ, PIPE_SIZE)
-        except OSError:
-            self.size = 65536
+        self.r = self.w = -1  # the pipe is made on the first byte: idle flows cost no descriptors
+        self.size = 65536
         self.inpipe = 0
         self.eof = False
         self.done = False
@@ -74,6 +71,16 @@ class Pump:
     def on_readable(self) -> None:
         if self.done or self.inpipe:
             return
+        if self.w < 0:
+            try:
+                self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as exc:  # EMFILE: fail this flow, not the process
+                self.splicer.failed(exc)
+                return
+            try:
+                self.size = fcntl.fcntl(self.w, F_SETPIPE_SZ, PIPE_SIZE)
+            except OSError:
+                self.size = 65536
         try:
             n = os.splice(self.src, self.w, self.size, flags=_FLAGS)
         except BlockingIOError:
@@ -127,10 +134,12 @@ class Pump:
         self._want_read(False)
         self._want_write(False)
         for fd in (self.r, self.w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.r = self.w = -1
 
 
 class Splicer:
