@@ -476,7 +476,7 @@ class Session:
         if insp.l7_events and ev.kind != "anomaly":
             e = self._base_event(ev.app_proto or self.app_proto)
             e[ev.app_proto or self.app_proto] = {"kind": ev.kind, "direction": DIR_NAMES[ev.direction],
-                                                 **ev.fields}
+                                                 **{k: v for k, v in ev.fields.items() if k != "head_end"}}
             insp.emit(e)
         if ev.kind == "answer" and insp.fqdn is not None and ev.app_proto == "dns":
             self._learn_dns(ev)
@@ -526,7 +526,8 @@ class Session:
         self.mode = d.mode
         extra: dict = {}
         if ev is not None:
-            extra = {"l7": {"kind": ev.kind, **{k: v for k, v in ev.fields.items() if k != "statement"}}}
+            extra = {"l7": {"kind": ev.kind, **{k: v for k, v in ev.fields.items()
+                                               if k not in ("statement", "head_end")}}}
         if d.alert:
             self._alert("policy", d.rule, blocked=d.verdict == "deny" and d.enforced, severity=2,
                         extra=extra or None)
