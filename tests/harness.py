@@ -33,6 +33,20 @@ def _sh(cmd: Sequence[str], check: bool = True, **kw) -> subprocess.CompletedPro
     return subprocess.run(list(cmd), check=check, capture_output=True, text=True, **kw)
 
 
+def nginx_template(ports: Sequence[int] = (9000,), reply: str = "payments ok", conns: int = 1024) -> str:
+    """An nginx.conf template (``{tmp}`` = its work dir) answering 200 + ``reply`` on ``ports``:
+    a real HTTP server whose access log shows what reached it."""
+    listens = "".join(f"    listen {p};\n" for p in ports)
+    return ("worker_processes 1;\ndaemon off;\npid {tmp}/nginx.pid;\nerror_log {tmp}/nginx-error.log;\n"
+            f"events {{{{ worker_connections {conns}; }}}}\n"
+            "http {{\n  access_log {tmp}/access.log;\n  client_body_temp_path {tmp}/body;\n"
+            "  proxy_temp_path {tmp}/proxy;\n  fastcgi_temp_path {tmp}/fcgi;\n"
+            "  uwsgi_temp_path {tmp}/uwsgi;\n  scgi_temp_path {tmp}/scgi;\n  server {{\n"
+            + listens.replace("{", "{{").replace("}", "}}")
+            + "    location / {{ return 200 \"" + reply.replace("{", "{{").replace("}", "}}") + "\\n\"; }}\n"
+            "  }}\n}}\n")
+
+
 def wait_until(pred: Callable[[], object], timeout: float = 10.0, interval: float = 0.05, what: str = "") -> object:
     """Readiness polling (not a sleep): returns the first truthy value of pred()."""
     deadline = time.monotonic() + timeout

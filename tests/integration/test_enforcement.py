@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from firewall.podinfo import write_podinfo
-from tests.harness import PY, Cluster, wait_until
+from tests.harness import PY, Cluster, nginx_template, wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -81,25 +81,7 @@ spec:
       action: deny
 """
 
-NGINX = """
-worker_processes 1;
-daemon off;
-pid {tmp}/nginx.pid;
-error_log {tmp}/nginx-error.log;
-events {{ worker_connections 1024; }}
-http {{
-  access_log {tmp}/access.log;
-  client_body_temp_path {tmp}/body;
-  proxy_temp_path {tmp}/proxy;
-  fastcgi_temp_path {tmp}/fcgi;
-  uwsgi_temp_path {tmp}/uwsgi;
-  scgi_temp_path {tmp}/scgi;
-  server {{
-    listen 9000;
-    location / {{ return 200 "payments ok\\n"; }}
-  }}
-}}
-"""
+NGINX = nginx_template()
 
 RECORDER = """
 import socket, sys, threading

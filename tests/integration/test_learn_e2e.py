@@ -21,30 +21,11 @@ import pytest
 import yaml
 
 from firewall.podinfo import write_podinfo
-from tests.harness import PY, REPO, Cluster, Pod, wait_until
+from tests.harness import PY, REPO, Cluster, Pod, nginx_template, wait_until
 
 pytestmark = pytest.mark.netns
 
-NGINX = """
-worker_processes 1;
-daemon off;
-pid {tmp}/nginx.pid;
-error_log {tmp}/nginx-error.log;
-events {{ worker_connections 256; }}
-http {{
-  access_log {tmp}/access.log;
-  client_body_temp_path {tmp}/body;
-  proxy_temp_path {tmp}/proxy;
-  fastcgi_temp_path {tmp}/fcgi;
-  uwsgi_temp_path {tmp}/uwsgi;
-  scgi_temp_path {tmp}/scgi;
-  server {{
-    listen 9000;
-    listen 9001;
-    location / {{ return 200 "ok $request_method $uri\\n"; }}
-  }}
-}}
-"""
+NGINX = nginx_template(ports=(9000, 9001), reply="ok $request_method $uri", conns=256)
 
 CDE_LABELS = {"app": "payment-api", "pci.palisade.dev/scope": "cde"}
 DENIED_RC = (7, 52, 56)  # curl: refused / empty reply / reset - the sidecar cut the connection

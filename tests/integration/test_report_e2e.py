@@ -26,7 +26,7 @@ import yaml
 
 from firewall.podinfo import write_podinfo
 from firewall.report import chromium_args, find_chromium
-from tests.harness import PY, REPO, Cluster, wait_until
+from tests.harness import PY, REPO, Cluster, nginx_template, wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -105,25 +105,7 @@ HOLE = """\
       action: allow
 """
 
-NGINX = """
-worker_processes 1;
-daemon off;
-pid {tmp}/nginx.pid;
-error_log {tmp}/nginx-error.log;
-events {{ worker_connections 256; }}
-http {{
-  access_log {tmp}/access.log;
-  client_body_temp_path {tmp}/body;
-  proxy_temp_path {tmp}/proxy;
-  fastcgi_temp_path {tmp}/fcgi;
-  uwsgi_temp_path {tmp}/uwsgi;
-  scgi_temp_path {tmp}/scgi;
-  server {{
-    listen 9000;
-    location / {{ return 200 "payments ok\\n"; }}
-  }}
-}}
-"""
+NGINX = nginx_template(conns=256)
 
 SINK = """
 import socket, sys, threading
