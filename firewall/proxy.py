@@ -151,7 +151,7 @@ class Flow:
     """Both halves of one relayed TCP connection and their session."""
 
     __slots__ = ("proxy", "session", "sides", "early", "early_len", "eof", "lost", "closed",
-                 "last", "paused", "done", "reset_seen", "connected", "peer_key", "hold_timer",
+                 "last", "paused", "done", "connected", "peer_key", "hold_timer",
                  "_fast", "splicer", "want_splice", "_splice_tries", "scanning", "queued", "eof_pending", "replaying", "hold_since")
 
     def __init__(self, proxy: Proxy, session: Session, client: _Side) -> None:
@@ -166,7 +166,6 @@ class Flow:
         self.done = False
         self.last = time.monotonic()
         self.paused = [False, False]
-        self.reset_seen = False
         self.connected = False
         self.peer_key = ""
         self.hold_timer: asyncio.TimerHandle | None = None
@@ -226,8 +225,12 @@ class Flow:
             if self.early_len > self.proxy.cfg.read_buffer_limit:
                 self.pause_reading(TOSERVER)
             return
+        self.session.bytes[d] += len(data)
+        self._relay(d, data)
+
+    def _relay(self, d: int, data: bytes) -> None:
+        """Inspect (unless passthrough) and forward one chunk already counted in the session."""
         s = self.session
-        s.bytes[d] += len(data)
         dst = self.sides[1 - d]
         if self._fast and s.passthrough:
             dst.transport.write(data)  # type: ignore[union-attr]
@@ -244,14 +247,8 @@ class Flow:
             out, stop = s.assemble(d, data, stop)
         else:
             out, stop = s.feed(d, data)
-        if s.passthrough and not self._fast:
-            self._fast = True
-            if out:
-                dst.transport.write(out)  # type: ignore[union-attr]
-            if stop is None and not s.holding(d):
-                self.maybe_splice()
-                return
-            out = b""
+        became_fast = s.passthrough and not self._fast
+        self._fast = s.passthrough
         if out:
             dst.transport.write(out)  # type: ignore[union-attr]
         if stop is not None:
@@ -262,6 +259,8 @@ class Flow:
             self._arm_hold(d)
         else:
             self.hold_since = 0.0
+            if became_fast:
+                self.maybe_splice()  # nothing reads this flow any more: hand it to the kernel
 
     # -- DLP scans of large chunks on the worker thread (Hyperscan releases the GIL)
     def _offload(self, d: int, data: bytes) -> None:
@@ -291,7 +290,7 @@ class Flow:
             return
         queued, self.queued[d] = self.queued[d], []
         for i, chunk in enumerate(queued):
-            self.on_data_queued(d, chunk)
+            self._relay(d, chunk)
             if self.scanning[d] or self.closed:
                 self.queued[d] = queued[i + 1:] + self.queued[d]
                 return
@@ -301,12 +300,6 @@ class Flow:
         if not self.closed and (dst is None or dst.transport is None
                                 or dst.transport.get_write_buffer_size() < HIGH_WATER):
             self.resume_reading(d)  # else resume_writing of the receiver resumes it
-
-    def on_data_queued(self, d: int, data: bytes) -> None:
-        """A chunk read while a scan was running: its bytes are already counted."""
-        s = self.session
-        s.bytes[d] -= len(data)
-        self.on_data(d, data)
 
     # -- zero-copy hand-over (firewall/splice.py)
     def maybe_splice(self) -> None:
@@ -463,7 +456,6 @@ class Flow:
             return  # the transport was closed by the hand-over; the splicer owns the sockets now
         self.lost[d] = True
         if exc is not None and not self.closed:
-            self.reset_seen = True
             if self.session.close_reason == "eof":
                 self.session.close_reason = "reset"
             metrics.RELAY_ERRORS.labels("reset").inc()
@@ -554,7 +546,6 @@ class Proxy:
         """Create listening sockets (as root, before dropping privileges)."""
         cfg = self.cfg
         specs: list[tuple[str, int, bool, bool, str]] = []
-        hosts4 = ["0.0.0.0"]
         if cfg.inbound:
             specs.append(("0.0.0.0", cfg.inbound_port, True, False, "inbound"))
             if cfg.ipv6 and socket.has_ipv6:
@@ -567,7 +558,6 @@ class Proxy:
             specs.append(("0.0.0.0", cfg.dns_port, True, True, "dns"))
             if cfg.ipv6 and socket.has_ipv6:
                 specs.append(("::", cfg.dns_port, True, True, "dns"))
-        del hosts4
         self._specs = []
         for host, port, transparent, udp, kind in specs:
             try:

@@ -365,9 +365,9 @@ def _start_side_threads(side: Sidecar, worker: int) -> None:
     if cfg.alert_webhook:
         from firewall.alertsink import WebhookSink
 
-        types = None
         try:
-            wh = WebhookSink(cfg.alert_webhook, **({"event_types": types} if types else {}))
+            # webhook_flows: every event type, flow records included; else the default set
+            wh = WebhookSink(cfg.alert_webhook, **({"event_types": None} if cfg.webhook_flows else {}))
             wh.start()
             side.sink.add_consumer(wh)
         except Exception as exc:  # noqa: BLE001
