@@ -94,8 +94,48 @@ class _Head:
     headers: dict[str, list[str]]
 
 
-def _parse_head(raw: bytes, request: bool) -> _Head:
-    text = raw.decode("latin-1")
+#: the header fields the parser reads; the fast path materialises only these
+USED_HEADERS = frozenset({"host", "transfer-encoding", "content-length", "content-encoding",
+                          "content-type", "upgrade"})
+
+# The fast path: one C-level match validates a whole, ordinary head (start line + ``name:value``
+# lines with token names, no obs-fold, no space before the colon, no CR/NUL inside a value).
+# Everything it accepts, ``_parse_head_strict`` accepts with the same result (differentially
+# tested in tests/protocols/test_http.py); everything else - every anomaly and error included -
+# goes through the strict line-by-line path, so the error names do not depend on the path taken.
+_TCHAR = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
+_FIELD_LINES = rf"((?:{_TCHAR}+:[^\r\n\x00]*\r?\n)*)\r?\n\Z"
+_FAST_REQUEST = re.compile(rf"({_TCHAR}+) ([^ \r\n]+) (HTTP/[0-9]\.[0-9])\r?\n{_FIELD_LINES}")
+_FAST_RESPONSE = re.compile(rf"(HTTP/[0-9]\.[0-9]) ([0-9]{{3}})(?: ([^\r\n]*))?\r?\n{_FIELD_LINES}")
+
+
+def _parse_head(text: str, request: bool) -> _Head:
+    """A message head (latin-1 text, up to and including the blank line).
+
+    ``headers`` holds the fields of ``USED_HEADERS`` (lower-cased names, values stripped of
+    spaces and tabs, in order of appearance); the strict path keeps every field.
+    """
+    m = (_FAST_REQUEST if request else _FAST_RESPONSE).match(text)
+    if m is None:
+        return _parse_head_strict(text, request)
+    if request:
+        start = [m.group(1), m.group(2), m.group(3)]
+    else:
+        reason = m.group(3)
+        start = [m.group(1), m.group(2)] if reason is None else [m.group(1), m.group(2), reason]
+    headers: dict[str, list[str]] = {}
+    used = USED_HEADERS
+    for line in m.group(4).split("\n"):
+        name, _, value = line.partition(":")
+        key = name.lower()
+        if key in used:
+            # validated: the only CR a line can hold is the one before its LF
+            headers.setdefault(key, []).append(value.strip(" \t\r"))
+    return _Head(start, headers)
+
+
+def _parse_head_strict(text: str, request: bool) -> _Head:
+    """Line by line, naming the first problem found (the reference the fast path follows)."""
     lines = text.split("\n")
     lines = [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
     while lines and lines[-1] == "":
@@ -141,6 +181,10 @@ def _tokens(values: list[str]) -> list[str]:
 def _content_length(values: list[str] | None, prefix: str) -> int | None:
     if not values:
         return None
+    if len(values) == 1:
+        v = values[0]
+        if v.isdigit() and v.isascii() and len(v) <= 18:
+            return int(v)  # the common case: one plain number
     lengths = set()
     for v in values:
         for t in v.split(","):
@@ -250,32 +294,33 @@ class HttpParser(StreamParser):
             return False
         self._scanned[d] = 0
         st.hold = st.pos if d == TOSERVER else None
-        raw = bytes(buf[:head_len])
+        text = buf[:head_len].decode("latin-1")
         if d == TOSERVER:
-            self._request(st, raw, head_len, out)
+            self._request(st, text, head_len, out)
         else:
-            self._response(st, raw, head_len, out)
+            self._response(st, text, head_len, out)
         return True
 
     # -- requests ---------------------------------------------------------------
-    def _request(self, st: DirState, raw: bytes, head_len: int, out: list[L7Event]) -> None:
-        head = _parse_head(raw, request=True)
+    def _request(self, st: DirState, text: str, head_len: int, out: list[L7Event]) -> None:
+        head = _parse_head(text, request=True)
         method, target, version = head.start_line
         h = head.headers
-        hosts = h.get("host", [])
-        if len(set(hosts)) > 1:
-            raise ParseError("smuggling:duplicate-host")
-        host = hosts[0] if hosts else None
+        hosts = h.get("host")
+        host = None
+        if hosts:
+            if len(hosts) > 1 and len(set(hosts)) > 1:
+                raise ParseError("smuggling:duplicate-host")
+            host = hosts[0]
         path = target
-        low = target.lower()
-        if low.startswith(("http://", "https://")):
+        if target[:1] != "/" and target.lower().startswith(("http://", "https://")):
             rest = target.split("://", 1)[1]
             authority, slash, tail = rest.partition("/")
             host = authority or host
             path = slash + tail if slash else "/"
         elif method == "CONNECT":
             host = host or target
-        te = _tokens(h.get("transfer-encoding", []))
+        te = _tokens(h["transfer-encoding"]) if "transfer-encoding" in h else None
         cl_values = h.get("content-length")
         chunked = False
         length: int | None
@@ -292,12 +337,12 @@ class HttpParser(StreamParser):
             length = _content_length(cl_values, "smuggling:")
         body = length or 0
         end = -1 if chunked else st.pos + head_len + body
-        enc = _tokens(h.get("content-encoding", []))
+        enc = _tokens(h["content-encoding"]) if "content-encoding" in h else None
         fields: dict[str, Any] = {
             "method": method,
             "host": host,
             "path": path,
-            "version": version.split("/", 1)[1],
+            "version": version[5:],  # validated: HTTP/d.d
             "content_length": length,
             "chunked": chunked,
             "content_encoding": enc[-1] if enc else None,
@@ -323,15 +368,15 @@ class HttpParser(StreamParser):
             self._end_of_message(st)
 
     # -- responses --------------------------------------------------------------
-    def _response(self, st: DirState, raw: bytes, head_len: int, out: list[L7Event]) -> None:
-        head = _parse_head(raw, request=False)
+    def _response(self, st: DirState, text: str, head_len: int, out: list[L7Event]) -> None:
+        head = _parse_head(text, request=False)
         version, code = head.start_line[0], int(head.start_line[1])
         h = head.headers
         interim = 100 <= code < 200 and code != 101
         method = None
         if not interim and self._pending:
             method = self._pending.popleft()
-        te = _tokens(h.get("transfer-encoding", []))
+        te = _tokens(h["transfer-encoding"]) if "transfer-encoding" in h else None
         chunked = bool(te) and te[-1] == "chunked"
         length = None if te else _content_length(h.get("content-length"), "")
         no_body = interim or code in (101, 204, 304) or method == "HEAD"
@@ -345,10 +390,10 @@ class HttpParser(StreamParser):
             body, end = length, st.pos + head_len + length
         else:
             body, end = 0, -1
-        enc = _tokens(h.get("content-encoding", []))
+        enc = _tokens(h["content-encoding"]) if "content-encoding" in h else None
         fields = {
             "status": code,
-            "version": version.split("/", 1)[1],
+            "version": version[5:],  # validated: HTTP/d.d
             "content_length": length,
             "chunked": chunked,
             "content_encoding": enc[-1] if enc else None,

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from firewall.protocols import TOCLIENT, TOSERVER, make_parser
-from firewall.protocols.http import HttpParser
-from tests.protocols.replay import bytewise, run
+from firewall.protocols import TOCLIENT, TOSERVER, ParseError, make_parser
+from firewall.protocols.http import (
+    _FAST_REQUEST,
+    _FAST_RESPONSE,
+    USED_HEADERS,
+    HttpParser,
+    _parse_head,
+    _parse_head_strict,
+)
+from tests.protocols.replay import FUZZ_EXAMPLES, bytewise, run
 
 
 def req(method="GET", path="/", headers=(), body=b"", version="1.1") -> bytes:
@@ -188,3 +197,61 @@ def test_methods_paths_summary_is_bounded():
     _, summary = run("http", [(TOSERVER, data)])
     assert summary["requests"] == 51 and len(summary["methods_paths"]) == 32
     assert summary["methods_paths"][0] == ["GET", "/p0"]
+
+
+# -- the fast head path must agree with the strict line-by-line one --------------------------
+
+_NAMES = ["Host", "HOST", "host", "Content-Length", "content-length", "Transfer-Encoding", "Content-Type",
+          "Content-Encoding", "Upgrade", "X-A", "User-Agent", "Bad Name", "Host ", "Host\t", "", "X\x00",
+          "Caf\xe9", "Content-Length\r"]
+_SEPS = [":", ": ", ":\t", " :", ":  "]
+_VALUES = st.lists(st.sampled_from(list("ab1 ,\t\r\x00\xe9\xb2/:-") + ["chunked", "gzip", "12"]),
+                   max_size=8).map("".join)
+_EOLS = ["\r\n", "\n", "\r\r\n"]
+
+
+@st.composite
+def _heads(draw) -> tuple[str, bool]:
+    request = draw(st.booleans())
+    if request:
+        first = draw(st.sampled_from(["GET / HTTP/1.1", "POST /api/items HTTP/1.0", "GET  / HTTP/1.1",
+                                      "G(T / HTTP/1.1", "GET /a\rb HTTP/1.1", "GET / HTTP/1.1 x",
+                                      "GET http://h/x HTTP/1.1", "GET / HTTP/\xb2.1", "GET / http/1.1",
+                                      "CONNECT db:5432 HTTP/1.1", "GET /\x00 HTTP/1.1"]))
+    else:
+        first = draw(st.sampled_from(["HTTP/1.1 200 OK", "HTTP/1.1 200", "HTTP/1.1 200 ", "HTTP/1.0 404  Not found",
+                                      "HTTP/1.1 20", "HTTP/1.1 2000 OK", "HTTP/1.1 \xb200 OK", "HTTP/1.1 200 O\rK",
+                                      "HTTP/2 200 OK"]))
+    lines = [first]
+    for _ in range(draw(st.integers(0, 6))):
+        if draw(st.integers(0, 9)) == 0:
+            lines.append(draw(st.sampled_from([" folded", "\tfolded", "nocolon", ":empty-name"])))
+        else:
+            lines.append(draw(st.sampled_from(_NAMES)) + draw(st.sampled_from(_SEPS)) + draw(_VALUES))
+    eol = draw(st.sampled_from(_EOLS))
+    text = "".join(ln + (eol if draw(st.integers(0, 4)) else draw(st.sampled_from(_EOLS))) for ln in lines)
+    return text + draw(st.sampled_from(["\r\n", "\n"])), request
+
+
+def _outcome(fn, text: str, request: bool):
+    try:
+        head = fn(text, request)
+    except ParseError as exc:
+        return "error", str(exc)
+    return head.start_line, {k: v for k, v in head.headers.items() if k in USED_HEADERS}
+
+
+@settings(max_examples=max(400, FUZZ_EXAMPLES * 20), deadline=None)
+@given(_heads())
+def test_fast_head_path_agrees_with_the_strict_one(case):
+    text, request = case
+    assert _outcome(_parse_head, text, request) == _outcome(_parse_head_strict, text, request)
+
+
+def test_fast_head_path_takes_ordinary_heads():
+    """The ordinary shapes (curl, nginx, loadgen) go through the single-match path."""
+    for text, request in ((req("POST", "/api/items", ["Content-Length: 3"]).decode(), True),
+                          ("GET / HTTP/1.1\nHost: a\n\n", True),
+                          (resp(200, ["Content-Length: 3", "Server: nginx"]).decode(), False)):
+        assert (_FAST_REQUEST if request else _FAST_RESPONSE).match(text) is not None
+        assert _outcome(_parse_head, text, request) == _outcome(_parse_head_strict, text, request)
