@@ -25,6 +25,12 @@ def decode_target(target: str) -> bytes | None:
     return urllib.parse.unquote_plus(target).encode("utf-8", "replace")
 
 
+def needs_decoding(chunked: bool, encoding: str | None, form: bool) -> bool:
+    """Whether ``BodyDecoder(...).needed`` would be true, without building one: a plain body
+    (no chunking, no content coding, not a form) reads the same raw and decoded."""
+    return chunked or form or (encoding or "").lower() not in ("", "identity")
+
+
 class BodyDecoder:
     """De-chunk -> decompress -> percent-decode, in that order, incrementally."""
 

@@ -14,12 +14,14 @@ from __future__ import annotations
 import itertools
 import json
 import time
+import weakref
 import zlib
 from dataclasses import dataclass
 from typing import Any
 
 from firewall import metrics
 from firewall.events import ts_iso
+from firewall.httpdecode import BodyDecoder, decode_target, needs_decoding
 from firewall.identity import Identity
 from firewall.protocols.base import TOCLIENT, TOSERVER, L7Event
 
@@ -81,6 +83,38 @@ class Inspection:
         return Identity(ip)
 
 
+#: L7 events whose policy decision is cached per flow: the HTTP family, where a policy's L7
+#: matchers read only the fields in ``_l7_key`` (policy_match.L7Matcher.check, section http)
+_CACHED_L7 = frozenset({"http", "http2", "grpc"})
+_L7_CACHE_MAX = 64
+_MISS = object()
+
+
+class _L7Cache:
+    """The L7 decisions of one flow, valid for one policy object and one live override state.
+
+    ``PolicySet.decide_l7`` walks the rules of the port for every event (a request head and
+    its answer each cost a walk on a kept-alive connection), yet for a given flow its result
+    depends only on the event's protocol, kind, method, path and host - and on the policy,
+    the mode override and quarantine, which are compared on every lookup.  A reload replaces
+    the policy object, which empties the cache; a weak reference keeps a flow from pinning an
+    old policy in memory.
+    """
+
+    __slots__ = ("policy", "mode_override", "quarantined", "entries")
+
+    def __init__(self, policy: Any, mode_override: str | None, quarantined: bool) -> None:
+        self.policy = weakref.ref(policy)
+        self.mode_override = mode_override
+        self.quarantined = quarantined
+        self.entries: dict[tuple, Any] = {}
+
+
+def _l7_key(ev: L7Event) -> tuple:
+    f = ev.fields
+    return (ev.app_proto, ev.kind, f.get("method"), f.get("path"), f.get("host"), f.get(":authority"))
+
+
 def _forbidden(rule: str, reason: str) -> bytes:
     body = json.dumps({"error": "forbidden by palisade policy", "rule": rule, "reason": reason}).encode()
     return (b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\nConnection: close\r\n"
@@ -129,7 +163,7 @@ class Session:
         "local", "peer", "flowinfo", "start", "bytes", "app_proto", "verdict", "rule", "mode",
         "close_reason", "encrypted", "passthrough", "_ident", "_ident_buf", "_parser", "_hold",
         "_pending", "_sent", "_seen", "_dlp", "_dlp_actions", "_enforced", "_stopped", "source_preserved",
-        "_alerts", "_l7_summary", "_capture_done", "_bodies",
+        "_alerts", "_l7_summary", "_capture_done", "_bodies", "_l7c",
     )
 
     def __init__(self, insp: Inspection, direction: str, src: tuple, dst: tuple, proto: str = "TCP") -> None:
@@ -168,6 +202,7 @@ class Session:
         self._l7_summary: dict | None = None
         self._capture_done = False
         self._bodies: list[list] = []  # decoded HTTP bodies under DLP: [next offset, decoder, stream]
+        self._l7c: _L7Cache | None = None  # created on the first cacheable L7 event
 
     # ------------------------------------------------------------------ identities
     def _workloads(self) -> tuple[Identity, Identity]:
@@ -269,8 +304,6 @@ class Session:
     def _decoded_request(self, ev: L7Event) -> Stop | None:
         """DLP on what the server will decode: the percent-decoded target now, and a decoded
         (de-chunked, decompressed, form-decoded) body as it streams (firewall/httpdecode.py)."""
-        from firewall.httpdecode import BodyDecoder, decode_target
-
         f = ev.fields
         target = decode_target(f.get("path") or "")
         if target is not None:
@@ -282,8 +315,11 @@ class Session:
             if stop is not None:
                 return stop
         ctype = (f.get("content_type") or "").lower()
-        dec = BodyDecoder(chunked=bool(f.get("chunked")), encoding=f.get("content_encoding"),
-                          form=ctype.startswith("application/x-www-form-urlencoded"),
+        chunked = bool(f.get("chunked"))
+        form = ctype.startswith("application/x-www-form-urlencoded")
+        if not needs_decoding(chunked, f.get("content_encoding"), form):
+            return None  # the raw stream scan sees the body as the server will
+        dec = BodyDecoder(chunked=chunked, encoding=f.get("content_encoding"), form=form,
                           length=f.get("content_length"))
         if dec.needed and (f.get("chunked") or f.get("content_length")) and f.get("head_end") is not None:
             self._bodies.append([int(f["head_end"]), dec, self.insp.dlp.stream()])
@@ -490,9 +526,43 @@ class Session:
         policy = insp.policy
         if policy is None or self.flowinfo is None:
             return None
-        d = policy.decide_l7(self.flowinfo, ev, mode_override=insp.mode_override,
-                             quarantined=insp.quarantined)
+        d = self._decide_l7(policy, ev)
+        if d is None:
+            return None
         return self._apply_decision(d, ev)
+
+    def _decide_l7(self, policy: Any, ev: L7Event) -> Any:
+        """``policy.decide_l7`` for this flow, through the per-flow cache where it is exact.
+
+        Not cached: other protocols, and egress flows when the policy resolves fqdn peers
+        (the names of an address change as DNS answers arrive and expire).
+        """
+        insp = self.insp
+        if ev.app_proto not in _CACHED_L7 or (
+                self.flowinfo.direction != "ingress" and getattr(policy, "fqdn", None) is not None):
+            return policy.decide_l7(self.flowinfo, ev, mode_override=insp.mode_override,
+                                    quarantined=insp.quarantined)
+        c = self._l7c
+        if (c is None or c.policy() is not policy or c.mode_override != insp.mode_override
+                or c.quarantined != insp.quarantined):
+            try:
+                c = self._l7c = _L7Cache(policy, insp.mode_override, insp.quarantined)
+            except TypeError:  # a policy object without weak references: no cache
+                return policy.decide_l7(self.flowinfo, ev, mode_override=insp.mode_override,
+                                        quarantined=insp.quarantined)
+        key = _l7_key(ev)
+        try:
+            d = c.entries.get(key, _MISS)
+        except TypeError:  # an unhashable field value
+            return policy.decide_l7(self.flowinfo, ev, mode_override=insp.mode_override,
+                                    quarantined=insp.quarantined)
+        if d is _MISS:
+            d = policy.decide_l7(self.flowinfo, ev, mode_override=insp.mode_override,
+                                 quarantined=insp.quarantined)
+            if len(c.entries) >= _L7_CACHE_MAX:
+                c.entries.clear()
+            c.entries[key] = d
+        return d
 
     def _learn_dns(self, ev: L7Event) -> None:
         f = ev.fields
@@ -524,13 +594,13 @@ class Session:
             return None
         self.rule = d.rule
         self.mode = d.mode
-        extra: dict = {}
-        if ev is not None:
-            extra = {"l7": {"kind": ev.kind, **{k: v for k, v in ev.fields.items()
-                                               if k not in ("statement", "head_end")}}}
         if d.alert:
+            extra = None
+            if ev is not None:
+                extra = {"l7": {"kind": ev.kind, **{k: v for k, v in ev.fields.items()
+                                                   if k not in ("statement", "head_end")}}}
             self._alert("policy", d.rule, blocked=d.verdict == "deny" and d.enforced, severity=2,
-                        extra=extra or None)
+                        extra=extra)
         if d.capture:
             self._auto_capture(d.rule)
         if d.verdict != "deny" or not d.enforced:

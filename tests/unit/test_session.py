@@ -249,3 +249,90 @@ def test_gzip_bomb_is_refused_where_dlp_blocks(insp):
     head = b"POST /c HTTP/1.1\r\nHost: a\r\nContent-Encoding: deflate\r\nContent-Length: %d\r\n\r\n" % len(bomb)
     fwd, stop = _post_out(insp, head, bomb, 65536)
     assert stop is not None and stop.reply.startswith(b"HTTP/1.1 415")
+
+
+def test_needs_decoding_matches_the_decoder():
+    """The session skips building a BodyDecoder exactly when it would not be needed."""
+    from firewall.httpdecode import BodyDecoder, needs_decoding
+
+    for chunked in (False, True):
+        for form in (False, True):
+            for enc in (None, "", "identity", "IDENTITY", "gzip", "x-gzip", "Deflate", "br", "zstd", "bogus"):
+                dec = BodyDecoder(chunked=chunked, encoding=enc, form=form, length=10)
+                assert needs_decoding(chunked, enc, form) == dec.needed, (chunked, form, enc)
+
+
+# -- the per-flow L7 decision cache -----------------------------------------------------------
+
+def _get(path: str, method: str = "GET", host: str = "api") -> bytes:
+    return f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n".encode()
+
+
+def _policy_alerts(insp) -> list[dict]:
+    return [e for e in insp.events if e.get("alert", {}).get("category") == "policy"]
+
+
+def test_cached_l7_decisions_still_alert_on_every_request(insp):
+    insp.mode_override = "monitor"  # denied requests pass with an alert, the flow stays open
+    s, ok = inbound(insp)
+    assert ok
+    for _ in range(3):
+        out, stop = s.feed(TOSERVER, _get("/admin"))
+        assert stop is None and out == _get("/admin")
+        s.feed(TOCLIENT, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert len(_policy_alerts(insp)) == 3
+
+
+def test_l7_cache_follows_a_policy_reload_on_an_open_flow(insp, tmp_path):
+    s, _ = inbound(insp)
+    out, stop = s.feed(TOSERVER, _get("/v1/charge", "POST"))
+    assert stop is None and s.rule == "shop-posts-charges"
+    p = tmp_path / "stricter.yaml"
+    p.write_text(POLICY.replace("pathPrefix: /v1/charge", "pathPrefix: /v2/charge"))
+    insp.policy = PolicySet.load([str(p)])  # what a reload does: a new policy object
+    out, stop = s.feed(TOSERVER, _get("/v1/charge", "POST"))
+    assert stop is not None and stop.reply.startswith(b"HTTP/1.1 403") and out == b""
+
+
+def test_l7_cache_follows_live_mode_override_and_quarantine(insp):
+    insp.mode_override = "monitor"
+    s, _ = inbound(insp)
+    assert s.feed(TOSERVER, _get("/admin"))[1] is None
+    s.feed(TOCLIENT, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    insp.mode_override = None  # back to the policy's protect mode
+    out, stop = s.feed(TOSERVER, _get("/admin"))
+    assert stop is not None and b"default-deny" in stop.reply
+
+    insp.mode_override = "monitor"
+    s, _ = inbound(insp)
+    assert s.feed(TOSERVER, _get("/v1/charge", "POST"))[1] is None
+    insp.quarantined = True
+    out, stop = s.feed(TOSERVER, _get("/v1/charge", "POST"))
+    assert stop is not None and stop.reason == "denied:quarantine"
+
+
+def test_l7_cache_gives_the_policy_engine_answers(insp):
+    """The same decision as an uncached decide_l7 for every (method, path, host) tried."""
+    from firewall.protocols.base import L7Event
+
+    s, _ = inbound(insp)
+    policy = insp.policy
+    for mode in (None, "monitor", "learn", "protect"):
+        insp.mode_override = mode
+        for method in ("GET", "POST", "post"):
+            for path in ("/v1/charge", "/v1/charge/x", "/v1/charges", "/v1/./charge", "/a/../v1/charge", None):
+                for host in ("api", None):
+                    for kind in ("request", "response"):
+                        ev = L7Event("http", kind, TOSERVER, 0, {"method": method, "path": path, "host": host})
+                        for _ in range(2):  # miss, then hit
+                            assert s._decide_l7(policy, ev) == policy.decide_l7(
+                                s.flowinfo, ev, mode_override=mode, quarantined=False)
+    assert len(s._l7c.entries) <= 64
+
+
+def test_l7_cache_is_bounded(insp):
+    s, _ = inbound(insp)
+    for i in range(200):
+        s.feed(TOSERVER, _get(f"/v1/charge/{i}", "POST"))
+        s.feed(TOCLIENT, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert 0 < len(s._l7c.entries) <= 64
