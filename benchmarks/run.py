@@ -829,6 +829,14 @@ class Bench:
                 p.kill()
             if line != "open":
                 r["idle_error"] = (p.stderr.read().decode(errors="replace").strip().splitlines() or ["?"])[-1][-200:]
+                if os.environ.get("PALISADE_BENCH_DEBUG"):
+                    dbg = self.tmp / "idle-debug.txt"
+                    parts = [sc.stderr()[-4000:] if sc is not None else ""]
+                    for ns in (srv, cli):
+                        parts.append(ns.run(["ss", "-s"], check=False).stdout)
+                        parts.append(ns.run(["nstat", "-az"], check=False).stdout)
+                    dbg.write_text("\n".join(parts))
+                    print("idle debug:", dbg, file=sys.stderr)
         if sc is not None:
             sc.stop()
 

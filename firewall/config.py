@@ -51,6 +51,10 @@ class Config:
     dlp_offload_bytes: int = 65536  # chunks this large are scanned on a worker thread (0: never)
     max_connections: int = 100_000
     max_connections_per_peer: int = 10_000
+    # source ports for upstream connections that keep the client's address (inbound TPROXY):
+    # outside Linux's default ephemeral range (32768-60999) that clients pick theirs from, so an
+    # upstream 4-tuple cannot equal a client connection's (same address, port and destination)
+    upstream_ports: list[int] = field(default_factory=lambda: [10000, 32767])
     # policy and identity
     policy: list[str] = field(default_factory=list)
     identity: str | None = None
@@ -99,6 +103,11 @@ class Config:
             raise ConfigError(f"{where}: workers: at most 64, got {self.workers}")
         if self.mode is not None and self.mode not in MODES:
             raise ConfigError(f"{where}: mode: expected one of {', '.join(MODES)}, got {self.mode!r}")
+        up = self.upstream_ports
+        if (len(up) != 2 or not all(isinstance(p, int) and not isinstance(p, bool) for p in up)
+                or not 1024 <= up[0] <= up[1] <= 65535 or up[1] - up[0] < 1023):
+            raise ConfigError(f"{where}: upstream_ports: expected [low, high] within 1024-65535 "
+                              f"spanning at least 1024 ports, got {up!r}")
         for p in self.probe_ports:
             if not isinstance(p, int) or not 1 <= p <= 65535:
                 raise ConfigError(f"{where}: probe_ports: bad port {p!r}")

@@ -20,6 +20,7 @@ import asyncio
 import errno
 import logging
 import os
+import random
 import socket
 import struct
 import time
@@ -43,6 +44,8 @@ IP_RECVORIGDSTADDR = 20
 IPV6_RECVORIGDSTADDR = 74
 MARK = 0x539
 HIGH_WATER = 1 << 20
+#: random source ports tried in ``upstream_ports`` before the kernel picks one
+PORT_TRIES = 32
 LOW_WATER = 256 << 10
 _LINGER0 = struct.pack("ii", 1, 0)
 
@@ -705,28 +708,30 @@ class Proxy:
 
     async def _connect(self, flow: Flow, dst: tuple[str, int], peer: tuple[str, int], kind: str) -> None:
         family = socket.AF_INET6 if ":" in dst[0] else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setblocking(False)
         s = flow.session
+        keep_source = kind == "inbound" and self.transparent_upstream
         try:
-            if kind == "inbound" and self.transparent_upstream:
+            sock = self._upstream_socket(family, peer[0] if keep_source else None)
+        except OSError as exc:  # EMFILE/ENFILE: this flow fails, visibly; the process goes on
+            metrics.RELAY_ERRORS.labels("no-descriptor").inc()
+            s.close_reason = f"error:{errno.errorcode.get(exc.errno or 0, exc.errno)}"
+            flow.close(reset=True)
+            flow.lost[TOCLIENT] = True
+            return
+        s.source_preserved = kind == "inbound" and self.transparent_upstream
+        try:
+            for attempt in range(PORT_TRIES + 1):
                 try:
-                    if family == socket.AF_INET6:
-                        sock.setsockopt(SOL_IPV6, IPV6_TRANSPARENT, 1)
-                    else:
-                        sock.setsockopt(SOL_IP, IP_TRANSPARENT, 1)
-                    sock.setsockopt(socket.SOL_SOCKET, SO_MARK, MARK)
-                    sock.bind((peer[0], 0))
+                    await asyncio.wait_for(self.loop.sock_connect(sock, dst), self.cfg.connect_timeout)
+                    break
                 except OSError as exc:
-                    log.warning("cannot preserve the client address (%s); connecting from the pod", exc)
-                    self.transparent_upstream = False
-                    s.source_preserved = False
-                    sock.close()
-                    sock = socket.socket(family, socket.SOCK_STREAM)
-                    sock.setblocking(False)
-            else:
-                s.source_preserved = kind == "inbound" and self.transparent_upstream
-            await asyncio.wait_for(self.loop.sock_connect(sock, dst), self.cfg.connect_timeout)
+                    # this source port's 4-tuple is taken (an open or TIME_WAIT upstream of the
+                    # same client to the same server): another port; when the range is that
+                    # full, the kernel's own choice (ephemeral range) as the last resort
+                    if exc.errno != errno.EADDRNOTAVAIL or not s.source_preserved or attempt == PORT_TRIES:
+                        raise
+                sock.close()
+                sock = self._upstream_socket(family, peer[0], kernel_port=attempt == PORT_TRIES - 1)
             if flow.closed:
                 sock.close()
                 return
@@ -750,6 +755,34 @@ class Proxy:
             flow.lost[TOCLIENT] = True
             return
         flow.attach_server(server)
+
+    def _upstream_socket(self, family: int, client_addr: str | None, kernel_port: bool = False) -> socket.socket:
+        """A non-blocking socket for the upstream leg; with ``client_addr`` it is bound to the
+        client's address (IP_TRANSPARENT) and a random port of ``upstream_ports``, so the
+        server sees the real client.  If the kernel refuses transparency (no CAP_NET_ADMIN, no
+        routing for it) the process falls back to the pod's own address for good."""
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        if client_addr is None:
+            return sock
+        lo, hi = self.cfg.upstream_ports
+        try:
+            sock.setsockopt(SOL_IPV6 if family == socket.AF_INET6 else SOL_IP,
+                            IPV6_TRANSPARENT if family == socket.AF_INET6 else IP_TRANSPARENT, 1)
+            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, MARK)
+            # several upstreams may share a source port towards different servers; the kernel
+            # still refuses a duplicate 4-tuple at connect() (EADDRNOTAVAIL: another port)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((client_addr, 0 if kernel_port else random.randint(lo, hi)))
+        except OSError as exc:
+            sock.close()
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                raise
+            log.warning("cannot preserve the client address (%s); connecting from the pod", exc)
+            self.transparent_upstream = False
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setblocking(False)
+        return sock
 
     def flow_done(self, flow: Flow) -> None:
         if flow in self.flows:

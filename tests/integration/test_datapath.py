@@ -337,3 +337,68 @@ def test_bulk_with_full_inspection_is_byte_exact(cluster, offload):
     assert all(f["flow"]["bytes_toserver"] == n + 24 and f["flow"]["bytes_toclient"] == n for f in flows)
     m = re.search(r"^palisade_dlp_offloaded_chunks_total (\S+)", sc.http("/metrics")[1], re.M)
     assert (float(m.group(1)) > 0) is offload
+
+
+PEER_SERVER = """
+import selectors, socket
+sel = selectors.DefaultSelector()
+ls = socket.socket(); ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+ls.bind(("0.0.0.0", 9300)); ls.listen(4096)
+held = []
+while True:
+    c, (ip, port) = ls.accept()
+    c.sendall(("%s %d\\n" % (ip, port)).encode())
+    held.append(c)  # kept open: every upstream's 4-tuple stays in use
+"""
+
+PEER_CLIENT = """
+import json, socket, sys
+host, n = sys.argv[1], int(sys.argv[2])
+out, socks = [], []
+for i in range(n):
+    s = socket.create_connection((host, 9300), timeout=10)
+    line = b""
+    while not line.endswith(b"\\n"):
+        chunk = s.recv(64)
+        if not chunk:
+            sys.exit("connection %d closed before the server's line" % i)
+        line += chunk
+    ip, port = line.decode().split()
+    out.append([s.getsockname()[1], ip, int(port)])
+    socks.append(s)
+print(json.dumps(out))
+"""
+
+
+def test_upstream_source_ports_avoid_client_ports_and_survive_a_full_range(cluster, tmp_path):
+    """The upstream keeps the client's address, so its 4-tuple must never equal a client
+    connection's (same address, port and server): such a SYN would be delivered to the other
+    flow's socket.  Upstream ports come from ``upstream_ports`` (outside the clients' ephemeral
+    range); when that range is exhausted towards one server the kernel's choice takes over."""
+    srv, cli = cluster.pod("server"), cluster.pod("client")
+    srv.popen([PY, "-c", textwrap.dedent(PEER_SERVER)])
+    srv.wait_listening(9300)
+    cfg = tmp_path / "sidecar.yaml"
+    cfg.write_text("upstream_ports: [20000, 21023]\n")  # 1,024 ports: the test exhausts them
+    sc = srv.start_sidecar(*L4, "--config", str(cfg))
+    n = 1100
+    r = _py(cli, PEER_CLIENT.replace("sys.argv[1]", repr(srv.ip)).replace("int(sys.argv[2])", str(n)),
+            timeout=180)
+    rows = json.loads(r.stdout)
+    assert len(rows) == n
+    client_ports = {c for c, _, _ in rows}
+    assert all(ip == cli.ip for _, ip, _ in rows)  # the server saw the real client every time
+    upstream = [p for _, _, p in rows]
+    assert len(set(upstream)) == n  # one 4-tuple each
+    in_range = [p for p in upstream if 20000 <= p <= 21023]
+    # random picks: nearly the whole range is used before the kernel's choice takes over
+    assert 1000 <= len(in_range) <= 1024
+    assert len(in_range) < n
+    assert not client_ports & set(in_range)
+    assert sc.proc.poll() is None
+    # every flow carried bytes through a splice pipe, yet an idle spliced flow holds only its
+    # two sockets: pipes go back to a shared pool once empty (2 descriptors per flow, like nginx)
+    spliced = re.search(r"^palisade_spliced_flows_total (\S+)", sc.http("/metrics")[1], re.M)
+    assert float(spliced.group(1)) >= n
+    fds = len(list(Path(f"/proc/{sc.pid()}/fd").iterdir()))
+    assert fds < 2 * n + 100, fds
