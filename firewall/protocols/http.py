@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
 from firewall.protocols.base import TOCLIENT, TOSERVER, L7Event, ParseError, Probe
@@ -88,12 +87,6 @@ def probe_toserver(buf: bytes) -> Probe:
     return Probe.MATCH if _CONNECT_LINE.search(buf[:eol]) else Probe.NO_MATCH
 
 
-@dataclass(slots=True)
-class _Head:
-    start_line: list[str]
-    headers: dict[str, list[str]]
-
-
 #: the header fields the parser reads; the fast path materialises only these
 USED_HEADERS = frozenset({"host", "transfer-encoding", "content-length", "content-encoding",
                           "content-type", "upgrade"})
@@ -109,32 +102,33 @@ _FAST_REQUEST = re.compile(rf"({_TCHAR}+) ([^ \r\n]+) (HTTP/[0-9]\.[0-9])\r?\n{_
 _FAST_RESPONSE = re.compile(rf"(HTTP/[0-9]\.[0-9]) ([0-9]{{3}})(?: ([^\r\n]*))?\r?\n{_FIELD_LINES}")
 
 
-def _parse_head(text: str, request: bool) -> _Head:
+#: a parsed head: the start line's parts and the header fields (lower-cased name -> values)
+Head = tuple[list[str], dict[str, list[str]]]
+
+
+def _parse_head(text: str, request: bool) -> Head:
     """A message head (latin-1 text, up to and including the blank line).
 
-    ``headers`` holds the fields of ``USED_HEADERS`` (lower-cased names, values stripped of
+    The headers hold the fields of ``USED_HEADERS`` (lower-cased names, values stripped of
     spaces and tabs, in order of appearance); the strict path keeps every field.
     """
     m = (_FAST_REQUEST if request else _FAST_RESPONSE).match(text)
     if m is None:
         return _parse_head_strict(text, request)
-    if request:
-        start = [m.group(1), m.group(2), m.group(3)]
-    else:
-        reason = m.group(3)
-        start = [m.group(1), m.group(2)] if reason is None else [m.group(1), m.group(2), reason]
+    a, b, c, block = m.groups()
+    start = [a, b] if c is None else [a, b, c]  # a response's reason phrase may be absent
     headers: dict[str, list[str]] = {}
     used = USED_HEADERS
-    for line in m.group(4).split("\n"):
+    for line in block.split("\n"):
         name, _, value = line.partition(":")
         key = name.lower()
         if key in used:
             # validated: the only CR a line can hold is the one before its LF
             headers.setdefault(key, []).append(value.strip(" \t\r"))
-    return _Head(start, headers)
+    return start, headers
 
 
-def _parse_head_strict(text: str, request: bool) -> _Head:
+def _parse_head_strict(text: str, request: bool) -> Head:
     """Line by line, naming the first problem found (the reference the fast path follows)."""
     lines = text.split("\n")
     lines = [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
@@ -165,7 +159,7 @@ def _parse_head_strict(text: str, request: bool) -> _Head:
         if "\r" in value or "\x00" in value:
             raise ParseError("bad-header-value")
         headers.setdefault(name.lower(), []).append(value.strip(" \t"))
-    return _Head(parts, headers)
+    return parts, headers
 
 
 def _summary_path(path: str | None) -> str | None:
@@ -270,15 +264,17 @@ class HttpParser(StreamParser):
     def _head(self, st: DirState, out: list[L7Event]) -> bool:
         buf = st.buf
         d = st.direction
-        # tolerate empty lines between messages (RFC 9112 section 2.2)
-        while buf[:2] == b"\r\n" or buf[:1] == b"\n":
-            st.advance(2 if buf[:1] == b"\r" else 1)
-            self._scanned[d] = 0
-        if not buf or buf == b"\r":
-            return False
+        # tolerate empty lines between messages (RFC 9112 section 2.2); buf is not empty here
+        if buf[0] == 13 or buf[0] == 10:
+            while buf[:2] == b"\r\n" or buf[:1] == b"\n":
+                st.advance(2 if buf[:1] == b"\r" else 1)
+                self._scanned[d] = 0
+            if not buf or buf == b"\r":
+                return False
         start = max(0, self._scanned[d] - 3)
         end = buf.find(b"\n\r\n", start, self.max_head + 1)
-        end2 = buf.find(b"\n\n", start, self.max_head + 1)
+        # only a bare-LF end before that one matters: do not scan the body behind the head
+        end2 = buf.find(b"\n\n", start, end + 1 if end >= 0 else self.max_head + 1)
         if end2 >= 0 and (end < 0 or end2 < end):
             head_len = end2 + 2
         elif end >= 0:
@@ -303,9 +299,7 @@ class HttpParser(StreamParser):
 
     # -- requests ---------------------------------------------------------------
     def _request(self, st: DirState, text: str, head_len: int, out: list[L7Event]) -> None:
-        head = _parse_head(text, request=True)
-        method, target, version = head.start_line
-        h = head.headers
+        (method, target, version), h = _parse_head(text, request=True)
         hosts = h.get("host")
         host = None
         if hosts:
@@ -358,20 +352,18 @@ class HttpParser(StreamParser):
         if len(self.pairs) < MAX_SUMMARY_PAIRS and pair not in self.pairs:
             self.pairs.append(pair)
         self._pending.append(method)
-        st.advance(head_len)
         st.hold = None
         if chunked:
+            st.advance(head_len)
             self._mode[TOSERVER] = _CHUNK_SIZE
         else:
-            if body:
-                st.advance(body)
+            st.advance(head_len + body)  # the head and the body it announces, in one step
             self._end_of_message(st)
 
     # -- responses --------------------------------------------------------------
     def _response(self, st: DirState, text: str, head_len: int, out: list[L7Event]) -> None:
-        head = _parse_head(text, request=False)
-        version, code = head.start_line[0], int(head.start_line[1])
-        h = head.headers
+        start, h = _parse_head(text, request=False)
+        version, code = start[0], int(start[1])
         interim = 100 <= code < 200 and code != 101
         method = None
         if not interim and self._pending:

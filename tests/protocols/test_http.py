@@ -235,10 +235,10 @@ def _heads(draw) -> tuple[str, bool]:
 
 def _outcome(fn, text: str, request: bool):
     try:
-        head = fn(text, request)
+        start, headers = fn(text, request)
     except ParseError as exc:
         return "error", str(exc)
-    return head.start_line, {k: v for k, v in head.headers.items() if k in USED_HEADERS}
+    return start, {k: v for k, v in headers.items() if k in USED_HEADERS}
 
 
 @settings(max_examples=max(400, FUZZ_EXAMPLES * 20), deadline=None)
