@@ -17,7 +17,11 @@ packs (``DlpEngine.load()``), ``l7=True``, ``l7_events=False``.
 
 Traffic is ``loadgen.py``'s: ``POST /api/items`` with a 1 KiB JSON body (``json_body(1024)``)
 and nginx's 1 KiB ``return 200`` answer, one chunk per message (each fits one TCP segment).
-``--split`` feeds each message in two chunks (head, body) instead.
+``--split`` feeds each message in two chunks (head, body) instead.  Every request of the
+scenario is the same bytes and answers differ only in nginx's ``Date`` (once a second), so
+repeats are the rule; ``--vary`` makes every request and answer head of a run distinct
+(``/api/items/<n>``, a different ``Date``), the worst case for anything cached per head or per
+path.
 
 Figures: CPU (``time.process_time``) per request after a warm-up on one kept-alive flow, the
 median and minimum of ``--runs`` runs, for three configurations so the cost can be attributed:
@@ -59,16 +63,17 @@ POLICY100 = HERE / "policy100.yaml"
 CONFIGS = ("parse", "parse+policy", "full")
 
 
-def request_bytes() -> bytes:
+def request_bytes(path: str = "/api/items") -> bytes:
     """What loadgen.py sends in the rps scenario (Host is the address it connects to)."""
-    return build_request("POST", "/api/items", SERVER_IP, json_body(1024))
+    return build_request("POST", path, SERVER_IP, json_body(1024))
 
 
-def response_bytes() -> bytes:
+def response_bytes(second: int = 0) -> bytes:
     """nginx 1.22's answer to ``location / { return 200 '<1 KiB JSON>'; }`` with
     ``default_type application/json`` on a kept-alive connection."""
     body = json_body(1024)
-    head = ("HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sat, 28 Nov 2026 21:00:00 GMT\r\n"
+    date = f"Sat, 28 Nov 2026 {21 + second // 3600 % 3:02d}:{second // 60 % 60:02d}:{second % 60:02d} GMT"
+    head = (f"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: {date}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
             "Connection: keep-alive\r\n\r\n")
     return head.encode() + body
@@ -108,20 +113,25 @@ class State:
 class FlowDriver:
     """One kept-alive flow: the calls proxy.py's Flow makes on its session, minus the sockets."""
 
-    def __init__(self, insp: Any, chunks: list[tuple[int, bytes]]) -> None:
+    def __init__(self, insp: Any, exchanges: list[list[tuple[int, bytes]]]) -> None:
         from firewall.session import Session
 
         self.session = Session(insp, "inbound", (CLIENT_IP, 40682), (SERVER_IP, HTTP_PORT))
         if not self.session.open():
             raise SystemExit(f"the benchmark flow was refused at L4: rule {self.session.rule}")
-        self.chunks = chunks
+        self.exchanges = exchanges
+        self.n = 0
         self.forwarded = [0, 0]
+        self.sent = [0, 0]
 
     def exchange(self) -> None:
         """One request and its answer (Flow.on_data -> Flow._relay for small chunks)."""
         s = self.session
         fwd = self.forwarded
-        for d, data in self.chunks:
+        chunks = self.exchanges[self.n % len(self.exchanges)]
+        self.n += 1
+        for d, data in chunks:
+            self.sent[d] += len(data)
             s.bytes[d] += len(data)
             if s.passthrough:  # Flow._fast: written as is
                 fwd[d] += len(data)
@@ -133,8 +143,7 @@ class FlowDriver:
             s.holding(d)
 
 
-def chunks_for(split: bool) -> list[tuple[int, bytes]]:
-    req, resp = request_bytes(), response_bytes()
+def chunks_for(split: bool, req: bytes, resp: bytes) -> list[tuple[int, bytes]]:
     if not split:
         return [(TOSERVER, req), (TOCLIENT, resp)]
     rh, rb = req.split(b"\r\n\r\n", 1)
@@ -142,12 +151,19 @@ def chunks_for(split: bool) -> list[tuple[int, bytes]]:
     return [(TOSERVER, rh + b"\r\n\r\n"), (TOSERVER, rb), (TOCLIENT, ah + b"\r\n\r\n"), (TOCLIENT, ab)]
 
 
-def measure(state: State, config: str, requests: int, runs: int, split: bool) -> dict[str, Any]:
+def exchanges_for(split: bool, vary: bool) -> list[list[tuple[int, bytes]]]:
+    """The request/answer pairs a flow cycles through: one, or 8,192 distinct ones."""
+    if not vary:
+        return [chunks_for(split, request_bytes(), response_bytes())]
+    return [chunks_for(split, request_bytes(f"/api/items/{i}"), response_bytes(i)) for i in range(8192)]
+
+
+def measure(state: State, config: str, requests: int, runs: int, split: bool, vary: bool) -> dict[str, Any]:
     """CPU us per request: a fresh flow per run, warmed up, then ``requests`` exchanges."""
-    chunks = chunks_for(split)
+    exchanges = exchanges_for(split, vary)
     per_req: list[float] = []
     for _ in range(runs):
-        flow = FlowDriver(state.inspection(config), chunks)
+        flow = FlowDriver(state.inspection(config), exchanges)
         for _ in range(50):  # identification, first decisions, caches
             flow.exchange()
         exchange = flow.exchange
@@ -155,18 +171,16 @@ def measure(state: State, config: str, requests: int, runs: int, split: bool) ->
         for _ in range(requests):
             exchange()
         per_req.append((time.process_time() - t0) / requests * 1e6)
-        total = 50 + requests
-        want = [total * sum(len(c) for d, c in chunks if d == k) for k in (0, 1)]
-        if flow.forwarded != want:
-            raise SystemExit(f"{config}: forwarded {flow.forwarded} bytes, expected {want}")
+        if flow.forwarded != flow.sent:
+            raise SystemExit(f"{config}: forwarded {flow.forwarded} bytes, expected {flow.sent}")
         if config == "full" and flow.session.passthrough:
             raise SystemExit("full: the flow went passthrough (nothing inspected)")
     return {"config": config, "median_us": round(statistics.median(per_req), 1),
             "min_us": round(min(per_req), 1), "runs_us": [round(x, 1) for x in per_req]}
 
 
-def profile(state: State, requests: int, split: bool, top: int = 20) -> str:
-    flow = FlowDriver(state.inspection("full"), chunks_for(split))
+def profile(state: State, requests: int, split: bool, vary: bool, top: int = 20) -> str:
+    flow = FlowDriver(state.inspection("full"), exchanges_for(split, vary))
     for _ in range(50):
         flow.exchange()
     prof = cProfile.Profile()
@@ -185,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS))
     ap.add_argument("--split", action="store_true", help="feed heads and bodies as separate chunks")
+    ap.add_argument("--vary", action="store_true", help="every request and answer head distinct")
     ap.add_argument("--profile", action="store_true", help="cProfile top-20 of the full configuration")
     ap.add_argument("--dlp-cache", help="Hyperscan database cache directory (default: a temporary one)")
     ap.add_argument("--json", help="write the results here too")
@@ -194,20 +209,21 @@ def main(argv: list[str] | None = None) -> int:
         if c not in CONFIGS:
             ap.error(f"unknown configuration {c!r}")
     state = State(a.dlp_cache)
-    results = [measure(state, c, a.requests, a.runs, a.split) for c in configs]
+    results = [measure(state, c, a.requests, a.runs, a.split, a.vary) for c in configs]
     alerts = [e for e in state.events if e.get("event_type") == "alert"]
     print(f"CPU per request (process_time), {a.requests} requests x {a.runs} runs, "
-          f"{'split' if a.split else 'one chunk per message'}; Python {platform.python_version()}")
+          f"{'split' if a.split else 'one chunk per message'}, "
+          f"{'distinct heads' if a.vary else 'repeated heads'}; Python {platform.python_version()}")
     print(f"{'configuration':<14} {'median us':>10} {'min us':>8}   runs")
     for r in results:
         print(f"{r['config']:<14} {r['median_us']:>10.1f} {r['min_us']:>8.1f}   {r['runs_us']}")
     print(f"events emitted: {len(state.events)} ({len(alerts)} alerts)")
     if a.profile:
         print()
-        print(profile(state, a.requests, a.split))
+        print(profile(state, a.requests, a.split, a.vary))
     if a.json:
         Path(a.json).write_text(json.dumps({"results": results, "requests": a.requests, "runs": a.runs,
-                                            "split": a.split, "alerts": len(alerts)}, indent=2))
+                                            "split": a.split, "vary": a.vary, "alerts": len(alerts)}, indent=2))
     return 0
 
 
