@@ -69,6 +69,88 @@ def _width(pattern: str) -> tuple[int, int]:
     return int(lo), int(hi)
 
 
+def _parsed(pattern: str) -> Any:
+    try:
+        from re import _parser as sre_parse  # type: ignore[attr-defined]
+    except ImportError:  # pragma: no cover - older Pythons
+        import sre_parse  # type: ignore[no-redef]
+    return sre_parse.parse(pattern)
+
+
+def _has_assertion(items: Any) -> bool:
+    """Whether a parsed regex looks around or anchors anywhere (then its first byte does not
+    decide a match on its own)."""
+    from re import _constants as c  # type: ignore[attr-defined]
+
+    for op, av in items:
+        if op in (c.ASSERT, c.ASSERT_NOT, c.AT, c.GROUPREF, c.GROUPREF_EXISTS):
+            return True
+        if op is c.SUBPATTERN and _has_assertion(av[-1]):
+            return True
+        if op is c.BRANCH and any(_has_assertion(alt) for alt in av[1]):
+            return True
+        if op in (c.MAX_REPEAT, c.MIN_REPEAT, getattr(c, "POSSESSIVE_REPEAT", None)) and _has_assertion(av[2]):
+            return True
+        if op is getattr(c, "ATOMIC_GROUP", None) and _has_assertion(av):
+            return True
+    return False
+
+
+def _first_set(items: Any) -> set[int] | None:
+    """The bytes a match of a parsed regex can begin with; None when that is not simple to say
+    (case-insensitive parts, categories, an optional first element, look-arounds)."""
+    from re import _constants as c  # type: ignore[attr-defined]
+
+    if not items:
+        return None
+    op, av = items[0]
+    if op is c.LITERAL:
+        return {av}
+    if op is c.IN:
+        chars: set[int] = set()
+        negate = False
+        for iop, iav in av:
+            if iop is c.NEGATE:
+                negate = True
+            elif iop is c.LITERAL:
+                chars.add(iav)
+            elif iop is c.RANGE:
+                chars.update(range(iav[0], min(iav[1], 255) + 1))
+            else:
+                return None
+        return set(range(256)) - chars if negate else chars
+    if op is c.BRANCH:
+        out: set[int] = set()
+        for alt in av[1]:
+            first = _first_set(alt)
+            if first is None:
+                return None
+            out |= first
+        return out
+    if op is c.SUBPATTERN:
+        if av[1] or av[2]:  # local flags (?i:...) change what a byte means
+            return None
+        return _first_set(av[-1])
+    if op in (c.MAX_REPEAT, c.MIN_REPEAT) and av[0] >= 1:
+        return _first_set(av[2])
+    return None
+
+
+def prefix_dispatch(pattern: str) -> tuple[frozenset[int] | None, bool]:
+    """For a rule's ``prefix``: the bytes it can start with (None: any) and whether the first
+    byte alone decides it (a one-character class without look-arounds), so the engine can pick
+    the rules to try at a candidate from one table look-up instead of a regex call each."""
+    import re as _re
+
+    tree = _parsed(pattern)
+    if tree.state.flags & _re.IGNORECASE:
+        return None, False
+    first = _first_set(tree.data)
+    lo, hi = tree.getwidth()
+    one = first is not None and lo == hi == 1 and not _has_assertion(tree.data)
+    return (frozenset(first) if first is not None else None), one
+
+
 @dataclass(frozen=True, slots=True)
 class Trigger:
     """One Hyperscan expression; identical triggers of several rules are compiled once."""

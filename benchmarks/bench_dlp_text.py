@@ -1,0 +1,109 @@
+"""DLP engine throughput on exactly the text payload of ``benchmarks/run.py``'s bulk test.
+
+    python benchmarks/bench_dlp_text.py [--mib 32] [--chunks 65536,131072,262144] [--runs 5]
+                                        [--profile] [--json out.json]
+
+``run.py`` serves ``pii_text(seed=2, size=8 MiB, every=65536)`` (a hard negative every
+4 KiB, a real value every 64 KiB) repeated back to back for the whole download; the
+sidecar scans it in one ``DlpStream`` per direction, in the chunk sizes the proxy reads
+(64 KiB - 256 KiB).  This does the same: ``--mib`` of the repeated payload through one
+stream of the default packs, per chunk size, ``--runs`` times, and reports MB/s of
+**CPU time** (``time.process_time``; the machine is shared, wall time measures the
+neighbours) as the median and the best run, plus findings (alerts) per MiB.
+
+``--profile`` prints a cProfile of one 64 KiB-chunk run instead of timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import pstats
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from dlp_corpus import binary, pii_text  # noqa: E402
+
+from firewall.dlp import DlpEngine  # noqa: E402
+
+PAYLOAD_SIZE = 8 << 20  # what run.py writes to payload-text.bin
+
+
+def payload(mib: int) -> bytes:
+    """``mib`` MiB of run.py's text payload, repeated as the bulk server sends it."""
+    one = pii_text(seed=2, size=PAYLOAD_SIZE, every=65536)
+    size = mib << 20
+    return (one * (size // len(one) + 1))[:size]
+
+
+def one_run(engine: DlpEngine, data: bytes, chunk: int) -> tuple[float, int]:
+    view = memoryview(data)
+    s = engine.stream()
+    n = 0
+    t0 = time.process_time()
+    for off in range(0, len(data), chunk):
+        n += len(s.scan(view[off:off + chunk]))
+    n += len(s.close())
+    return time.process_time() - t0, n
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mib", type=int, default=32, help="MiB of payload per run")
+    ap.add_argument("--chunks", default="65536,131072,262144", help="scan() sizes, comma-separated")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--binary", action="store_true", help="also time random bytes")
+    ap.add_argument("--profile", action="store_true", help="cProfile one 64 KiB run and exit")
+    ap.add_argument("--rules", action="append",
+                    help="rule directory (repeat to compare variants, runs interleaved; default: the repo's)")
+    ap.add_argument("--json", help="also write the JSON result here")
+    args = ap.parse_args(argv)
+    data = payload(args.mib)
+    inputs = {"run.py text": data}
+    if args.binary:
+        inputs["binary"] = binary(size=len(data))
+    variants = args.rules or [None]
+    with tempfile.TemporaryDirectory() as cache:
+        engines = [DlpEngine.load(r, cache_dir=cache) for r in variants]
+    if args.profile:
+        prof = cProfile.Profile()
+        prof.enable()
+        one_run(engines[0], data, 65536)
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+        return 0
+    rows = []
+    for name, buf in inputs.items():
+        for chunk in (int(c) for c in args.chunks.split(",")):
+            times: list[list[float]] = [[] for _ in engines]
+            found = [0] * len(engines)
+            for _ in range(args.runs):  # interleaved, so variants share the machine's mood
+                for i, engine in enumerate(engines):
+                    cpu, found[i] = one_run(engine, buf, chunk)
+                    times[i].append(cpu)
+            mb = len(buf) / 1e6
+            for i, variant in enumerate(variants):
+                rows.append({"input": name, "rules": variant or "default", "chunk": chunk,
+                             "MB_s_median": round(mb / statistics.median(times[i])),
+                             "MB_s_best": round(mb / min(times[i])), "findings": found[i],
+                             "findings_per_MiB": round(found[i] / (len(buf) / (1 << 20)), 2)})
+    print(f"DLP engine, default packs, one thread, {args.mib} MiB per run, CPU time, {args.runs} runs")
+    print(f"{'input':<12} {'rules':<24} {'chunk':>7} {'MB/s med':>9} {'MB/s best':>10} {'findings':>9}")
+    for r in rows:
+        print(f"{r['input']:<12} {r['rules'][-24:]:<24} {r['chunk']:>7} {r['MB_s_median']:>9} "
+              f"{r['MB_s_best']:>10} {r['findings']:>9}")
+    doc = {"mib": args.mib, "runs": args.runs, "rows": rows}
+    if args.json:
+        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
