@@ -177,7 +177,7 @@ def cmd_learn(args) -> int:
 
 
 def cmd_schema(args) -> int:
-    from firewall.policy_model import json_schema
+    from firewall.policy_schema import json_schema
 
     text = json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
     if args.output == "-":

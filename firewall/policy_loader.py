@@ -10,13 +10,13 @@ import hashlib
 import os
 from dataclasses import dataclass
 
-from pydantic import ValidationError
-
 from firewall.policy_model import (
     API_VERSION,
     MODELS,
     ClusterFirewallPolicy,
     FirewallPolicy,
+    PolicyValidationError,
+    validate,
 )
 from firewall.policy_yaml import SourceDoc, YamlSourceError, format_path, load_documents
 
@@ -58,9 +58,9 @@ _MESSAGES = {
 }
 
 
-def _messages(doc: SourceDoc, exc: ValidationError) -> list[str]:
+def _messages(doc: SourceDoc, exc: PolicyValidationError) -> list[str]:
     out = []
-    for err in exc.errors(include_url=False):
+    for err in exc.errors():
         loc = tuple(err["loc"])
         msg = _MESSAGES.get(err["type"], err["msg"])
         if msg.startswith("Value error, "):
@@ -86,8 +86,8 @@ def validate_document(doc: SourceDoc) -> tuple[FirewallPolicy | ClusterFirewallP
         line = doc.line_of(("kind",))
         return None, [f"{doc.file}:{line}: kind: expected one of {', '.join(MODELS)}, got {kind!r}"]
     try:
-        return model.model_validate(value), []
-    except ValidationError as exc:
+        return validate(model, value), []
+    except PolicyValidationError as exc:
         return None, _messages(doc, exc)
 
 
