@@ -196,3 +196,14 @@ def test_example_identity_file() -> None:
 
     m = load_identity_file(str(ROOT / "examples" / "identity" / "identities.yaml"))
     assert m.resolve("fd00::105").pod == "checkout-0" and m.resolve("10.0.0.5").scope == "cde"
+
+
+def test_loaded_documents_keep_rule_lines_only() -> None:
+    """A loaded policy remembers where each rule starts (decision reasons, explain), not the YAML."""
+    ps = PolicySet.load([str(EXAMPLE)])
+    lines = EXAMPLE.read_text().splitlines()
+    fp, cluster = ps.loaded
+    assert lines[fp.rule_line("egress", 1) - 1].strip() == "- name: card-network"
+    assert lines[fp.rule_line("dlp", 0) - 1].strip() == "- name: no-clear-pan-out-of-cde"
+    assert lines[cluster.rule_line("rules", 0) - 1].strip() == "- name: no-ssh-into-containers"
+    assert fp.source.value is None and cluster.line == 44
