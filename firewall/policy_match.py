@@ -1,6 +1,6 @@
 """Compiled matchers: peers and L7 conditions turned into small, allocation-free checks.
 
-The engine (``policy.py``) never looks at the pydantic models on the hot path;
+The engine (``policy.py``) never looks at the policy records (``policy_model``) on the hot path;
 it works on these frozen, slotted records built once per policy load.
 """
 
