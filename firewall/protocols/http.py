@@ -128,6 +128,28 @@ def _parse_head(text: str, request: bool) -> Head:
     return start, headers
 
 
+# Heads repeat: a kept-alive client sends the same request head again and again (the same
+# path, headers and body length), a server the same answer head until its Date ticks.  Parsing
+# is a pure function of the text, so ordinary-sized heads that parsed cleanly are memoised,
+# one bounded table per kind shared by every flow (cleared when full: a stream of distinct
+# heads costs one dict insert each).  Results are shared: callers only read them.
+_HEAD_CACHE_ENTRIES = 128
+_HEAD_CACHE_CHARS = 1024
+_head_cache: tuple[dict[str, Head], dict[str, Head]] = ({}, {})  # responses, requests
+
+
+def _parse_head_cached(text: str, request: bool) -> Head:
+    cache = _head_cache[request]
+    head = cache.get(text)
+    if head is None:
+        head = _parse_head(text, request)  # a ParseError is never memoised
+        if len(text) <= _HEAD_CACHE_CHARS:
+            if len(cache) >= _HEAD_CACHE_ENTRIES:
+                cache.clear()
+            cache[text] = head
+    return head
+
+
 def _parse_head_strict(text: str, request: bool) -> Head:
     """Line by line, naming the first problem found (the reference the fast path follows)."""
     lines = text.split("\n")
@@ -299,7 +321,7 @@ class HttpParser(StreamParser):
 
     # -- requests ---------------------------------------------------------------
     def _request(self, st: DirState, text: str, head_len: int, out: list[L7Event]) -> None:
-        (method, target, version), h = _parse_head(text, request=True)
+        (method, target, version), h = _parse_head_cached(text, True)
         hosts = h.get("host")
         host = None
         if hosts:
@@ -362,7 +384,7 @@ class HttpParser(StreamParser):
 
     # -- responses --------------------------------------------------------------
     def _response(self, st: DirState, text: str, head_len: int, out: list[L7Event]) -> None:
-        start, h = _parse_head(text, request=False)
+        start, h = _parse_head_cached(text, False)
         version, code = start[0], int(start[1])
         interim = 100 <= code < 200 and code != 101
         method = None

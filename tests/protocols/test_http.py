@@ -255,3 +255,22 @@ def test_fast_head_path_takes_ordinary_heads():
                           (resp(200, ["Content-Length: 3", "Server: nginx"]).decode(), False)):
         assert (_FAST_REQUEST if request else _FAST_RESPONSE).match(text) is not None
         assert _outcome(_parse_head, text, request) == _outcome(_parse_head_strict, text, request)
+
+
+def test_memoised_heads_give_the_same_events_as_fresh_parsing():
+    """A head seen before (kept-alive repeats) yields the same events, and a bad head is
+    refused every time it comes (errors are never memoised)."""
+    from firewall.protocols import http as http_mod
+
+    segs = [(TOSERVER, req("POST", "/v1/charge", ["Content-Length: 2"], b"ok") * 3),
+            (TOCLIENT, resp(200, ["Content-Length: 2"], b"ok") * 3)]
+    first, _ = run("http", segs)
+    assert run("http", segs)[0] == first and len(first) == 6
+    for bad, anomaly in ((req("POST", "/", ["Content-Length: 4", "Transfer-Encoding: chunked"]), "smuggling:cl-te"),
+                         (req("GET", "/", ["X-A: 1", " folded"]), "smuggling:obs-fold")):
+        for _ in range(2):
+            events, _ = run("http", [(TOSERVER, bad)])
+            assert events[-1].anomaly == anomaly
+    for _ in range(3 * http_mod._HEAD_CACHE_ENTRIES):  # bounded
+        run("http", [(TOSERVER, req("GET", f"/p{_}"))])
+    assert all(len(c) <= http_mod._HEAD_CACHE_ENTRIES for c in http_mod._head_cache)
