@@ -138,6 +138,9 @@ def load_policy_files(paths: list[str]) -> tuple[list[LoadedDocument], dict[str,
         except YamlSourceError as exc:
             problems.append(str(exc))
             continue
+        except ValueError as exc:  # PyYAML's int() of a scalar longer than Python's 4300 digits
+            problems.append(f"{path}:1: invalid YAML: {exc}")
+            continue
         if not sources:
             problems.append(f"{path}:1: no policy documents in file")
         for src in sources:

@@ -499,6 +499,21 @@ def _loc_item(key: Any) -> str | int:
     return int(key) if isinstance(key, int) else str(key)
 
 
+_UNICODE = ("string_unicode", "Input should be a valid string, unable to parse raw data as a unicode string")
+
+
+def _unpaired(s: str) -> bool:
+    """A string YAML made from a lone surrogate escape ("\\ud800"): not UTF-8.  String fields keep
+    it, but pydantic refuses it where it needs the text itself (numbers, booleans, literals, keys)."""
+    if s.isascii():
+        return False
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _text(v: bytes | bytearray) -> str | None:
     try:
         return bytes(v).decode("utf-8")
@@ -521,23 +536,39 @@ class _Str:
         return _err(errs, "string_type", loc, "Input should be a valid string")
 
 
+_TOO_LONG = ("int_parsing_size", "Unable to parse input string as an integer, exceeded maximum size")
+_NOT_INT = ("int_parsing", "Input should be a valid integer, unable to parse string as an integer")
+
+
+def _signed(s: str) -> int | tuple[str, str]:
+    """``[+-]digits`` -> int without Python's own 4300-digit guard ever raising (leading zeros
+    do not count, as in pydantic-core)."""
+    body = s.lstrip("+-").lstrip("0") or "0"
+    if len(body) > 4300:
+        return _TOO_LONG
+    return -int(body) if s.startswith("-") else int(body)
+
+
 def _str_int(s: str) -> int | tuple[str, str]:
-    """'80', ' 80 ', '+80', '8_0', '80.00' -> 80; what else a YAML string may say is an error."""
+    """'80', ' 80 ', '+80', '8_0', '80.00' -> 80; what else a YAML string may say is an error.
+
+    More than 4300 significant digits are refused as pydantic-core refuses them; for such
+    strings (absurd in a port field) the error *type* can differ from pydantic's when a sign
+    or underscores come with them - both reject."""
     s = s.strip(_TRIM)
-    if len(s) > 4300:
-        return "int_parsing_size", "Unable to parse input string as an integer, exceeded maximum size"
     if _DIGITS.fullmatch(s):
-        return int(s)
+        return _signed(s)
     dot = s.find(".")
     if dot >= 0 and dot + 1 < len(s) and not s[dot + 1:].strip("0"):
         s = s[:dot]
         if _DIGITS.fullmatch(s):
-            return int(s)
+            return _signed(s)
     if "_" in s and "__" not in s and not s.startswith("_") and not s.endswith("_"):
         t = s.replace("_", "")
         if _DIGITS.fullmatch(t):
-            return int(t)
-    return "int_parsing", "Input should be a valid integer, unable to parse string as an integer"
+            n = _signed(t)
+            return _NOT_INT if isinstance(n, tuple) else n
+    return _NOT_INT
 
 
 class _Int:
@@ -560,7 +591,7 @@ class _Int:
                             "Unable to parse input string as an integer, exceeded maximum size")
             n = int(v)
         elif isinstance(v, str):
-            n = _str_int(v)
+            n = _UNICODE if _unpaired(v) else _str_int(v)
         elif isinstance(v, bytes | bytearray):
             s = _text(v)
             n = _str_int(s) if s is not None else (
@@ -589,6 +620,8 @@ class _Bool:
                 return v == 1
         elif isinstance(v, str | bytes | bytearray):
             s = v if isinstance(v, str) else _text(v)
+            if isinstance(v, str) and _unpaired(v):
+                return _err(errs, _UNICODE[0], loc, _UNICODE[1])
             if s is not None:
                 low = s.lower() if s.isascii() else s
                 if low in _TRUE:
@@ -612,6 +645,8 @@ class _Lit:
     def check(self, v: Any, loc: Loc, errs: Errors) -> Any:
         if isinstance(v, str) and v in self.values:
             return v
+        if isinstance(v, str) and _unpaired(v):
+            return _err(errs, _UNICODE[0], loc, _UNICODE[1])
         return _err(errs, "literal_error", loc, self.msg)
 
 
@@ -697,6 +732,8 @@ def _parse(cls: type, value: Any, loc: Loc, errs: Errors) -> Any:
     (only when every field is valid) - the order pydantic reports problems in."""
     if not isinstance(value, dict):
         return _err(errs, "model_type", loc, f"Input should be a valid dictionary or instance of {cls.__name__}")
+    if any(isinstance(k, str) and _unpaired(k) for k in value):  # pydantic gives up on the record
+        return _err(errs, _UNICODE[0], loc, _UNICODE[1])
     spec = _SPECS[cls]
     before = len(errs)
     kw: dict[str, Any] = {}

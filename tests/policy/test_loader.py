@@ -207,3 +207,12 @@ def test_loaded_documents_keep_rule_lines_only() -> None:
     assert lines[fp.rule_line("dlp", 0) - 1].strip() == "- name: no-clear-pan-out-of-cde"
     assert lines[cluster.rule_line("rules", 0) - 1].strip() == "- name: no-ssh-into-containers"
     assert fp.source.value is None and cluster.line == 44
+
+
+def test_integer_longer_than_python_allows_is_a_problem_not_a_crash(tmp_path) -> None:
+    out = problems(tmp_path, HEAD + "  egress:\n    - name: e\n      action: allow\n      ports: [{port: "
+                   + "1" * 5000 + "}]\n")
+    assert len(out) == 1 and out[0].startswith("policy.yaml:1: invalid YAML: Exceeds the limit"), out
+    out = problems(tmp_path, HEAD + "  egress:\n    - name: e\n      action: allow\n      ports: [{port: '"
+                   + "0" * 5000 + "99999'}]\n")
+    assert out == ["policy.yaml:10: spec.egress[0].ports[0].port: Input should be less than or equal to 65535"]

@@ -94,15 +94,15 @@ STRINGS = ["a", "web", "payments", "x.y", "Bad_Name", "-bad", "a" * 64, "default
            "10.0.0.0/8", "10.0.0.1/24", "fd00::/64", "10.0.0.0/33", "bogus-cidr", "*.example.com",
            "API.Example.COM.", "x..y", "*.", "/v1/charge", "/", "v1", "GET", " post ", "get-x", "1GET",
            "1.2.3.4", "::1", "[::1]", "payment_cards", "*", " ", "", "pci.palisade.dev/scope",
-           "app", "k8s-app", "A_b.c", "bad key", "é", b"bytes-ok", b"\xfe"]
+           "app", "k8s-app", "A_b.c", "bad key", "é", b"bytes-ok", b"\xfe", "lone\ud800"]
 INTS = [1, 80, 443, 5432, 65535, 0, -1, 65536, 70000, 2 ** 70, True, False, 80.0, 80.5, 1.0e20,
         float("inf"), "80", " 80 ", "+80", "8_0", "80.0", "80.00", "1_0.0", "80.", "0x50", "8__0", "_80",
-        "-5", "٨٠", "", "abc", b"443", b"\xff", None, [80], {"port": 80}]
+        "-5", "٨٠", "", "abc", "8\udc00", b"443", b"\xff", None, [80], {"port": 80}]
 BOOLS = [True, False, 0, 1, 2, -1, 1.0, 0.0, 2.0, 0.5, "yes", "no", "on", "off", "true", "FALSE", "T",
-         "y", "1", "0", "maybe", " yes", "", b"true", None, []]
+         "y", "1", "0", "maybe", " yes", "", "y\ud800", b"true", None, []]
 LITERAL_EXTRAS = ["Postgres", " HTTP ", "h2", "https", "mariadb", "TCP ", "tcp", "Protect", "1.4", 1.2, 1.0,
-                  1.3, 1.25, 1, 1.5]
-KEYS_EXTRA = ["frm", "bogus", "match_labels", "from_", "end_port", "Name", 5, None, True, 1.5]
+                  1.3, 1.25, 1, 1.5, "\ud800"]
+KEYS_EXTRA = ["frm", "bogus", "match_labels", "from_", "end_port", "Name", 5, None, True, 1.5, "k\ud800"]
 
 # Values that pass each field's checks (or are coerced to such), for documents that get as far
 # as the record checks (L7 sections vs appProto, peer shapes, directions, duplicate names).
