@@ -129,25 +129,77 @@ def _parse_head(text: str, request: bool) -> Head:
 
 
 # Heads repeat: a kept-alive client sends the same request head again and again (the same
-# path, headers and body length), a server the same answer head until its Date ticks.  Parsing
-# is a pure function of the text, so ordinary-sized heads that parsed cleanly are memoised,
-# one bounded table per kind shared by every flow (cleared when full: a stream of distinct
-# heads costs one dict insert each).  Results are shared: callers only read them.
+# path, headers and body length), a server the same answer head until its Date ticks.  What
+# a head says (method, host, path, framing...) is a pure function of its text, so for
+# ordinary-sized heads that passed every check it is memoised, one bounded table per kind
+# shared by every flow (cleared when full: a stream of distinct heads costs a dict insert
+# each).  A head that fails a check is never kept: it is refused again every time it comes.
 _HEAD_CACHE_ENTRIES = 128
 _HEAD_CACHE_CHARS = 1024
-_head_cache: tuple[dict[str, Head], dict[str, Head]] = ({}, {})  # responses, requests
+_facts_cache: tuple[dict[str, tuple], dict[str, tuple]] = ({}, {})  # responses, requests
 
 
-def _parse_head_cached(text: str, request: bool) -> Head:
-    cache = _head_cache[request]
-    head = cache.get(text)
-    if head is None:
-        head = _parse_head(text, request)  # a ParseError is never memoised
+def _request_facts(text: str) -> tuple:
+    """(method, host, path, version, content_length, chunked, content_encoding, content_type,
+    upgrade) of a request head; ParseError for framing a server could read two ways."""
+    (method, target, version), h = _parse_head(text, True)
+    hosts = h.get("host")
+    host = None
+    if hosts:
+        if len(hosts) > 1 and len(set(hosts)) > 1:
+            raise ParseError("smuggling:duplicate-host")
+        host = hosts[0]
+    path = target
+    if target[:1] != "/" and target.lower().startswith(("http://", "https://")):
+        rest = target.split("://", 1)[1]
+        authority, slash, tail = rest.partition("/")
+        host = authority or host
+        path = slash + tail if slash else "/"
+    elif method == "CONNECT":
+        host = host or target
+    te = _tokens(h["transfer-encoding"]) if "transfer-encoding" in h else None
+    cl_values = h.get("content-length")
+    chunked = False
+    length: int | None
+    if te:
+        if cl_values:
+            raise ParseError("smuggling:cl-te")
+        if te[-1] != "chunked" or te.count("chunked") != 1 or any(t not in _KNOWN_CODINGS for t in te):
+            raise ParseError("smuggling:bad-transfer-encoding")
+        if version == "HTTP/1.0":
+            raise ParseError("smuggling:te-in-http1.0")
+        chunked = True
+        length = None
+    else:
+        length = _content_length(cl_values, "smuggling:")
+    enc = _tokens(h["content-encoding"]) if "content-encoding" in h else None
+    return (method, host, path, version[5:], length, chunked, enc[-1] if enc else None,
+            (h.get("content-type") or [None])[0], (h.get("upgrade") or [None])[0])
+
+
+def _response_facts(text: str) -> tuple:
+    """(status, version, content_length, chunked, content_encoding, content_type) of a
+    response head, before the request method (HEAD, CONNECT) is taken into account."""
+    start, h = _parse_head(text, False)
+    code = int(start[1])
+    te = _tokens(h["transfer-encoding"]) if "transfer-encoding" in h else None
+    chunked = bool(te) and te[-1] == "chunked"
+    length = None if te else _content_length(h.get("content-length"), "")
+    enc = _tokens(h["content-encoding"]) if "content-encoding" in h else None
+    return (code, start[0][5:], length, chunked, enc[-1] if enc else None,
+            (h.get("content-type") or [None])[0])
+
+
+def _head_facts(text: str, request: bool) -> tuple:
+    cache = _facts_cache[request]
+    facts = cache.get(text)
+    if facts is None:
+        facts = _request_facts(text) if request else _response_facts(text)  # may raise: not kept
         if len(text) <= _HEAD_CACHE_CHARS:
             if len(cache) >= _HEAD_CACHE_ENTRIES:
                 cache.clear()
-            cache[text] = head
-    return head
+            cache[text] = facts
+    return facts
 
 
 def _parse_head_strict(text: str, request: bool) -> Head:
@@ -321,50 +373,21 @@ class HttpParser(StreamParser):
 
     # -- requests ---------------------------------------------------------------
     def _request(self, st: DirState, text: str, head_len: int, out: list[L7Event]) -> None:
-        (method, target, version), h = _parse_head_cached(text, True)
-        hosts = h.get("host")
-        host = None
-        if hosts:
-            if len(hosts) > 1 and len(set(hosts)) > 1:
-                raise ParseError("smuggling:duplicate-host")
-            host = hosts[0]
-        path = target
-        if target[:1] != "/" and target.lower().startswith(("http://", "https://")):
-            rest = target.split("://", 1)[1]
-            authority, slash, tail = rest.partition("/")
-            host = authority or host
-            path = slash + tail if slash else "/"
-        elif method == "CONNECT":
-            host = host or target
-        te = _tokens(h["transfer-encoding"]) if "transfer-encoding" in h else None
-        cl_values = h.get("content-length")
-        chunked = False
-        length: int | None
-        if te:
-            if cl_values:
-                raise ParseError("smuggling:cl-te")
-            if te[-1] != "chunked" or te.count("chunked") != 1 or any(t not in _KNOWN_CODINGS for t in te):
-                raise ParseError("smuggling:bad-transfer-encoding")
-            if version == "HTTP/1.0":
-                raise ParseError("smuggling:te-in-http1.0")
-            chunked = True
-            length = None
-        else:
-            length = _content_length(cl_values, "smuggling:")
+        method, host, path, version, length, chunked, encoding, ctype, upgrade = _head_facts(text, True)
         body = length or 0
-        end = -1 if chunked else st.pos + head_len + body
-        enc = _tokens(h["content-encoding"]) if "content-encoding" in h else None
+        head_end = st.pos + head_len
+        end = -1 if chunked else head_end + body
         fields: dict[str, Any] = {
             "method": method,
             "host": host,
             "path": path,
-            "version": version[5:],  # validated: HTTP/d.d
+            "version": version,
             "content_length": length,
             "chunked": chunked,
-            "content_encoding": enc[-1] if enc else None,
-            "content_type": (h.get("content-type") or [None])[0],
-            "upgrade": (h.get("upgrade") or [None])[0],
-            "head_end": st.pos + head_len,
+            "content_encoding": encoding,
+            "content_type": ctype,
+            "upgrade": upgrade,
+            "head_end": head_end,
         }
         out.append(L7Event(APP_PROTO, "request", TOSERVER, st.pos, fields, end))
         self.requests += 1
@@ -384,15 +407,11 @@ class HttpParser(StreamParser):
 
     # -- responses --------------------------------------------------------------
     def _response(self, st: DirState, text: str, head_len: int, out: list[L7Event]) -> None:
-        start, h = _parse_head_cached(text, False)
-        version, code = start[0], int(start[1])
+        code, version, length, chunked, encoding, ctype = _head_facts(text, False)
         interim = 100 <= code < 200 and code != 101
         method = None
         if not interim and self._pending:
             method = self._pending.popleft()
-        te = _tokens(h["transfer-encoding"]) if "transfer-encoding" in h else None
-        chunked = bool(te) and te[-1] == "chunked"
-        length = None if te else _content_length(h.get("content-length"), "")
         no_body = interim or code in (101, 204, 304) or method == "HEAD"
         tunnel = code == 101 or (method == "CONNECT" and 200 <= code < 300)
         until_close = not no_body and not chunked and length is None and not tunnel
@@ -404,14 +423,13 @@ class HttpParser(StreamParser):
             body, end = length, st.pos + head_len + length
         else:
             body, end = 0, -1
-        enc = _tokens(h["content-encoding"]) if "content-encoding" in h else None
         fields = {
             "status": code,
-            "version": version[5:],  # validated: HTTP/d.d
+            "version": version,
             "content_length": length,
             "chunked": chunked,
-            "content_encoding": enc[-1] if enc else None,
-            "content_type": (h.get("content-type") or [None])[0],
+            "content_encoding": encoding,
+            "content_type": ctype,
         }
         out.append(L7Event(APP_PROTO, "response", TOCLIENT, st.pos, fields, end))
         if not interim:

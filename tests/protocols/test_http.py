@@ -273,4 +273,4 @@ def test_memoised_heads_give_the_same_events_as_fresh_parsing():
             assert events[-1].anomaly == anomaly
     for _ in range(3 * http_mod._HEAD_CACHE_ENTRIES):  # bounded
         run("http", [(TOSERVER, req("GET", f"/p{_}"))])
-    assert all(len(c) <= http_mod._HEAD_CACHE_ENTRIES for c in http_mod._head_cache)
+    assert all(len(c) <= http_mod._HEAD_CACHE_ENTRIES for c in http_mod._facts_cache)
