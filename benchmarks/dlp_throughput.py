@@ -6,7 +6,9 @@ Inputs (from ``dlp_corpus``, seeded): ``text+pii`` is ordinary application
 traffic (JSON API objects, log lines, prose) with one sensitive value every 4 KiB
 (``text+pii/64K``: every 64 KiB)
 and one hard negative (card-shaped number, order ID, timestamp, phone ...) every
-4 KiB; ``dense`` is adversarial - every line a labelled corpus document, three in
+4 KiB; ``run.py text`` is exactly the text payload of ``run.py``'s bulk test (8 MiB of
+``pii_text(seed=2, every=65536)`` repeated: see ``bench_dlp_text.py``, which measures it per
+chunk size with medians); ``dense`` is adversarial - every line a labelled corpus document, three in
 four of them hard negatives; ``binary`` is random bytes.  Rows:
 
 * ``engine``: ``DlpStream.scan`` in ``--chunk`` pieces, default packs (contact off),
@@ -36,6 +38,7 @@ import hyperscan
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_dlp_text import payload as runpy_text  # noqa: E402
 from dlp_corpus import binary, dense_text, pii_text  # noqa: E402
 
 from firewall.dlp import DlpEngine  # noqa: E402
@@ -116,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="also write the JSON result here")
     args = ap.parse_args(argv)
     size = args.mib << 20
-    inputs = {"text+pii": pii_text(size=size), "text+pii/64K": pii_text(size=size, every=65536),
+    inputs = {"run.py text": runpy_text(args.mib), "text+pii": pii_text(size=size),
+              "text+pii/64K": pii_text(size=size, every=65536),
               "dense": dense_text(size=size), "binary": binary(size=size)}
     with tempfile.TemporaryDirectory() as cache:
         t0 = time.perf_counter()

@@ -4,16 +4,24 @@ How a value is found (and why it is fast):
 
 1. Every enabled rule contributes short, bounded *trigger* expressions (see
    ``dlp_rules``).  All triggers are compiled into ONE stream-mode Hyperscan
-   database without start-of-match tracking: Hyperscan only reports "a trigger
-   ends at offset t", which is what it does fastest.  One Hyperscan stream per
-   connection direction is opened on the first byte and closed with the flow, so a
-   value split across TCP segments is seen like any other.
+   database.  Fixed-width triggers are compiled without start-of-match tracking
+   (Hyperscan reports "a trigger ends at offset t", which is what it does fastest);
+   variable-width triggers up to ``SOM_MAX_WIDTH`` bytes ask for the leftmost start
+   too, which costs nothing measurable on them and saves a Python regex search per
+   candidate.  One Hyperscan stream per connection direction is opened on the first
+   byte and closed with the flow, so a value split across TCP segments is seen like
+   any other.  On text the scan itself is most of the cost, and it depends on how
+   the triggers are written more than on how many there are: the card and SSN
+   shapes share one factored trigger (see ``payment_cards.yaml``).
 2. Each stream keeps a look-back window of the last ``holdback + 66`` bytes.  A
-   trigger hit becomes a *candidate* (rule, start); its start is known from the
-   trigger's width.  The rule's value regexes are matched at that start on the
-   window and the validator (Luhn, mod-97, SSN rules, entropy ...) runs on the
-   exact matched bytes.  Python work is proportional to the number of candidates,
-   never to the number of bytes.
+   trigger hit becomes a *candidate* (rule, start).  The rules to try there come
+   from a per-trigger table indexed by the candidate's first byte (a rule's
+   ``prefix`` such as a card brand's IIN is decided by the table or one regex
+   call); the rule's value regexes are matched at that start on the window (several
+   values as one alternation) and the validator (Luhn, mod-97, SSN rules, entropy
+   ...) runs on the exact matched bytes.  Python work is proportional to the number
+   of candidates, never to the number of bytes, and nothing is allocated for a
+   candidate that does not validate.
 3. **The blocking contract**: every value whose last byte has been passed to
    ``scan()`` is reported no later than that call.  Triggers carry no trailing
    ``\\b``/``$`` (which Hyperscan could only report on the next write); the right
@@ -62,6 +70,7 @@ from firewall.dlp_rules import (
     Trigger,
     default_rules_dir,
     load_packs,
+    offset_sets,
     pack_files,
     prefix_dispatch,
     rules_hash,
@@ -190,26 +199,47 @@ class DlpEngine:
                 body = f"(?<!{t.boundary})" + body
             self._trigger_rx.append(re.compile(body.encode()))
         # Which owners of a trigger to try at a candidate, by the candidate's first byte: a
-        # table of 256 tuples (rule, prefix regex still to check, or None) per trigger.  A rule
+        # table of 256 entries (rule, prefix regex still to check, or None) per trigger.  A rule
         # without 'prefix' is always tried; one whose prefix is a single character class is
         # decided by the table alone (Visa '4', SSN '[0-8]'); the others are listed under the
-        # bytes their prefix can start with and checked with one regex call there.
-        self._trigger_dispatch: list[list[tuple[tuple[int, re.Pattern[bytes] | None], ...]]] = []
-        interned: dict[tuple[tuple[int, re.Pattern[bytes] | None], ...],
-                       tuple[tuple[int, re.Pattern[bytes] | None], ...]] = {}
-        for owners in trigger_rules:
+        # bytes their prefix can start with and checked with one regex call there.  Where the
+        # rules left for a first byte want different bytes at some later offset inside the
+        # trigger (an SSN a dash or space 4th, a card a digit), the entry is a second table
+        # [offset, 256 rows] instead, so a candidate is only tried by rules that can match it.
+        self._trigger_dispatch: list[list[Any]] = []
+        interned: dict[Any, Any] = {}
+        rule_sets: dict[int, list[frozenset[int]]] = {}
+        for tid, owners in enumerate(trigger_rules):
+            probe_max = min(8, triggers[tid].min_width)
+            trig_sets = offset_sets([triggers[tid].pattern], probe_max)
             plans = []
             for ri in owners:
                 prefix = rules[ri].prefix
+                if ri not in rule_sets:
+                    rule_sets[ri] = _rule_offset_sets(rules[ri], 8)
                 if prefix is None:
                     plans.append((ri, None, None))
                     continue
                 first, one = prefix_dispatch(prefix.pattern.decode("ascii"))
                 plans.append((ri, first, None if one else prefix))
-            table = []
+            table: list[Any] = []
             for byte in range(256):
                 row = tuple((ri, check) for ri, first, check in plans if first is None or byte in first)
-                table.append(interned.setdefault(row, row))
+                entry: Any = interned.setdefault(row, row)
+                best = None
+                for k in range(1, probe_max):
+                    allowed = trig_sets[k]
+                    kept = sum(len(rule_sets[ri][k] & allowed) for ri, _ in row)
+                    if kept < len(row) * len(allowed) and (best is None or kept < best[0]):
+                        best = (kept, k)
+                if row and best is not None:
+                    k = best[1]
+                    sub = []
+                    for b2 in range(256):
+                        r2 = tuple(x for x in row if b2 in rule_sets[x[0]][k])
+                        sub.append(interned.setdefault(r2, r2))
+                    entry = [k, sub]
+                table.append(entry)
             self._trigger_dispatch.append(table)
         # Per rule, what the evaluation needs: the validator, the value regexes, and - when there
         # are several without groups of their own (the card shapes) - the alternation of
@@ -339,6 +369,15 @@ class DlpEngine:
 # triggers (an e-mail local part of 1-64 characters) it halves the scan speed, so those are
 # located in Python instead (they are rare and off by default).
 SOM_MAX_WIDTH = 32
+
+
+def _rule_offset_sets(rule: Rule, k_max: int) -> list[frozenset[int]]:
+    """Bytes a rule's value can have at offsets 0 .. k_max-1: its values' and its prefix's."""
+    sets = offset_sets([rx.pattern.decode("ascii") for rx in rule.values], k_max)
+    if rule.prefix is not None:
+        pre = offset_sets([rule.prefix.pattern.decode("ascii")], k_max)
+        sets = [a & b for a, b in zip(sets, pre, strict=True)]
+    return sets
 
 
 def _som_flags(triggers: list[Trigger]) -> list[bool]:
@@ -540,7 +579,10 @@ class DlpStream:
             pos = start - base
             if pos < 0:  # cannot happen (the window outlasts every trigger); never index from the end
                 continue
-            for ri, check in dispatch[tid][window[pos]]:
+            row = dispatch[tid][window[pos]]
+            if row.__class__ is list:  # second table by the byte at offset row[0] (< trigger width)
+                row = row[1][window[pos + row[0]]]
+            for ri, check in row:
                 if check is not None and check.match(window, pos) is None:
                     continue
                 if pending and (ri, start) in pending:

@@ -151,6 +151,100 @@ def prefix_dispatch(pattern: str) -> tuple[frozenset[int] | None, bool]:
     return (frozenset(first) if first is not None else None), one
 
 
+_ANY = frozenset(range(256))
+
+
+def offset_sets(patterns: list[str], k_max: int) -> list[frozenset[int]]:
+    """For offsets 0 .. k_max-1 from a match's start, the bytes a match of any of ``patterns``
+    can have there (every byte where a pattern can end earlier or is not simple to follow).
+
+    Conservative: look-arounds are ignored (they only narrow a match), and anything beyond
+    plain characters, classes, groups, alternations and repeats - case-insensitive parts,
+    back-references - allows every byte from that point on.  The engine uses it to skip rules
+    whose values cannot match a candidate (an SSN needs a dash or space as 4th byte, a card
+    a digit) with one table look-up instead of a regex call."""
+    from re import _constants as c  # type: ignore[attr-defined]
+
+    sets: list[set[int]] = [set() for _ in range(k_max)]
+
+    def wild(cur: set[int]) -> set[int]:
+        for o in range(min(cur, default=k_max), k_max):
+            sets[o] = set(_ANY)
+        return set()
+
+    def chars(op: Any, av: Any) -> set[int] | None:
+        if op is c.LITERAL:
+            return {av}
+        if op is c.NOT_LITERAL:
+            return set(_ANY) - {av}
+        if op is c.ANY:
+            return set(_ANY)
+        if op is c.IN:
+            out: set[int] = set()
+            negate = False
+            for iop, iav in av:
+                if iop is c.NEGATE:
+                    negate = True
+                elif iop is c.LITERAL:
+                    out.add(iav)
+                elif iop is c.RANGE:
+                    out.update(range(iav[0], min(iav[1], 255) + 1))
+                elif iop is c.CATEGORY and iav is c.CATEGORY_DIGIT:
+                    out.update(range(48, 58))
+                else:
+                    return set(_ANY)
+            return set(_ANY) - out if negate else out
+        return None
+
+    def seq(items: Any, cur: set[int]) -> set[int]:
+        for op, av in items:
+            cur = {o for o in cur if o < k_max}
+            if not cur:
+                return cur
+            one = chars(op, av)
+            if one is not None:
+                for o in cur:
+                    sets[o] |= one
+                cur = {o + 1 for o in cur}
+            elif op in (c.ASSERT, c.ASSERT_NOT, c.AT):
+                continue  # zero width; ignoring a look-around only widens the sets
+            elif op is c.SUBPATTERN:
+                if av[1] or av[2]:  # local flags such as (?i:...)
+                    return wild(cur)
+                cur = seq(av[-1], cur)
+            elif op is c.BRANCH:
+                nxt: set[int] = set()
+                for alt in av[1]:
+                    nxt |= seq(alt, set(cur))
+                cur = nxt
+            elif op in (c.MAX_REPEAT, c.MIN_REPEAT):
+                lo, hi, sub = av
+                ends = set(cur) if lo == 0 else set()
+                step = set(cur)
+                for i in range(1, min(hi, k_max + 1) + 1):
+                    step = seq(sub, step)
+                    step = {o for o in step if o < k_max} if i < hi else step
+                    if i >= lo:
+                        ends |= step
+                    if not step:
+                        break
+                cur = ends
+            else:
+                return wild(cur)
+        return cur
+
+    for pattern in patterns:
+        tree = _parsed(pattern)
+        import re as _re
+
+        if tree.state.flags & _re.IGNORECASE:
+            return [_ANY] * k_max
+        for end in seq(tree.data, {0}):
+            if end < k_max:
+                wild({end})  # a match may stop here: any byte may follow
+    return [frozenset(x) for x in sets]
+
+
 @dataclass(frozen=True, slots=True)
 class Trigger:
     """One Hyperscan expression; identical triggers of several rules are compiled once."""

@@ -314,3 +314,30 @@ def test_streams_dropped_without_close_are_freed(engine):
         del s
     gc.collect()
     assert spans(engine.scan_bytes(b"pan 4111111111111111")) == [("card.visa", 4, 20)]
+
+
+def test_values_at_the_very_start_of_a_stream(engine):
+    """Start-of-match at stream offset 0: '^' and a consumed boundary byte both start there."""
+    assert spans(engine.scan_bytes(b"4111111111111111 ok")) == [("card.visa", 0, 16)]
+    assert spans(engine.scan_bytes(b" 4111111111111111")) == [("card.visa", 1, 17)]
+    assert spans(engine.scan_bytes(b"-536-22-1234")) == [("us.ssn", 1, 12)]
+    assert spans(engine.scan_bytes(b"536-22-1234")) == [("us.ssn", 0, 11)]
+    assert spans(engine.scan_bytes(b"x4111111111111111")) == []  # glued to a word: not a PAN
+    for n in range(1, 18):  # the same value split at every offset
+        s = engine.stream()
+        data = b" 3782 822463 10005."
+        got = s.scan(data[:n]) + s.scan(data[n:]) + s.close()
+        assert spans(got) == [("card.amex", 1, 18)], n
+
+
+def test_card_and_ssn_rules_share_one_trigger(engine):
+    """payment_cards and us_pii must spell the digit trigger identically: it is then compiled
+    once, which is what keeps the Hyperscan scan fast on digit-rich text."""
+    owners = {}
+    for tid, rules in enumerate(engine._trigger_rules):
+        for ri in rules:
+            owners.setdefault(engine.rules[ri].id, set()).add(tid)
+    shared = owners["card.visa"]
+    assert len(shared) == 1
+    for rid in ("card.mastercard", "card.amex", "card.maestro", "us.ssn", "us.itin"):
+        assert owners[rid] == shared, rid
