@@ -75,20 +75,23 @@ def luhn(value: bytes) -> bool:
     return (sum(digits[-1::-2] + digits[-2::-2].translate(_LUHN_DOUBLED)) - 48 * n) % 10 == 0
 
 
+# Byte -> its digits in the IBAN check (A=10 ... Z=35); anything else is not an IBAN character.
+_IBAN_DIGITS = {**{c: str(c - 48) for c in range(48, 58)}, **{c: str(c - 55) for c in range(65, 91)}}
+
+
 def mod97(value: bytes) -> bool:
     """IBAN check: known SEPA country, exact length, rearranged number mod 97 == 1."""
-    iban = _NON_ALNUM.sub(b"", value).upper()
+    iban = bytes(value).replace(b" ", b"").replace(b"+", b"")  # the usual separators, cheaply
+    if not iban.isalnum():
+        iban = _NON_ALNUM.sub(b"", iban)
+    iban = iban.upper()
     if IBAN_LENGTHS.get(iban[:2].decode("ascii", "replace")) != len(iban) or not iban[2:4].isdigit():
         return False
-    total = 0
-    for c in iban[4:] + iban[:4]:  # letters count as two digits (A=10 ... Z=35)
-        if 48 <= c <= 57:
-            total = (total * 10 + c - 48) % 97
-        elif 65 <= c <= 90:
-            total = (total * 100 + c - 55) % 97
-        else:
-            return False
-    return total == 1
+    try:  # letters count as two digits; one int() instead of a loop per character
+        number = "".join(map(_IBAN_DIGITS.__getitem__, iban[4:] + iban[:4]))
+    except KeyError:  # a non-ASCII alphanumeric byte
+        return False
+    return int(number) % 97 == 1
 
 
 def ssn(value: bytes) -> bool:
