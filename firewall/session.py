@@ -84,7 +84,7 @@ class Inspection:
 
 
 #: L7 events whose policy decision is cached per flow: the HTTP family, where a policy's L7
-#: matchers read only the fields in ``_l7_key`` (policy_match.L7Matcher.check, section http)
+#: matchers read only method, path, host and :authority (policy_match.L7Matcher.check, http)
 _CACHED_L7 = frozenset({"http", "http2", "grpc"})
 _L7_CACHE_MAX = 64
 _MISS = object()
@@ -108,11 +108,6 @@ class _L7Cache:
         self.mode_override = mode_override
         self.quarantined = quarantined
         self.entries: dict[tuple, Any] = {}
-
-
-def _l7_key(ev: L7Event) -> tuple:
-    f = ev.fields
-    return (ev.app_proto, ev.kind, f.get("method"), f.get("path"), f.get("host"), f.get(":authority"))
 
 
 def _forbidden(rule: str, reason: str) -> bytes:
@@ -281,7 +276,7 @@ class Session:
         if self._stopped is not None:
             return b"", self._stopped
         stop = self.inspect(d, data)
-        if stop is None and self._dlp_on():
+        if stop is None and self.insp.dlp is not None and self._dlp_actions and not self.encrypted:  # _dlp_on()
             stop = self._scan(d, data)
         return self.assemble(d, data, stop)
 
@@ -505,21 +500,21 @@ class Session:
 
     def _on_event(self, ev: L7Event) -> Stop | None:
         insp = self.insp
-        if ev.app_proto and ev.app_proto != self.app_proto and ev.app_proto == "grpc":
+        app, kind = ev.app_proto, ev.kind
+        if app == "grpc" and self.app_proto != "grpc":
             self.app_proto = "grpc"
-        if ev.kind == "server_hello" or (ev.app_proto == "tls"):
+        if kind == "server_hello" or app == "tls":
             self.encrypted = True
-        if insp.l7_events and ev.kind != "anomaly":
-            e = self._base_event(ev.app_proto or self.app_proto)
-            e[ev.app_proto or self.app_proto] = {"kind": ev.kind, "direction": DIR_NAMES[ev.direction],
-                                                 **{k: v for k, v in ev.fields.items() if k != "head_end"}}
+        if insp.l7_events and kind != "anomaly":
+            e = self._base_event(app or self.app_proto)
+            e[app or self.app_proto] = {"kind": kind, "direction": DIR_NAMES[ev.direction],
+                                        **{k: v for k, v in ev.fields.items() if k != "head_end"}}
             insp.emit(e)
-        if ev.kind == "answer" and insp.fqdn is not None and ev.app_proto == "dns":
+        if kind == "answer" and insp.fqdn is not None and app == "dns":
             self._learn_dns(ev)
-        if ev.kind == "anomaly":
+        if kind == "anomaly":
             return self._on_anomaly(ev)
-        if (ev.kind == "request" and ev.direction == TOSERVER and ev.app_proto == "http"
-                and self._dlp_on()):
+        if kind == "request" and app == "http" and ev.direction == TOSERVER and self._dlp_on():
             stop = self._decoded_request(ev)
             if stop is not None:
                 return stop
@@ -550,7 +545,8 @@ class Session:
             except TypeError:  # a policy object without weak references: no cache
                 return policy.decide_l7(self.flowinfo, ev, mode_override=insp.mode_override,
                                         quarantined=insp.quarantined)
-        key = _l7_key(ev)
+        f = ev.fields
+        key = (ev.app_proto, ev.kind, f.get("method"), f.get("path"), f.get("host"), f.get(":authority"))
         try:
             d = c.entries.get(key, _MISS)
         except TypeError:  # an unhashable field value
