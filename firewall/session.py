@@ -86,7 +86,8 @@ class Inspection:
 #: L7 events whose policy decision is cached per flow: the HTTP family, where a policy's L7
 #: matchers read only method, path, host and :authority (policy_match.L7Matcher.check, http)
 _CACHED_L7 = frozenset({"http", "http2", "grpc"})
-_L7_CACHE_MAX = 64
+_L7_CACHE_MAX = 16  # entries per flow: a few endpoints, bounded memory per kept-alive flow
+_L7_CACHE_PATH = 512  # longer targets are decided uncached (and not kept)
 _MISS = object()
 
 
@@ -546,7 +547,11 @@ class Session:
                 return policy.decide_l7(self.flowinfo, ev, mode_override=insp.mode_override,
                                         quarantined=insp.quarantined)
         f = ev.fields
-        key = (ev.app_proto, ev.kind, f.get("method"), f.get("path"), f.get("host"), f.get(":authority"))
+        path = f.get("path")
+        if path is not None and len(path) > _L7_CACHE_PATH:
+            return policy.decide_l7(self.flowinfo, ev, mode_override=insp.mode_override,
+                                    quarantined=insp.quarantined)
+        key = (ev.app_proto, ev.kind, f.get("method"), path, f.get("host"), f.get(":authority"))
         try:
             d = c.entries.get(key, _MISS)
         except TypeError:  # an unhashable field value

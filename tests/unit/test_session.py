@@ -327,7 +327,7 @@ def test_l7_cache_gives_the_policy_engine_answers(insp):
                         for _ in range(2):  # miss, then hit
                             assert s._decide_l7(policy, ev) == policy.decide_l7(
                                 s.flowinfo, ev, mode_override=mode, quarantined=False)
-    assert len(s._l7c.entries) <= 64
+    assert len(s._l7c.entries) <= 16
 
 
 def test_l7_cache_is_bounded(insp):
@@ -335,4 +335,8 @@ def test_l7_cache_is_bounded(insp):
     for i in range(200):
         s.feed(TOSERVER, _get(f"/v1/charge/{i}", "POST"))
         s.feed(TOCLIENT, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-    assert 0 < len(s._l7c.entries) <= 64
+    assert 0 < len(s._l7c.entries) <= 16
+    long_path = "/v1/charge/" + "x" * 600
+    out, stop = s.feed(TOSERVER, _get(long_path, "POST"))
+    assert stop is None and s.rule == "shop-posts-charges"
+    assert all(k[3] != long_path for k in s._l7c.entries)  # decided, not kept
