@@ -210,35 +210,30 @@ class DlpEngine:
         interned: dict[Any, Any] = {}
         rule_sets: dict[int, list[frozenset[int]]] = {}
         for tid, owners in enumerate(trigger_rules):
-            probe_max = min(8, triggers[tid].min_width)
+            # Probing inside the trigger pays where one trigger serves rules of different shapes
+            # (cards and SSNs); a rule's own trigger already has its value's shape.
+            probe_max = min(8, triggers[tid].min_width) if len(owners) > 1 else 1
             trig_sets = offset_sets([triggers[tid].pattern], probe_max)
             plans = []
             for ri in owners:
                 prefix = rules[ri].prefix
-                if ri not in rule_sets:
+                if ri not in rule_sets and probe_max > 1:
                     rule_sets[ri] = _rule_offset_sets(rules[ri], 8)
                 if prefix is None:
                     plans.append((ri, None, None))
                     continue
                 first, one = prefix_dispatch(prefix.pattern.decode("ascii"))
                 plans.append((ri, first, None if one else prefix))
-            table: list[Any] = []
+            memo: dict[Any, Any] = {}
+            by_admitted: dict[tuple[bool, ...], Any] = {}  # most bytes admit the same rules
+            table = []
             for byte in range(256):
-                row = tuple((ri, check) for ri, first, check in plans if first is None or byte in first)
-                entry: Any = interned.setdefault(row, row)
-                best = None
-                for k in range(1, probe_max):
-                    allowed = trig_sets[k]
-                    kept = sum(len(rule_sets[ri][k] & allowed) for ri, _ in row)
-                    if kept < len(row) * len(allowed) and (best is None or kept < best[0]):
-                        best = (kept, k)
-                if row and best is not None:
-                    k = best[1]
-                    sub = []
-                    for b2 in range(256):
-                        r2 = tuple(x for x in row if b2 in rule_sets[x[0]][k])
-                        sub.append(interned.setdefault(r2, r2))
-                    entry = [k, sub]
+                admitted = tuple(first is None or byte in first for _, first, _ in plans)
+                entry = by_admitted.get(admitted)
+                if entry is None:
+                    row = tuple((ri, check) for (ri, _, check), ok in zip(plans, admitted, strict=True) if ok)
+                    entry = by_admitted[admitted] = _split_row(row, frozenset(), PROBE_DEPTH, trig_sets,
+                                                               rule_sets, memo, interned)
                 table.append(entry)
             self._trigger_dispatch.append(table)
         # Per rule, what the evaluation needs: the validator, the value regexes, and - when there
@@ -369,6 +364,8 @@ class DlpEngine:
 # triggers (an e-mail local part of 1-64 characters) it halves the scan speed, so those are
 # located in Python instead (they are rare and off by default).
 SOM_MAX_WIDTH = 32
+# How many bytes inside a trigger (after the first) the rule dispatch may look at.
+PROBE_DEPTH = 2
 
 
 def _rule_offset_sets(rule: Rule, k_max: int) -> list[frozenset[int]]:
@@ -378,6 +375,31 @@ def _rule_offset_sets(rule: Rule, k_max: int) -> list[frozenset[int]]:
         pre = offset_sets([rule.prefix.pattern.decode("ascii")], k_max)
         sets = [a & b for a, b in zip(sets, pre, strict=True)]
     return sets
+
+
+def _split_row(row: Any, used: frozenset[int], depth: int, trig_sets: list[frozenset[int]],
+               rule_sets: dict[int, list[frozenset[int]]], memo: dict[Any, Any], interned: dict[Any, Any]) -> Any:
+    """A dispatch entry: the rules to try (a tuple), or - when the rules left want different
+    bytes at some offset inside the trigger - ``[offset, 256 entries]`` on the most selective
+    offset, up to ``depth`` levels.  Identical rows and sub-tables are shared."""
+    key = (row, used, depth)
+    if key in memo:
+        return memo[key]
+    best = None
+    for k in range(1, len(trig_sets)):
+        if k in used:
+            continue
+        allowed = trig_sets[k]
+        kept = sum(len(rule_sets[ri][k] & allowed) for ri, _ in row)
+        if kept < len(row) * len(allowed) and (best is None or kept < best[0]):
+            best = (kept, k)
+    entry: Any = interned.setdefault(row, row)
+    if row and best is not None and depth > 0:
+        k = best[1]
+        entry = [k, [_split_row(tuple(x for x in row if b in rule_sets[x[0]][k]), used | {k}, depth - 1,
+                                trig_sets, rule_sets, memo, interned) for b in range(256)]]
+    memo[key] = entry
+    return entry
 
 
 def _som_flags(triggers: list[Trigger]) -> list[bool]:
@@ -580,7 +602,7 @@ class DlpStream:
             if pos < 0:  # cannot happen (the window outlasts every trigger); never index from the end
                 continue
             row = dispatch[tid][window[pos]]
-            if row.__class__ is list:  # second table by the byte at offset row[0] (< trigger width)
+            while row.__class__ is list:  # next table by the byte at offset row[0] (< trigger width)
                 row = row[1][window[pos + row[0]]]
             for ri, check in row:
                 if check is not None and check.match(window, pos) is None:

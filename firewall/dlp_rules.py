@@ -19,6 +19,7 @@ that Python or Hyperscan reject, unbounded triggers - and reported as one
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -155,6 +156,12 @@ _ANY = frozenset(range(256))
 
 
 def offset_sets(patterns: list[str], k_max: int) -> list[frozenset[int]]:
+    """See ``_offset_sets``; cached, since rules sharing values (the card brands) ask alike."""
+    return _offset_sets(tuple(patterns), k_max)
+
+
+@functools.lru_cache(maxsize=256)
+def _offset_sets(patterns: tuple[str, ...], k_max: int) -> list[frozenset[int]]:
     """For offsets 0 .. k_max-1 from a match's start, the bytes a match of any of ``patterns``
     can have there (every byte where a pattern can end earlier or is not simple to follow).
 
