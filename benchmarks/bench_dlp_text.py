@@ -1,7 +1,8 @@
 """DLP engine throughput on exactly the text payload of ``benchmarks/run.py``'s bulk test.
 
     python benchmarks/bench_dlp_text.py [--mib 32] [--chunks 65536,131072,262144] [--runs 5]
-                                        [--profile] [--json out.json]
+                                        [--binary] [--rules DIR [--rules DIR2]] [--profile]
+                                        [--json out.json]
 
 ``run.py`` serves ``pii_text(seed=2, size=8 MiB, every=65536)`` (a hard negative every
 4 KiB, a real value every 64 KiB) repeated back to back for the whole download; the
@@ -11,20 +12,28 @@ stream of the default packs, per chunk size, ``--runs`` times, and reports MB/s 
 **CPU time** (``time.process_time``; the machine is shared, wall time measures the
 neighbours) as the median and the best run, plus findings (alerts) per MiB.
 
-``--profile`` prints a cProfile of one 64 KiB-chunk run instead of timing.
+``--baseline COMMIT`` times the engine and rule packs of that commit too, interleaved with
+the current ones (before/after in one process).  ``--rules`` given twice compares two rule
+directories, runs interleaved (the machine's
+load changes by 2x within minutes, so only same-sitting, interleaved figures compare).
+``--binary`` adds random bytes of the same size.  ``--profile`` prints a cProfile of one
+64 KiB-chunk run instead of timing.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import importlib
 import json
 import pstats
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -43,7 +52,27 @@ def payload(mib: int) -> bytes:
     return (one * (size // len(one) + 1))[:size]
 
 
-def one_run(engine: DlpEngine, data: bytes, chunk: int) -> tuple[float, int]:
+def baseline_engine(commit: str, cache: str) -> Any:
+    """The DLP engine (firewall/dlp*.py) and default rule packs of an earlier commit, loaded
+    under another package name next to the current one."""
+    root = Path(tempfile.mkdtemp(prefix="dlp-baseline-"))
+    repo = Path(__file__).resolve().parent.parent
+    files = ["firewall/dlp.py", "firewall/dlp_rules.py", "firewall/dlp_validators.py", "firewall/dlp_mask.py"]
+    archive = subprocess.run(["git", "-C", str(repo), "archive", commit, *files, "dlp_rules"],
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
+    pkg = root / "dlpbaseline"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    for f in files:
+        src = (root / f).read_text().replace("from firewall.", "from dlpbaseline.")
+        (pkg / Path(f).name).write_text(src)
+    sys.path.insert(0, str(root))
+    module = importlib.import_module("dlpbaseline.dlp")
+    return module.DlpEngine.load(str(root / "dlp_rules"), cache_dir=cache)
+
+
+def one_run(engine: Any, data: bytes, chunk: int) -> tuple[float, int]:
     view = memoryview(data)
     s = engine.stream()
     n = 0
@@ -63,15 +92,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="cProfile one 64 KiB run and exit")
     ap.add_argument("--rules", action="append",
                     help="rule directory (repeat to compare variants, runs interleaved; default: the repo's)")
+    ap.add_argument("--baseline", metavar="COMMIT",
+                    help="also time the DLP engine and rules of this git commit, interleaved with the "
+                         "current ones in this process (a before/after in one sitting)")
     ap.add_argument("--json", help="also write the JSON result here")
     args = ap.parse_args(argv)
     data = payload(args.mib)
     inputs = {"run.py text": data}
     if args.binary:
         inputs["binary"] = binary(size=len(data))
-    variants = args.rules or [None]
+    variants: list[str | None] = list(args.rules or [None])
     with tempfile.TemporaryDirectory() as cache:
-        engines = [DlpEngine.load(r, cache_dir=cache) for r in variants]
+        engines: list[Any] = [DlpEngine.load(r, cache_dir=cache) for r in variants]
+        if args.baseline:
+            engines.insert(0, baseline_engine(args.baseline, cache))
+            variants.insert(0, f"@{args.baseline}")
     if args.profile:
         prof = cProfile.Profile()
         prof.enable()
@@ -90,15 +125,20 @@ def main(argv: list[str] | None = None) -> int:
                     times[i].append(cpu)
             mb = len(buf) / 1e6
             for i, variant in enumerate(variants):
+                # speed-up against the first variant: median of the per-round ratios (each round
+                # runs every variant back to back, so a load swing hits them alike)
+                ratio = statistics.median(a / b for a, b in zip(times[0], times[i], strict=True))
                 rows.append({"input": name, "rules": variant or "default", "chunk": chunk,
                              "MB_s_median": round(mb / statistics.median(times[i])),
-                             "MB_s_best": round(mb / min(times[i])), "findings": found[i],
+                             "MB_s_best": round(mb / min(times[i])), "vs_first": round(ratio, 2),
+                             "findings": found[i],
                              "findings_per_MiB": round(found[i] / (len(buf) / (1 << 20)), 2)})
     print(f"DLP engine, default packs, one thread, {args.mib} MiB per run, CPU time, {args.runs} runs")
-    print(f"{'input':<12} {'rules':<24} {'chunk':>7} {'MB/s med':>9} {'MB/s best':>10} {'findings':>9}")
+    print(f"{'input':<12} {'rules':<24} {'chunk':>7} {'MB/s med':>9} {'MB/s best':>10} {'x first':>8} "
+          f"{'findings':>9}")
     for r in rows:
         print(f"{r['input']:<12} {r['rules'][-24:]:<24} {r['chunk']:>7} {r['MB_s_median']:>9} "
-              f"{r['MB_s_best']:>10} {r['findings']:>9}")
+              f"{r['MB_s_best']:>10} {r['vs_first']:>8} {r['findings']:>9}")
     doc = {"mib": args.mib, "runs": args.runs, "rows": rows}
     if args.json:
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
