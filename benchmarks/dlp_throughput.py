@@ -14,6 +14,8 @@ four of them hard negatives; ``binary`` is random bytes.  Rows:
 * ``engine``: ``DlpStream.scan`` in ``--chunk`` pieces, default packs (contact off),
   everything included: trigger scan, candidate confirmation, validation, masking.
 * ``engine+contact``: the same with the contact pack (email, phone) enabled.
+* ``engine@COMMIT`` (with ``--baseline COMMIT``): the ``engine`` row of an earlier commit,
+  its runs alternating with the current engine's.
 * ``naive SOM``: the usual approach - full-value regexes of the same rules (email
   and phone included), one stream database, ``HS_FLAG_SOM_LEFTMOST``, a Python
   callback per match, no validation at all.
@@ -38,6 +40,7 @@ import hyperscan
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_dlp_text import baseline_engine  # noqa: E402
 from bench_dlp_text import payload as runpy_text  # noqa: E402
 from dlp_corpus import binary, dense_text, pii_text  # noqa: E402
 
@@ -86,6 +89,19 @@ def bench_engine(engine: DlpEngine, data: bytes, chunk: int, repeat: int) -> tup
     return len(data) / best / 1e6, len(data) / wall / 1e6, count
 
 
+def bench_pair(engine: DlpEngine, other: object, data: bytes, chunk: int, repeat: int
+               ) -> tuple[tuple[float, float, int], tuple[float, float, int]]:
+    """Both engines, runs alternating, so a change in the machine's load hits both alike."""
+    a = [float("inf"), float("inf"), 0]
+    b = [float("inf"), float("inf"), 0]
+    for _ in range(repeat):
+        for eng, acc in ((engine, a), (other, b)):
+            mbs, wall, n = bench_engine(eng, data, chunk, 1)  # type: ignore[arg-type]
+            acc[0], acc[1], acc[2] = min(acc[0], len(data) / mbs / 1e6), min(acc[1], len(data) / wall / 1e6), n
+    return ((len(data) / a[0] / 1e6, len(data) / a[1] / 1e6, int(a[2])),
+            (len(data) / b[0] / 1e6, len(data) / b[1] / 1e6, int(b[2])))
+
+
 def bench_naive(data: bytes, chunk: int, repeat: int) -> tuple[float, float, int]:
     db = hyperscan.Database(mode=hyperscan.HS_MODE_STREAM | hyperscan.HS_MODE_SOM_HORIZON_LARGE)
     db.compile(expressions=NAIVE, ids=list(range(len(NAIVE))), elements=len(NAIVE),
@@ -116,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mib", type=int, default=16, help="input size per data set (MiB)")
     ap.add_argument("--chunk", type=int, default=65536, help="bytes per scan() call")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--baseline", metavar="COMMIT",
+                    help="also time the default-pack engine of this git commit, each of its runs right "
+                         "after one of the current engine's (before/after in one sitting)")
     ap.add_argument("--json", help="also write the JSON result here")
     args = ap.parse_args(argv)
     size = args.mib << 20
@@ -130,9 +149,15 @@ def main(argv: list[str] | None = None) -> int:
         DlpEngine.load(cache_dir=cache)
         warm = time.perf_counter() - t0
         everything = DlpEngine.load(enable=list(default.packs), cache_dir=cache)
+        baseline = baseline_engine(args.baseline, cache) if args.baseline else None
     rows = []
     for name, data in inputs.items():
-        mbs, wall, n = bench_engine(default, data, args.chunk, args.repeat)
+        if baseline is not None:
+            (mbs, wall, n), (bmbs, bwall, bn) = bench_pair(default, baseline, data, args.chunk, args.repeat)
+            rows.append({"input": name, "variant": f"engine@{args.baseline}", "MB_s": round(bmbs),
+                         "wall_MB_s": round(bwall), "findings": bn})
+        else:
+            mbs, wall, n = bench_engine(default, data, args.chunk, args.repeat)
         rows.append({"input": name, "variant": "engine", "MB_s": round(mbs), "wall_MB_s": round(wall),
                      "findings": n})
         mbs, wall, n = bench_engine(everything, data, args.chunk, args.repeat)
