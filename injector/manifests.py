@@ -233,8 +233,28 @@ def build(opts: ManifestOptions) -> list[dict[str, Any]]:
         objs.append({"apiVersion": "v1", "kind": "ConfigMap",
                      "metadata": _meta(opts.config.policy_config_map, policy_ns),
                      "data": {"baseline.yaml": BASELINE_POLICY}})
+    objs += sidecar_rbac(opts)
     objs += [mutating_webhook(opts), validating_webhook(opts)]
     return objs
+
+
+SIDECAR_ROLE = "palisade-sidecar-pod-reader"
+
+
+def sidecar_rbac(opts: ManifestOptions) -> list[dict[str, Any]]:
+    """Read access to pods for sidecars with ``kubernetes_identity`` (peer names and labels).
+
+    The sidecar runs under the application pod's service account, so the binding names the
+    service-account groups of the opted-in namespaces (``policy_namespaces``), not one account:
+    read-only, pods only, and nothing for namespaces that did not opt in."""
+    role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": _meta(SIDECAR_ROLE),
+            "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]}
+    binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+               "metadata": _meta(SIDECAR_ROLE),
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": SIDECAR_ROLE},
+               "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group",
+                             "name": f"system:serviceaccounts:{ns}"} for ns in opts.policy_namespaces]}
+    return [role, binding]
 
 
 class _Dumper(yaml.SafeDumper):

@@ -54,7 +54,7 @@ def test_every_object_validates_against_the_openapi_models(certs):
     kinds = by_kind(objs)
     assert set(kinds) == {"Namespace", "ServiceAccount", "ConfigMap", "Secret", "Deployment",
                           "PodDisruptionBudget", "Service", "MutatingWebhookConfiguration",
-                          "ValidatingWebhookConfiguration"}
+                          "ValidatingWebhookConfiguration", "ClusterRole", "ClusterRoleBinding"}
     for obj in objs:
         assert check(obj) == [], f"{obj['kind']} {obj['metadata']['name']}"
 
@@ -124,6 +124,19 @@ def test_deployment_service_pdb_fit_together(certs):
     assert yaml.safe_load(policy["data"]["baseline.yaml"])["kind"] == "ClusterFirewallPolicy"
 
 
+def test_sidecar_pod_reader_role_is_bound_to_the_opted_in_namespaces_only():
+    """kubernetes_identity needs get/list/watch on pods; nothing more, and only for the
+    service accounts of the namespaces Palisade is deployed to."""
+    kinds = by_kind(build(ManifestOptions(policy_namespaces=("shop", "payments"))))
+    role = kinds["ClusterRole"][0]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
+    binding = kinds["ClusterRoleBinding"][0]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"] == "palisade-sidecar-pod-reader"
+    assert [s["name"] for s in binding["subjects"]] == ["system:serviceaccounts:shop",
+                                                        "system:serviceaccounts:payments"]
+    assert all(s["kind"] == "Group" for s in binding["subjects"])
+
+
 def test_committed_deploy_manifest_is_up_to_date():
     """deploy/palisade.yaml is `python -m injector manifests` output; regenerate it when this fails."""
     assert (DEPLOY / "palisade.yaml").read_text() == to_yaml(build(ManifestOptions()))
@@ -187,6 +200,8 @@ _RESOURCES = {
                        ("services", "Service", True), ("pods", "Pod", True)]),
     "/apis/apps/v1": ("apps/v1", [("deployments", "Deployment", True)]),
     "/apis/policy/v1": ("policy/v1", [("poddisruptionbudgets", "PodDisruptionBudget", True)]),
+    "/apis/rbac.authorization.k8s.io/v1": ("rbac.authorization.k8s.io/v1", [
+        ("clusterroles", "ClusterRole", False), ("clusterrolebindings", "ClusterRoleBinding", False)]),
     "/apis/admissionregistration.k8s.io/v1": ("admissionregistration.k8s.io/v1", [
         ("mutatingwebhookconfigurations", "MutatingWebhookConfiguration", False),
         ("validatingwebhookconfigurations", "ValidatingWebhookConfiguration", False)]),
