@@ -493,8 +493,11 @@ def _err(errs: Errors, kind: str, loc: Loc, msg: str) -> _Bad:
 
 
 def _loc_item(key: Any) -> str | int:
-    """A non-string mapping key as a path element (ints stay ints, as pydantic reports them)."""
+    """A mapping key as a path element (ints stay ints, as pydantic reports them; a key with a
+    lone surrogate is shown the way pydantic shows it: each unencodable code unit as U+FFFD)."""
     if isinstance(key, str):
+        if _unpaired(key):
+            return key.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
         return key
     return int(key) if isinstance(key, int) else str(key)
 
