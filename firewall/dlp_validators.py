@@ -87,8 +87,14 @@ def mod97(value: bytes) -> bool:
     iban = iban.upper()
     if IBAN_LENGTHS.get(iban[:2].decode("ascii", "replace")) != len(iban) or not iban[2:4].isdigit():
         return False
+    bban = iban[4:]
+    if bban.isdigit():  # most countries: only the country code has letters (A=10 ... Z=35)
+        a, b = iban[0] - 55, iban[1] - 55
+        if not (10 <= a <= 35 and 10 <= b <= 35):
+            return False
+        return (int(bban) * 1_000_000 + a * 10_000 + b * 100 + int(iban[2:4])) % 97 == 1
     try:  # letters count as two digits; one int() instead of a loop per character
-        number = "".join(map(_IBAN_DIGITS.__getitem__, iban[4:] + iban[:4]))
+        number = "".join(map(_IBAN_DIGITS.__getitem__, bban + iban[:4]))
     except KeyError:  # a non-ASCII alphanumeric byte
         return False
     return int(number) % 97 == 1
