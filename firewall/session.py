@@ -614,7 +614,11 @@ class Session:
             if self.app_proto == "http" and ev.direction == TOSERVER and ev.kind == "request":
                 reply = _forbidden(d.rule, d.reason or "denied by rule")
             elif (self.app_proto in ("http2", "grpc") and ev.direction == TOSERVER and ev.kind == "request"
-                  and ev.fields.get("stream_id")):
+                  and ev.fields.get("stream_id") and self._parser is not None
+                  and self._parser.at_boundary(TOCLIENT)):
+                # our frames go after the server's on the same byte stream: only between frames
+                # (mid-frame the client would read them as the rest of the server's frame, so the
+                # flow is reset instead)
                 reply = _h2_refusal(int(ev.fields["stream_id"]), ev.app_proto == "grpc", d.rule,
                                     with_settings=self._seen[TOCLIENT] == 0)
         stop = Stop(f"denied:{d.rule}", reply, cut=cut)

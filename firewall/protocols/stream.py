@@ -101,6 +101,12 @@ class StreamParser:
             st.stop()
         return out
 
+    def at_boundary(self, direction: int) -> bool:
+        """Whether everything seen in ``direction`` ended on a whole unit (frame, message):
+        only then may the session append bytes of its own (an HTTP/2 refusal) to that stream."""
+        st = self._dirs[direction]
+        return not st.stopped and not st.buf and not st.skip
+
     def hold_from(self, direction: int) -> int | None:
         st = self._dirs[direction]
         return None if st.stopped else st.hold

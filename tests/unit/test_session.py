@@ -202,6 +202,39 @@ def test_grpc_call_denied_with_permission_denied_status(tmp_path, engine):
     assert "ConnectionTerminated" in got
 
 
+def test_grpc_refusal_is_not_injected_in_the_middle_of_a_server_frame(tmp_path, engine):
+    """Mid-frame on the server's side the refusal would corrupt the client's framing: reset instead."""
+    import h2.config
+    import h2.connection
+
+    p = tmp_path / "g.yaml"
+    p.write_text(GRPC_POLICY)
+    insp = Inspection(policy=PolicySet.load([str(p)]), dlp=engine, identities=Peers(), local=LOCAL,
+                      emit=lambda e: None)
+    s = Session(insp, "inbound", ("10.0.0.3", 40000), ("10.0.0.2", 50051))
+    assert s.open()
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    client.initiate_connection()
+    hdrs = [(":method", "POST"), (":scheme", "http"), (":authority", "api"),
+            (":path", "/quotes.Quotes/Get"), ("content-type", "application/grpc"), ("te", "trailers")]
+    client.send_headers(1, hdrs)
+    first = client.data_to_send()
+    out, stop = s.feed(TOSERVER, first)
+    assert stop is None and out == first
+    server.initiate_connection()
+    server.receive_data(first)
+    server.send_headers(1, [(":status", "200"), ("content-type", "application/grpc")])
+    server.send_data(1, b"x" * 5000)
+    answer = server.data_to_send()
+    out, stop = s.feed(TOCLIENT, answer[:-100])  # the last DATA frame is cut short
+    assert stop is None
+    client.send_headers(3, [*hdrs[:3], (":path", "/admin.Admin/DropTables"), *hdrs[4:]], end_stream=True)
+    out, stop = s.feed(TOSERVER, client.data_to_send())
+    assert stop is not None and stop.reason.startswith("denied")
+    assert stop.reply is None  # reset, no frames of ours inside the server's DATA frame
+
+
 def _post_out(insp, head: bytes, body: bytes, step: int = 5):
     s = Session(insp, "outbound", ("10.0.0.2", 5000), ("10.0.0.4", 9100))
     assert s.open()
