@@ -23,10 +23,12 @@ load changes by 2x within minutes, so only same-sitting, interleaved figures com
 from __future__ import annotations
 
 import argparse
+import atexit
 import cProfile
 import importlib
 import json
 import pstats
+import shutil
 import statistics
 import subprocess
 import sys
@@ -56,6 +58,7 @@ def baseline_engine(commit: str, cache: str) -> Any:
     """The DLP engine (firewall/dlp*.py) and default rule packs of an earlier commit, loaded
     under another package name next to the current one."""
     root = Path(tempfile.mkdtemp(prefix="dlp-baseline-"))
+    atexit.register(shutil.rmtree, root, True)
     repo = Path(__file__).resolve().parent.parent
     files = ["firewall/dlp.py", "firewall/dlp_rules.py", "firewall/dlp_validators.py", "firewall/dlp_mask.py"]
     archive = subprocess.run(["git", "-C", str(repo), "archive", commit, *files, "dlp_rules"],
