@@ -615,6 +615,10 @@ class Bench:
     # -- setup
     def setup(self) -> None:
         srv, tmp, PY = self.srv, self.tmp, self.PY
+        # the load generator's namespace reuses its own TIME_WAIT ports (timestamps make that
+        # safe): churn leaves ~20,000 of them behind, and the idle scenario then needs 10,000
+        # fresh connections from the same 28,000-port range
+        self.cli.run(["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"], check=False)
         ident = [{"ip": srv.ip, "namespace": SERVER_NS, "pod": "server", "labels": SERVER_LABELS},
                  {"ip": self.cli.ip, "namespace": CLIENT_NS, "pod": "client", "labels": CLIENT_LABELS}]
         self.identity = tmp / "identity.yaml"

@@ -44,7 +44,7 @@ IP_RECVORIGDSTADDR = 20
 IPV6_RECVORIGDSTADDR = 74
 MARK = 0x539
 HIGH_WATER = 1 << 20
-#: random source ports tried in ``upstream_ports`` before the kernel picks one
+#: source ports of ``upstream_ports`` tried (in turn) before a flow gives up the client's address
 PORT_TRIES = 32
 LOW_WATER = 256 << 10
 _LINGER0 = struct.pack("ii", 1, 0)
@@ -543,6 +543,7 @@ class Proxy:
         self.per_peer: dict[str, int] = defaultdict(int)
         self._sweeper: asyncio.Task | None = None
         self.transparent_upstream = True
+        self._port_cursor = 0
         self.splice = splice.AVAILABLE and getattr(cfg, "splice", True)
         self.offload_bytes = getattr(cfg, "dlp_offload_bytes", 65536) or (1 << 62)
         from concurrent.futures import ThreadPoolExecutor
@@ -725,18 +726,28 @@ class Proxy:
             return
         s.source_preserved = kind == "inbound" and self.transparent_upstream
         try:
-            for attempt in range(PORT_TRIES + 1):
+            tries = 0
+            while True:
                 try:
                     await asyncio.wait_for(self.loop.sock_connect(sock, dst), self.cfg.connect_timeout)
                     break
                 except OSError as exc:
                     # this source port's 4-tuple is taken (an open or TIME_WAIT upstream of the
-                    # same client to the same server): another port; when the range is that
-                    # full, the kernel's own choice (ephemeral range) as the last resort
-                    if exc.errno != errno.EADDRNOTAVAIL or not s.source_preserved or attempt == PORT_TRIES:
+                    # same client to the same server): another port
+                    if exc.errno != errno.EADDRNOTAVAIL or not s.source_preserved:
                         raise
+                tries += 1
                 sock.close()
-                sock = self._upstream_socket(family, peer[0], kernel_port=attempt == PORT_TRIES - 1)
+                if tries >= PORT_TRIES:
+                    # upstream_ports is full towards this server.  Not the kernel's ephemeral range: its
+                    # choice hashes the same (client, server, port) the client's own connect()
+                    # hashed, so it would pick the very ports the client uses - collisions.
+                    # This flow connects from the pod's address instead (source_preserved false).
+                    metrics.RELAY_ERRORS.labels("source-ports-exhausted").inc()
+                    s.source_preserved = False
+                    sock = self._upstream_socket(family, None)
+                else:
+                    sock = self._upstream_socket(family, peer[0])
             if flow.closed:
                 sock.close()
                 return
@@ -761,11 +772,12 @@ class Proxy:
             return
         flow.attach_server(server)
 
-    def _upstream_socket(self, family: int, client_addr: str | None, kernel_port: bool = False) -> socket.socket:
+    def _upstream_socket(self, family: int, client_addr: str | None) -> socket.socket:
         """A non-blocking socket for the upstream leg; with ``client_addr`` it is bound to the
-        client's address (IP_TRANSPARENT) and a random port of ``upstream_ports``, so the
-        server sees the real client.  If the kernel refuses transparency (no CAP_NET_ADMIN, no
-        routing for it) the process falls back to the pod's own address for good."""
+        client's address (IP_TRANSPARENT) and a port of ``upstream_ports``, so the server sees
+        the real client (the kernel's IP_LOCAL_PORT_RANGE cannot help: it only narrows the
+        ephemeral range, and ours lies outside it on purpose).  If the kernel refuses
+        transparency (no CAP_NET_ADMIN) the process falls back to the pod's own address for good."""
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
         if client_addr is None:
@@ -776,9 +788,9 @@ class Proxy:
                             IPV6_TRANSPARENT if family == socket.AF_INET6 else IP_TRANSPARENT, 1)
             sock.setsockopt(socket.SOL_SOCKET, SO_MARK, MARK)
             # several upstreams may share a source port towards different servers; the kernel
-            # still refuses a duplicate 4-tuple at connect() (EADDRNOTAVAIL: another port)
+            # still refuses a duplicate 4-tuple at connect() (EADDRNOTAVAIL: the next port)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((client_addr, 0 if kernel_port else random.randint(lo, hi)))
+            sock.bind((client_addr, self._source_port(lo, hi)))
         except OSError as exc:
             sock.close()
             if exc.errno in (errno.EMFILE, errno.ENFILE):
@@ -788,6 +800,16 @@ class Proxy:
             sock = socket.socket(family, socket.SOCK_STREAM)
             sock.setblocking(False)
         return sock
+
+    def _source_port(self, lo: int, hi: int) -> int:
+        """The next port of ``upstream_ports``, round robin from a random start: the port a
+        flow gets is the one used longest ago, so it has most likely left TIME_WAIT (random
+        picks would keep hitting recent ones as the range fills)."""
+        if not lo <= self._port_cursor <= hi:
+            self._port_cursor = random.randint(lo, hi)
+        port = self._port_cursor
+        self._port_cursor = lo if port >= hi else port + 1
+        return port
 
     def flow_done(self, flow: Flow) -> None:
         if flow in self.flows:

@@ -254,9 +254,16 @@ def _sysctls(cfg: RedirectConfig) -> None:
       client's address, which strict rp_filter would drop as a martian;
     * with DNS capture, ``ip_unprivileged_port_start=0`` (what containerd and Docker set in
       containers anyway): the sidecar (UID 1337, no CAP_NET_BIND_SERVICE) answers the
-      application from the resolver's address, port 53, through a transparent socket.
+      application from the resolver's address, port 53, through a transparent socket;
+    * ``tcp_tw_reuse=1``: the sidecar's upstream legs keep the client's address and take
+      their ports from ``upstream_ports``; the sidecar closes them first when the client
+      does, so they end in TIME_WAIT, and a busy client would exhaust the range within the
+      60 s TIME_WAIT lasts.  With timestamps on, reusing a TIME_WAIT 4-tuple older than 1 s
+      is safe (it is also what the application's own outbound connections then get).
+    Best effort: where /proc/sys is read-only (Kubernetes containers) the node defaults stay.
     """
-    values = [("/proc/sys/net/ipv4/conf/all/rp_filter", "0"), ("/proc/sys/net/ipv4/conf/lo/rp_filter", "0")]
+    values = [("/proc/sys/net/ipv4/conf/all/rp_filter", "0"), ("/proc/sys/net/ipv4/conf/lo/rp_filter", "0"),
+              ("/proc/sys/net/ipv4/tcp_tw_reuse", "1")]
     if cfg.capture_dns:
         values.append(("/proc/sys/net/ipv4/ip_unprivileged_port_start", "0"))
     for path, value in values:
