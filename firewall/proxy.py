@@ -155,7 +155,7 @@ class Flow:
 
     __slots__ = ("proxy", "session", "sides", "early", "early_len", "eof", "lost", "closed",
                  "last", "paused", "done", "connected", "peer_key", "hold_timer",
-                 "_fast", "splicer", "want_splice", "_splice_tries", "scanning", "queued", "queued_len", "eof_pending", "replaying", "hold_since")
+                 "_fast", "splicer", "want_splice", "_splice_tries", "scanning", "queued", "eof_pending", "replaying", "hold_since")
 
     def __init__(self, proxy: Proxy, session: Session, client: _Side) -> None:
         self.proxy = proxy
@@ -178,7 +178,6 @@ class Flow:
         self._splice_tries = 0
         self.scanning = [False, False]  # a DLP scan of this direction is running on the worker thread
         self.queued: list[list[bytes]] = [[], []]
-        self.queued_len = [0, 0]
         self.eof_pending = [False, False]
         self.replaying = False
         self.hold_since = 0.0  # when the bytes now held started to be held (header deadline)
@@ -240,12 +239,8 @@ class Flow:
             dst.transport.write(data)  # type: ignore[union-attr]
             return
         if self.scanning[d]:
-            # one scan in flight per direction keeps the order; reading goes on meanwhile (the
-            # scan runs without the GIL on the other core) up to read_buffer_limit
-            self.queued[d].append(data)
-            self.queued_len[d] += len(data)
-            if self.queued_len[d] >= self.proxy.cfg.read_buffer_limit:
-                self.pause_reading(d)
+            self.queued[d].append(data)  # keep the order: one scan in flight per direction
+            self.pause_reading(d)
             return
         if len(data) >= self.proxy.offload_bytes and s.wants_scan():
             stop = s.inspect(d, data)
@@ -270,11 +265,11 @@ class Flow:
             if became_fast:
                 self.maybe_splice()  # nothing reads this flow any more: hand it to the kernel
 
-    # -- DLP scans of large chunks on the worker thread (Hyperscan releases the GIL: checked,
-    #    a Python thread keeps running during a 64 MiB scan)
+    # -- DLP scans of large chunks on the worker thread (Hyperscan releases the GIL)
     def _offload(self, d: int, data: bytes) -> None:
         metrics.DLP_OFFLOADED.inc()
         self.scanning[d] = True
+        self.pause_reading(d)
         loop = self.proxy.loop
         s = self.session
         fut = self.proxy.executor.submit(s.scan_findings, d, data)
@@ -297,10 +292,10 @@ class Flow:
             self._stop(stop, d)
             return
         queued, self.queued[d] = self.queued[d], []
-        self.queued_len[d] = 0
-        if queued:  # what arrived during the scan: one chunk, one next scan
-            self._relay(d, queued[0] if len(queued) == 1 else b"".join(queued))
+        for i, chunk in enumerate(queued):
+            self._relay(d, chunk)
             if self.scanning[d] or self.closed:
+                self.queued[d] = queued[i + 1:] + self.queued[d]
                 return
         if self.eof_pending[d]:
             self.eof_pending[d] = False

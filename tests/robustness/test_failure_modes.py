@@ -113,8 +113,9 @@ def test_dlp_rules_change_right_after_start_is_not_missed(env):
 
 def test_alert_webhook_refusing_connections_does_not_touch_traffic(env):
     sc = env.sidecar("--alert-webhook", "http://127.0.0.1:9/hook")  # discard port: nothing listens
-    assert env.payments.blast(env.analytics.ip, port=9500, client_bytes=3 << 20, server_bytes=3 << 20,
-                              connections=8)["failed"] == 0
+    r = env.payments.blast(env.analytics.ip, port=9500, client_bytes=3 << 20, server_bytes=3 << 20,
+                           connections=8)
+    assert r["failed"] == 0, r
     for _ in range(3):
         assert _pan_post(env)["response"].startswith("HTTP/1.1 403")
     assert len([e for e in sc.events("alert") if e["alert"]["category"] == "dlp"]) >= 3
