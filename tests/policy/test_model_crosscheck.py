@@ -75,7 +75,8 @@ def test_the_corpus_is_the_repository() -> None:
     where = {w.split(" doc ")[0].split(":")[0].split(" block ")[0] for w, _, _ in DOCUMENTS}
     assert {"examples/payment-api.yaml", "benchmarks/policy100.yaml", "docs/policy.md",
             "tests/policy/common.py"} <= where, sorted(where)
-    assert any(w.startswith("fuzz/corpus/policy") for w in where)
+    if (Path(ROOT) / "fuzz" / "corpus" / "policy").is_dir():  # made by running the fuzzer; not committed
+        assert any(w.startswith("fuzz/corpus/policy") for w in where)
     assert len(DOCUMENTS) >= 40
 
 
