@@ -451,7 +451,11 @@ class Flow:
                     dst.transport.write_eof()
             except OSError:
                 pass
-        if self.eof[TOSERVER] and self.eof[TOCLIENT]:
+        # both sides have finished - but a direction whose FIN waits behind a DLP scan has not
+        # delivered its last bytes yet: closing now would cut them (that direction's
+        # _scanned passes its FIN on and comes back here)
+        if (self.eof[TOSERVER] and self.eof[TOCLIENT] and not self.eof_pending[TOSERVER]
+                and not self.eof_pending[TOCLIENT]):
             self.close(reset=False)
 
     def on_lost(self, d: int, exc: Exception | None) -> None:
