@@ -97,6 +97,27 @@ def _has_assertion(items: Any) -> bool:
     return False
 
 
+def _class_set(items: Any) -> set[int] | None:
+    """The bytes a parsed character class ``[...]`` matches; None when that is not simple to
+    say (categories other than \\d, case folding)."""
+    from re import _constants as c  # type: ignore[attr-defined]
+
+    out: set[int] = set()
+    negate = False
+    for op, av in items:
+        if op is c.NEGATE:
+            negate = True
+        elif op is c.LITERAL:
+            out.add(av)
+        elif op is c.RANGE:
+            out.update(range(av[0], min(av[1], 255) + 1))
+        elif op is c.CATEGORY and av is c.CATEGORY_DIGIT:
+            out.update(range(48, 58))
+        else:
+            return None
+    return set(range(256)) - out if negate else out
+
+
 def _first_set(items: Any) -> set[int] | None:
     """The bytes a match of a parsed regex can begin with; None when that is not simple to say
     (case-insensitive parts, categories, an optional first element, look-arounds)."""
@@ -108,18 +129,7 @@ def _first_set(items: Any) -> set[int] | None:
     if op is c.LITERAL:
         return {av}
     if op is c.IN:
-        chars: set[int] = set()
-        negate = False
-        for iop, iav in av:
-            if iop is c.NEGATE:
-                negate = True
-            elif iop is c.LITERAL:
-                chars.add(iav)
-            elif iop is c.RANGE:
-                chars.update(range(iav[0], min(iav[1], 255) + 1))
-            else:
-                return None
-        return set(range(256)) - chars if negate else chars
+        return _class_set(av)
     if op is c.BRANCH:
         out: set[int] = set()
         for alt in av[1]:
@@ -187,20 +197,8 @@ def _offset_sets(patterns: tuple[str, ...], k_max: int) -> list[frozenset[int]]:
         if op is c.ANY:
             return set(_ANY)
         if op is c.IN:
-            out: set[int] = set()
-            negate = False
-            for iop, iav in av:
-                if iop is c.NEGATE:
-                    negate = True
-                elif iop is c.LITERAL:
-                    out.add(iav)
-                elif iop is c.RANGE:
-                    out.update(range(iav[0], min(iav[1], 255) + 1))
-                elif iop is c.CATEGORY and iav is c.CATEGORY_DIGIT:
-                    out.update(range(48, 58))
-                else:
-                    return set(_ANY)
-            return set(_ANY) - out if negate else out
+            out = _class_set(av)
+            return set(_ANY) if out is None else out
         return None
 
     def seq(items: Any, cur: set[int]) -> set[int]:
