@@ -62,6 +62,21 @@ BUILTIN_RULES = (RULE_DEFAULT_DENY, RULE_DEFAULT_ALLOW, RULE_SEGMENTATION, RULE_
                  RULE_QUARANTINE, RULE_LEARN)
 _MODE_RANK = {m: i for i, m in enumerate(MODES)}  # learn < monitor < protect
 _CACHE_MAX = 65536
+#: L7 events whose walk outcome is cached: the HTTP family, where the matchers read only the
+#: kind, method, path, host and :authority (policy_match.L7Matcher.check)
+_CACHED_L7 = frozenset({"http", "http2", "grpc"})
+_CACHED_PATH_MAX = 512  # longer targets are walked uncached (bounded cache memory)
+
+
+def _l7_key(event: L7Event) -> tuple | None:
+    """What of ``event`` the L7 matchers can read, as a cache key; None when not cacheable."""
+    if event.app_proto not in _CACHED_L7:
+        return None
+    f = event.fields
+    path = f.get("path")
+    if path is not None and (type(path) is not str or len(path) > _CACHED_PATH_MAX):
+        return None
+    return (event.app_proto, event.kind, f.get("method"), path, f.get("host"), f.get(":authority"))
 _WIDE_RANGE = 1024  # port ranges wider than this are checked per port instead of tabulated
 
 
@@ -594,7 +609,24 @@ class PolicySet:
         if quarantined:
             return table.quarantine(self._mode(table.mode, mode_override))
         app = normalize_app_proto(event.app_proto or "unknown")
-        out = self._walk(table, flow, self._names(table, flow, fqdn), app, event)
+        names = self._names(table, flow, fqdn)
+        l7key = _l7_key(event)
+        if l7key is None:
+            out = self._walk(table, flow, names, app, event)
+        else:
+            # a kept-alive connection repeats its requests: the outcome of the walk depends on
+            # what the L4 outcome does plus the few event fields the matchers read
+            key = (flow.direction, flow.transport, flow.port, flow.peer, names, app, l7key)
+            try:
+                out = table.cache.get(key)
+            except TypeError:  # an unhashable field value: walk, do not keep
+                out = key = None
+            if out is None:
+                out = self._walk(table, flow, names, app, event)
+                if key is not None:
+                    if len(table.cache) >= _CACHE_MAX:
+                        table.cache.clear()
+                    table.cache[key] = out
         if out.pending or not out.l7_cared:
             return None
         return self._decision(out, table, mode_override, False)

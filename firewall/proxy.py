@@ -723,7 +723,7 @@ class Proxy:
             flow.close(reset=True)
             flow.lost[TOCLIENT] = True
             return
-        s.source_preserved = kind == "inbound" and self.transparent_upstream
+        s.source_preserved = keep_source and self.transparent_upstream  # false if the bind was refused
         try:
             tries = 0
             while True:

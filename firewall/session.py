@@ -14,7 +14,6 @@ from __future__ import annotations
 import itertools
 import json
 import time
-import weakref
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -83,32 +82,6 @@ class Inspection:
         return Identity(ip)
 
 
-#: L7 events whose policy decision is cached per flow: the HTTP family, where a policy's L7
-#: matchers read only method, path, host and :authority (policy_match.L7Matcher.check, http)
-_CACHED_L7 = frozenset({"http", "http2", "grpc"})
-_L7_CACHE_MAX = 16  # entries per flow: a few endpoints, bounded memory per kept-alive flow
-_L7_CACHE_PATH = 512  # longer targets are decided uncached (and not kept)
-_MISS = object()
-
-
-class _L7Cache:
-    """The L7 decisions of one flow, valid for one policy object and one live override state.
-
-    ``PolicySet.decide_l7`` walks the rules of the port for every event (a request head and
-    its answer each cost a walk on a kept-alive connection), yet for a given flow its result
-    depends only on the event's protocol, kind, method, path and host - and on the policy,
-    the mode override and quarantine, which are compared on every lookup.  A reload replaces
-    the policy object, which empties the cache; a weak reference keeps a flow from pinning an
-    old policy in memory.
-    """
-
-    __slots__ = ("policy", "mode_override", "quarantined", "entries")
-
-    def __init__(self, policy: Any, mode_override: str | None, quarantined: bool) -> None:
-        self.policy = weakref.ref(policy)
-        self.mode_override = mode_override
-        self.quarantined = quarantined
-        self.entries: dict[tuple, Any] = {}
 
 
 def _forbidden(rule: str, reason: str) -> bytes:
@@ -159,7 +132,7 @@ class Session:
         "local", "peer", "flowinfo", "start", "bytes", "app_proto", "verdict", "rule", "mode",
         "close_reason", "encrypted", "passthrough", "_ident", "_ident_buf", "_parser", "_hold",
         "_pending", "_sent", "_seen", "_dlp", "_dlp_actions", "_enforced", "_stopped", "source_preserved",
-        "_alerts", "_l7_summary", "_capture_done", "_bodies", "_l7c",
+        "_alerts", "_l7_summary", "_capture_done", "_bodies",
     )
 
     def __init__(self, insp: Inspection, direction: str, src: tuple, dst: tuple, proto: str = "TCP") -> None:
@@ -198,7 +171,6 @@ class Session:
         self._l7_summary: dict | None = None
         self._capture_done = False
         self._bodies: list[list] = []  # decoded HTTP bodies under DLP: [next offset, decoder, stream]
-        self._l7c: _L7Cache | None = None  # created on the first cacheable L7 event
 
     # ------------------------------------------------------------------ identities
     def _workloads(self) -> tuple[Identity, Identity]:
@@ -522,48 +494,11 @@ class Session:
         policy = insp.policy
         if policy is None or self.flowinfo is None:
             return None
-        d = self._decide_l7(policy, ev)
+        d = policy.decide_l7(self.flowinfo, ev, mode_override=insp.mode_override,
+                             quarantined=insp.quarantined)
         if d is None:
             return None
         return self._apply_decision(d, ev)
-
-    def _decide_l7(self, policy: Any, ev: L7Event) -> Any:
-        """``policy.decide_l7`` for this flow, through the per-flow cache where it is exact.
-
-        Not cached: other protocols, and egress flows when the policy resolves fqdn peers
-        (the names of an address change as DNS answers arrive and expire).
-        """
-        insp = self.insp
-        if ev.app_proto not in _CACHED_L7 or (
-                self.flowinfo.direction != "ingress" and getattr(policy, "fqdn", None) is not None):
-            return policy.decide_l7(self.flowinfo, ev, mode_override=insp.mode_override,
-                                    quarantined=insp.quarantined)
-        c = self._l7c
-        if (c is None or c.policy() is not policy or c.mode_override != insp.mode_override
-                or c.quarantined != insp.quarantined):
-            try:
-                c = self._l7c = _L7Cache(policy, insp.mode_override, insp.quarantined)
-            except TypeError:  # a policy object without weak references: no cache
-                return policy.decide_l7(self.flowinfo, ev, mode_override=insp.mode_override,
-                                        quarantined=insp.quarantined)
-        f = ev.fields
-        path = f.get("path")
-        if path is not None and len(path) > _L7_CACHE_PATH:
-            return policy.decide_l7(self.flowinfo, ev, mode_override=insp.mode_override,
-                                    quarantined=insp.quarantined)
-        key = (ev.app_proto, ev.kind, f.get("method"), path, f.get("host"), f.get(":authority"))
-        try:
-            d = c.entries.get(key, _MISS)
-        except TypeError:  # an unhashable field value
-            return policy.decide_l7(self.flowinfo, ev, mode_override=insp.mode_override,
-                                    quarantined=insp.quarantined)
-        if d is _MISS:
-            d = policy.decide_l7(self.flowinfo, ev, mode_override=insp.mode_override,
-                                 quarantined=insp.quarantined)
-            if len(c.entries) >= _L7_CACHE_MAX:
-                c.entries.clear()
-            c.entries[key] = d
-        return d
 
     def _learn_dns(self, ev: L7Event) -> None:
         f = ev.fields

@@ -44,7 +44,6 @@ class PipePool:
     def __init__(self, spare: int = 8) -> None:
         self.spare = spare
         self.free: list[tuple[int, int, int]] = []
-        self.made = 0
 
     def get(self) -> tuple[int, int, int]:
         """A pipe ``(r, w, capacity)``; raises OSError (EMFILE/ENFILE) when none can be made."""
@@ -55,7 +54,6 @@ class PipePool:
             size = fcntl.fcntl(w, F_SETPIPE_SZ, PIPE_SIZE)
         except OSError:
             size = 65536
-        self.made += 1
         return r, w, size
 
     def put(self, r: int, w: int, size: int) -> None:
@@ -82,8 +80,8 @@ class Pump:
 
     Per wake-up it moves as much as both sockets allow (several splices) instead of
     one pipe-full, because the cost of this relay is the Python callback per readiness
-    event, not the bytes.  Reading stops only when the pipe is full (backpressure);
-    a destination that is merely slow keeps the pipe filling.  When no pipe can be
+    event, not the bytes.  While bytes wait in the pipe for a full destination, reading
+    pauses (that is the backpressure) and the pipe stays with this direction.  When no pipe can be
     made (EMFILE/ENFILE) the direction degrades to a user-space copy instead of
     failing the flow: allowed bytes are never dropped for want of a descriptor.
     """
