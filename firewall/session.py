@@ -18,8 +18,9 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
-from firewall import metrics
+from firewall import exception_policy, metrics
 from firewall.events import ts_iso
+from firewall.exception_policy import Stage
 from firewall.httpdecode import BodyDecoder, decode_target, needs_decoding
 from firewall.identity import Identity
 from firewall.protocols.base import TOCLIENT, TOSERVER, L7Event
@@ -132,7 +133,7 @@ class Session:
         "local", "peer", "flowinfo", "start", "bytes", "app_proto", "verdict", "rule", "mode",
         "close_reason", "encrypted", "passthrough", "_ident", "_ident_buf", "_parser", "_hold",
         "_pending", "_sent", "_seen", "_dlp", "_dlp_actions", "_enforced", "_stopped", "source_preserved",
-        "_alerts", "_l7_summary", "_capture_done", "_bodies",
+        "_alerts", "_l7_summary", "_capture_done", "_bodies", "_governed", "_on_error",
     )
 
     def __init__(self, insp: Inspection, direction: str, src: tuple, dst: tuple, proto: str = "TCP") -> None:
@@ -171,6 +172,8 @@ class Session:
         self._l7_summary: dict | None = None
         self._capture_done = False
         self._bodies: list[list] = []  # decoded HTTP bodies under DLP: [next offset, decoder, stream]
+        self._governed = False  # an L7/app rule or a DLP block rule needs this flow inspected
+        self._on_error: str | None = None  # the policy's onInspectionError override, if any
 
     # ------------------------------------------------------------------ identities
     def _workloads(self) -> tuple[Identity, Identity]:
@@ -231,7 +234,8 @@ class Session:
             # hold request heads until complete when a verdict depends on them: an L7/app rule,
             # or a DLP block (a percent-encoded value in the target is only seen decoded)
             blocks = insp.dlp is not None and any(a.action == "block" for a in self._dlp_actions)
-            self._hold = insp.l7 and self._enforced and (blocks or needs(self.flowinfo))
+            self._governed = blocks or bool(needs(self.flowinfo))
+            self._hold = insp.l7 and self._enforced and self._governed
         else:
             self._dlp_actions = []
         if insp.l7:
@@ -605,6 +609,24 @@ class Session:
             reply = _forbidden(block_rule, "sensitive data in clear text")
         stop = Stop(f"dlp-block:{block_rule}", reply, cut=cut)
         return stop
+
+    # ------------------------------------------------------------------ inspection failures
+    def _inspection_error(self, stage: Stage, reason: str, d: int, offset: int | None = None) -> Stop | None:
+        """Ask the one exception policy (firewall/exception_policy.py) what a failed stage
+        means for this flow; alert either way; refuse (HTTP 400 where a request can still be
+        answered, else reset) or forward."""
+        out = exception_policy.decide(stage, reason, mode=self.mode if self.insp.policy is not None else "learn",
+                                      governed=self._governed, override=self._on_error)
+        self._alert("inspection", f"inspection:{stage.value}:{reason}", blocked=out.refuse, severity=2,
+                    extra={"inspection": {"stage": stage.value, "reason": reason,
+                                          "action": out.action.value, "direction": DIR_NAMES[d]}})
+        if not out.refuse:
+            return None
+        self.verdict = "deny"
+        reply = None
+        if self.app_proto == "http" and d == TOSERVER:
+            reply = _bad_request("400 Bad Request", f"refused by palisade: {stage.value}: {reason}")
+        return Stop(f"inspection-error:{stage.value}:{reason}", reply, cut=offset)
 
     # ------------------------------------------------------------------ outputs
     def _auto_capture(self, rule: str) -> None:
