@@ -13,7 +13,8 @@ if [ -z "${PALISADE_SKIP_APT:-}" ]; then
     nftables iproute2 tcpdump tshark socat curl openssl \
     nginx libnginx-mod-stream redis-server redis-tools postgresql postgresql-client \
     mariadb-server mariadb-client openssh-server openssh-client dnsmasq bind9-dnsutils \
-    nghttp2-client nghttp2-server graphviz chromium iperf3 wrk prometheus >/dev/null
+    nghttp2-client nghttp2-server graphviz chromium iperf3 wrk prometheus \
+    podman buildah runc catatonit debootstrap libcap2-bin uidmap >/dev/null
 fi
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
@@ -21,5 +22,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e '.[test]'
+# podman (image builds, tests/runtime): runc + cgroupfs and ulimits this host accepts
+if command -v podman >/dev/null; then bash scripts/containers-conf.sh; fi
 # the sidecar drops to UID 1337 and imports lazily: the checkout must be readable by it
 chmod -R o+rX . 2>/dev/null || true
