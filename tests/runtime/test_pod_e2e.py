@@ -227,3 +227,16 @@ def test_pcap_started_by_annotation_change_is_readable_with_tcpdump(runners, ima
     assert all(f.is_file() for f in files), (files, list(pcap_dir.iterdir()))
     out = subprocess.run(["tcpdump", "-nn", "-r", str(files[0])], capture_output=True, text=True, check=True)
     assert f"{client.ip}." in out.stdout and ".8080" in out.stdout, out.stdout[:2000]
+
+
+def test_image_without_file_capabilities_fails_like_in_kubernetes(runners, image, web_image):
+    """Proves the runner does not hand the sidecar ambient capabilities (podman would): with the
+    image's setcap removed, the sidecar cannot open its transparent listener, as in a cluster."""
+    from tests.runtime.podrunner import PodFailed, build_test_image
+
+    nocap = "localhost/palisade-test-nocap:dev"
+    build_test_image(nocap, f"FROM {image}\nUSER 0\nRUN setcap -r /opt/palisade/venv/bin/python3.11\n"
+                            "USER 1337:1337\n")
+    with pytest.raises(PodFailed) as failed:
+        start(runners, nocap, web_pod())
+    assert "Operation not permitted" in str(failed.value), str(failed.value)[-2000:]
