@@ -1112,8 +1112,11 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from firewall import demo_runtime
+
     try:
         _preflight(args)
+        demo_runtime.preflight(args)
         lock = _lock()
     except SetupError as exc:
         print(f"demo: {exc}", file=sys.stderr)
@@ -1130,7 +1133,7 @@ def main(args: argparse.Namespace) -> int:
             shutil.rmtree(out / sub, ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
         old = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
-        demo = Demo(args)
+        demo = demo_runtime.demo_class(args)(args)
         t0 = time.monotonic()
         try:
             rc = demo.run()
@@ -1201,4 +1204,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prefix", default="pdemo", help="namespace name prefix (default pdemo)")
     p.add_argument("--subnet-octet", type=int, default=180, metavar="N",
                    help="pods get 10.N.0.0/24 addresses (default 180)")
+    p.add_argument("--runtime", choices=("netns", "podman"), default="netns",
+                   help="where the CDE pods' init container and sidecar run: host processes in the pods' "
+                        "namespaces (default) or containers from the image (podman; see docs/platform.md)")
+    p.add_argument("--image", help="image for --runtime podman (default localhost/palisade:dev, "
+                                   "built by scripts/image.sh)")
     p.set_defaults(func=main)
