@@ -50,8 +50,10 @@ COPY dlp_rules /usr/share/palisade/dlp_rules
 # Kubernetes gives a non-root container no ambient capabilities: the sidecar (UID 1337) gets
 # CAP_NET_ADMIN (IP_TRANSPARENT, SO_MARK) and CAP_NET_RAW (captures) from file capabilities on
 # the venv's interpreter (`python` on PATH); the pod must list both in capabilities.add (the
-# injector does) and allow privilege escalation for file capabilities to apply.
-RUN setcap cap_net_admin,cap_net_raw+ep "$(readlink -f /opt/palisade/venv/bin/python)" \
+# injector does) and allow privilege escalation for file capabilities to apply. Permitted only
+# (+p, not +ep): with the effective bit the kernel refuses to exec the interpreter in a container
+# whose bounding set lacks them (the webhook drops ALL); `palisade run` makes them effective itself.
+RUN setcap cap_net_admin,cap_net_raw+p "$(readlink -f /opt/palisade/venv/bin/python)" \
  && getcap "$(readlink -f /opt/palisade/venv/bin/python)"
 
 # Default sidecar config (the injector points --config here); every key is documented in docs/sre.md.

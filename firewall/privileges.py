@@ -59,6 +59,23 @@ def current_caps() -> dict[str, int]:
     return out
 
 
+def raise_file_caps() -> None:
+    """Non-root start: make the permitted CAP_NET_ADMIN/CAP_NET_RAW effective, drop the rest.
+
+    The image grants the two as *permitted-only* file capabilities (``setcap ...+p``): with the
+    effective bit set, the kernel refuses to exec the interpreter at all in a container whose
+    bounding set lacks them (the webhook, ``drop: [ALL]``: "operation not permitted"). So the
+    sidecar raises them itself, first thing, before any thread exists (capabilities are per
+    thread). A no-op for root and when neither capability is permitted.
+    """
+    if os.geteuid() == 0:
+        return
+    prm = current_caps().get("CapPrm", 0)
+    keep = tuple(c for c in KEEP if prm & (1 << c))
+    if keep:
+        _capset(keep)
+
+
 def drop(uid: int, gid: int) -> str:
     """Switch to uid/gid keeping KEEP; returns a one-line description for the log."""
     if os.geteuid() != 0:

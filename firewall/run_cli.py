@@ -58,6 +58,22 @@ def _apply_flags(cfg: Config, args: argparse.Namespace) -> Config:
     return cfg
 
 
+def _with_yaml(paths: list[str]) -> list[str]:
+    """The paths that hold something to load: files, and directories with a visible *.yaml/*.yml.
+
+    The injector mounts the ``palisade-policy`` and ``palisade-dlp-rules`` ConfigMaps as optional
+    volumes; when a namespace has neither, the kubelet mounts an empty directory. That means
+    "not configured" (learn mode, built-in DLP packs), not "an empty policy set" (docs/injector.md).
+    """
+    out = []
+    for p in paths:
+        if not os.path.isdir(p):
+            out.append(p)
+        elif any(n.endswith((".yaml", ".yml")) and not n.startswith(".") for n in os.listdir(p)):
+            out.append(p)
+    return out
+
+
 def _files_digest(paths: list[str]) -> str:
     h = hashlib.sha256()
     for p in paths:
@@ -102,9 +118,10 @@ class Sidecar:
         from firewall.policy import PolicySet
 
         probe = frozenset(self.cfg.probe_ports)
-        if not self.cfg.policy:
+        paths = _with_yaml(self.cfg.policy)
+        if not paths:
             return PolicySet.empty(node_ip=self.cfg.host_ip, probe_ports=probe, fqdn=self.fqdn)
-        return PolicySet.load(self.cfg.policy, node_ip=self.cfg.host_ip, probe_ports=probe, fqdn=self.fqdn)
+        return PolicySet.load(paths, node_ip=self.cfg.host_ip, probe_ports=probe, fqdn=self.fqdn)
 
     def load_identities(self) -> Any:
         if not self.cfg.identity:
@@ -118,7 +135,7 @@ class Sidecar:
             return None
         from firewall.dlp import DlpEngine
 
-        return DlpEngine.load(self.cfg.dlp_rules or None, enable=self.cfg.dlp_enable,
+        return DlpEngine.load(_with_yaml(self.cfg.dlp_rules) or None, enable=self.cfg.dlp_enable,
                               cache_dir=self.cfg.dlp_cache)
 
     def local_identity(self) -> Identity:
@@ -414,6 +431,9 @@ async def _serve_with(side: Sidecar, proxy: Any, worker: int, admin: bool) -> in
 
 
 def _cmd(args: argparse.Namespace) -> int:
+    from firewall.privileges import raise_file_caps
+
+    raise_file_caps()  # before any thread: the image's file capabilities are permitted-only
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s palisade %(levelname)s %(message)s")
     try:
