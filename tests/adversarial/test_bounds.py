@@ -462,3 +462,180 @@ def test_webhook_queue_bytes_config(tmp_path):
     with pytest.raises(ConfigError, match="webhook_queue_bytes"):
         load_config(str(p))
 
+
+
+# --------------------------------------------------------------------------- policy learn
+
+SCOPE = "pci.palisade.dev/scope"
+_API = {"namespace": "payments", "pod": "api-1", "labels": {"app": "api", SCOPE: "cde"}}
+_WEB = {"namespace": "shop", "pod": "web-1", "labels": {"app": "web", SCOPE: "connected"}}
+
+
+def _flow(paths=None, app="http", port=9000, bytes_toserver=None, direction="inbound", peer=None) -> dict:
+    peer = peer or _WEB
+    src, dst = (peer, _API) if direction == "inbound" else (_API, peer)
+    ev = {"event_type": "flow", "direction": direction, "verdict": "allow", "mode": "learn", "proto": "TCP",
+          "dest_port": port, "app_proto": app, "src_workload": src, "dest_workload": dst,
+          "l7": {"methods_paths": paths} if paths else {}}
+    if bytes_toserver is not None:
+        ev["flow"] = {"bytes_toserver": bytes_toserver, "bytes_toclient": 0}
+    if isinstance(peer, dict) and peer.get("world"):
+        ev["dest_ip" if direction == "outbound" else "src_ip"] = peer["ip"]
+    return ev
+
+
+def _learn(events, tmp_path, **opts):
+    from firewall.learn import LearnOptions, learn_from_events, render_policies
+    from firewall.policy import PolicySet
+
+    pols = learn_from_events(events, options=LearnOptions(**opts))
+    text = render_policies(pols)
+    path = tmp_path / "learned.yaml"
+    path.write_text(text)
+    return pols, text, PolicySet.load([str(path)])
+
+
+def _http_allowed(ps, method: str, path: str, port: int = 9000) -> bool:
+    from firewall.identity import Identity
+    from firewall.policy import FlowInfo
+    from firewall.protocols.base import L7Event
+
+    api = Identity.make("10.0.0.5", "payments", "api-1", _API["labels"])
+    web = Identity.make("10.0.1.5", "shop", "web-1", _WEB["labels"])
+    flow = FlowInfo("ingress", api, web, port)
+    if ps.decide(flow).verdict != "allow":
+        return False
+    d = ps.decide_app(flow, "http")
+    if d is not None and d.verdict != "allow":
+        return False
+    d = ps.decide_l7(flow, L7Event("http", "request", 0, 0, {"method": method, "path": path}))
+    return d is None or d.verdict == "allow"
+
+
+@pytest.mark.parametrize("path", ["/1", "/123/x", "/%31", "//1", "/./1", "/a/../1", "/9f8e7d6c5b4a/z",
+                                  "/" + "A1" * 15])
+def test_learn_one_id_like_request_never_gives_a_root_prefix(tmp_path, path):
+    pols, text, ps = _learn([_flow([["GET", path]])], tmp_path)
+    assert "pathPrefix: /\n" not in text and "pathPrefix: /}" not in text, text
+    assert not _http_allowed(ps, "GET", "/admin/users")
+    assert not _http_allowed(ps, "GET", "/")
+
+
+def test_learn_root_request_is_refused_and_reported(tmp_path):
+    pols, text, ps = _learn([_flow([["GET", "/"]]), _flow([["GET", "/v1/status"]])], tmp_path)
+    assert "not learned: 1 x request whose prefix would be shallower than 1" in text
+    assert _http_allowed(ps, "GET", "/v1/status") and not _http_allowed(ps, "GET", "/admin")
+    # only root requests: no rule at all (not an HTTP rule without path restriction)
+    pols, text, ps = _learn([_flow([["GET", "/"]])], tmp_path)
+    assert not pols[0].rules and not _http_allowed(ps, "GET", "/anything")
+    assert "all of whose requests were refused" in text
+    # --min-path-depth 0 restores the old behaviour for who wants it
+    pols, text, ps = _learn([_flow([["GET", "/"]])], tmp_path, min_path_depth=0)
+    assert _http_allowed(ps, "GET", "/anything")
+
+
+def test_learn_min_path_depth_two(tmp_path):
+    pols, text, ps = _learn([_flow([["POST", "/v1/charge/1"], ["GET", "/v1/7"]])], tmp_path, min_path_depth=2)
+    assert _http_allowed(ps, "POST", "/v1/charge/99") and _http_allowed(ps, "GET", "/v1/7")
+    assert not _http_allowed(ps, "GET", "/v1/8") and not _http_allowed(ps, "GET", "/v1")
+
+
+@pytest.mark.parametrize("variant", ["empty-same-port", "empty-other-port", "garbage-same-port", "failed-same-port"])
+def test_learn_empty_or_unidentified_connections_do_not_cancel_l7_narrowing(tmp_path, variant):
+    extra = {
+        "empty-same-port": _flow(app=None, bytes_toserver=0),
+        "empty-other-port": _flow(app=None, port=9001, bytes_toserver=0),
+        "garbage-same-port": _flow(app="unknown", bytes_toserver=100),
+        "failed-same-port": _flow(app="failed", bytes_toserver=5000),
+    }[variant]
+    events = [_flow([["GET", "/v1/status"]]), extra, extra]
+    pols, text, ps = _learn(events, tmp_path)
+    assert _http_allowed(ps, "GET", "/v1/status")
+    assert not _http_allowed(ps, "GET", "/admin"), text
+    assert not _http_allowed(ps, "GET", "/v1/status", port=9001)
+    assert [r.app for r in pols[0].rules] == ["http"], text
+    assert "# not learned: 2 x" in text
+
+
+def test_learn_unidentified_data_on_its_own_port_is_still_learned(tmp_path):
+    pols, text, ps = _learn([_flow([["GET", "/v1/status"]]), _flow(app=None, port=7000, bytes_toserver=10)],
+                            tmp_path)
+    assert sorted((r.app or "", sorted(r.ports)) for r in pols[0].rules) == [("", [(7000, "TCP")]),
+                                                                           ("http", [(9000, "TCP")])]
+
+
+def test_learn_prefix_aggregation_is_linear(tmp_path):
+    from firewall.learn import learn_from_events, render_policies
+
+    def run(n: int) -> float:
+        evs = [_flow([["GET", f"/p{chr(97 + i % 26)}x{i}/q"]]) for i in range(n)]
+        t = time.perf_counter()
+        render_policies(learn_from_events(evs))
+        return time.perf_counter() - t
+
+    small, big = run(4000), run(16000)
+    print(f"learn: 4k prefixes {small:.2f}s, 16k prefixes {big:.2f}s")
+    assert big < 3.0
+    assert big < 4 * small * 2.5  # linear (x4 input) with slack, quadratic would be x16
+
+
+def test_learn_many_prefixes_are_bounded_widened_then_refused(tmp_path):
+    evs = [_flow([["GET", f"/api/item{i}x"]]) for i in range(100)] + [_flow([["GET", "/v1/hot"]])] * 5
+    pols, text, ps = _learn(evs, tmp_path, max_prefixes_per_rule=8)
+    http = [h for r in ps.documents[0].spec.ingress for h in (r.http or [])]
+    assert 1 <= len(http) <= 8
+    assert _http_allowed(ps, "GET", "/v1/hot")  # the most used is kept
+    assert "path prefix beyond the 8 most used" in text or "widened" in text
+
+
+def test_learn_hostile_methods_and_huge_paths_are_refused_not_injected(tmp_path):
+    evs = [_flow([["GET\nspec: {default: allow}", "/v1/a"], ["GET", "/" + "x" * 5000], ["GET", "/v1/ok"]])]
+    pols, text, ps = _learn(evs, tmp_path)
+    assert "default: allow" not in text.replace("# not learned", "")  # not as YAML, at most in a comment
+    for line in text.splitlines():
+        assert line.startswith("#") or "default: allow" not in line
+    assert "method that is not an HTTP token" in text and "longer than 200" in text
+    assert _http_allowed(ps, "GET", "/v1/ok") and not _http_allowed(ps, "GET", "/" + "x" * 5000)
+    assert ps.documents[0].spec.default == "deny"
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_learn_50k_outside_addresses_give_a_small_policy_that_validates_fast(tmp_path, family):
+    from firewall.cli import main
+
+    evs = []
+    for i in range(50000):
+        ip = (f"{11 + i // 65536}.{i // 256 % 256}.{i % 256}.7" if family == 4
+              else f"2001:db8:{i % 4096:x}:{i // 4096:x}::7")
+        evs.append(_flow(app="tls", port=443, direction="outbound", peer={"world": True, "ip": ip}))
+    evs += [_flow([["GET", "/v1/status"]])]
+    src = tmp_path / "eve.jsonl"
+    src.write_text("\n".join(json.dumps(e) for e in evs) + "\n")
+    out = tmp_path / "learned.yaml"
+    t = time.perf_counter()
+    assert main(["policy", "learn", "--events", str(src), "-o", str(out)]) == 0
+    t_learn = time.perf_counter() - t
+    size = out.stat().st_size
+    t = time.perf_counter()
+    assert main(["policy", "validate", str(out)]) == 0
+    t_val = time.perf_counter() - t
+    print(f"learn 50k IPv{family} peers: {t_learn:.1f}s, policy {size} bytes, validate {t_val:.2f}s")
+    assert size < 10_000 and t_val < 5
+    text = out.read_text()
+    assert "aggregated: 50000 outside addresses" in text
+
+    from firewall.identity import Identity
+    from firewall.policy import FlowInfo, PolicySet
+
+    ps = PolicySet.load([str(out)])
+    api = Identity.make("10.0.0.5", "payments", "api-1", _API["labels"])
+    seen = "11.0.3.7" if family == 4 else "2001:db8:3::7"
+    assert ps.decide(FlowInfo("egress", api, Identity(seen), 443)).verdict == "allow"
+    assert ps.decide(FlowInfo("egress", api, Identity(seen), 80)).verdict == "deny"
+
+
+def test_learn_few_outside_addresses_stay_individual(tmp_path):
+    evs = [_flow(app="tls", port=443, direction="outbound", peer={"world": True, "ip": f"198.51.100.{i}"})
+           for i in range(1, 6)]
+    pols, text, ps = _learn(evs, tmp_path)
+    assert text.count("/32}") == 5 and "aggregated" not in text
