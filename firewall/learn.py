@@ -310,8 +310,10 @@ def _bound(aggs: list[_Agg], opts: LearnOptions, summary: LearnSummary) -> list[
                 a.ports -= clash
                 if not a.ports:
                     continue
-        if a.app in L7_HTTP and a.requests and not a.http:
-            summary.refuse("HTTP rule all of whose requests were refused (the rule would allow any request)",
+        if a.app in L7_HTTP and not a.http:
+            summary.refuse("HTTP rule all of whose requests were refused (the rule would allow any request)"
+                           if a.requests else
+                           "HTTP connection without a complete request (the rule would allow any request)",
                            a.peer_name, a.flows)
             continue
         kept.append(a)

@@ -639,3 +639,12 @@ def test_learn_few_outside_addresses_stay_individual(tmp_path):
            for i in range(1, 6)]
     pols, text, ps = _learn(evs, tmp_path)
     assert text.count("/32}") == 5 and "aggregated" not in text
+
+
+def test_learn_http_connection_without_a_request_gives_no_unrestricted_rule(tmp_path):
+    pols, text, ps = _learn([_flow(None, app="http", bytes_toserver=3)], tmp_path)
+    assert not pols[0].rules and "without a complete request" in text
+    assert not _http_allowed(ps, "GET", "/anything")
+    # with a real request from the same peer the narrowing is kept
+    pols, text, ps = _learn([_flow(None, app="http", bytes_toserver=3), _flow([["GET", "/v1/a"]])], tmp_path)
+    assert _http_allowed(ps, "GET", "/v1/a") and not _http_allowed(ps, "GET", "/v2")
