@@ -42,7 +42,7 @@ class AdminLimits:
     request (slowloris) or sends huge ones.
     """
 
-    max_connections: int = 64          # open admin connections from untrusted sources
+    max_connections: int = 64          # open connections; loopback+node have their own budget
     max_per_source: int = 8            # of which from one address
     request_timeout: float = 5.0       # whole request (line + headers), not per line
     max_request_line: int = 2048
@@ -63,8 +63,11 @@ def _networks(allow: tuple[str, ...], node_ip: str | None) -> list[ipaddress.IPv
     nets = [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")]
     for item in allow:
         if item == "node":
-            if node_ip:
-                nets.append(ipaddress.ip_network(node_ip))
+            try:
+                if node_ip:
+                    nets.append(ipaddress.ip_network(node_ip))
+            except ValueError:  # a bad HOST_IP must not stop the sidecar: the node is just not trusted
+                pass
             continue
         nets.append(ipaddress.ip_network(item, strict=False))
     return nets

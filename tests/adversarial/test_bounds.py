@@ -359,6 +359,30 @@ def test_admin_allow_list_serves_node_and_loopback_only(cluster, tmp_path):
     assert 'palisade_admin_rejected_total{reason="not-allowed"} 1.0' in sc.http("/metrics")[1]
 
 
+@pytest.mark.netns
+def test_admin_flood_filling_the_cap_cannot_fail_the_kubelet_probe(cluster, tmp_path):
+    """The total cap is full of another pod's connections: loopback and the node still get answers."""
+    srv, node, attacker = cluster.pod("server"), cluster.pod("node"), cluster.pod("attacker")
+    conf = tmp_path / "sidecar.yaml"
+    conf.write_text("admin_max_connections: 4\nadmin_max_per_source: 10\nadmin_request_timeout: 30\n")
+    os.chmod(tmp_path, 0o755)
+    os.chmod(conf, 0o644)
+    sc = srv.start_sidecar("--no-l7", "--no-dlp", "--config", str(conf), env={"HOST_IP": node.ip})
+    atk = attacker.popen([PY, "-c", ATTACK, srv.ip, "10", "1", "8", "slow"], text=True)
+    wait_until(lambda: 'palisade_admin_rejected_total{reason="connection-cap"} 6.0' in sc.http("/metrics")[1],
+               10, what="6 of 10 refused by the cap of 4")
+    probe = textwrap.dedent(f"""
+        import socket
+        s = socket.create_connection(("{srv.ip}", 15020), timeout=5)
+        s.sendall(b"GET /healthz HTTP/1.1\\r\\n\\r\\n")
+        print(s.recv(100)[:12].decode() or "closed")
+    """)
+    assert node.run([PY, "-c", probe]).stdout.strip() == "HTTP/1.0 200"  # the kubelet's address
+    assert sc.http("/healthz")[0] == 200  # loopback
+    assert attacker.run([PY, "-c", probe], check=False).stdout.strip() != "HTTP/1.0 200"
+    atk.kill()
+
+
 # --------------------------------------------------------------------------- webhook queue in bytes
 
 
