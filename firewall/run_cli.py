@@ -384,7 +384,9 @@ def _start_side_threads(side: Sidecar, worker: int) -> None:
 
         try:
             # webhook_flows: every event type, flow records included; else the default set
-            wh = WebhookSink(cfg.alert_webhook, **({"event_types": None} if cfg.webhook_flows else {}))
+            wh = WebhookSink(cfg.alert_webhook, queue_size=cfg.webhook_queue_size,
+                             queue_bytes=cfg.webhook_queue_bytes,
+                             **({"event_types": None} if cfg.webhook_flows else {}))
             wh.start()
             side.sink.add_consumer(wh)
         except Exception as exc:  # noqa: BLE001
@@ -402,7 +404,13 @@ async def _serve_with(side: Sidecar, proxy: Any, worker: int, admin: bool) -> in
     await proxy.start()
     admin_srv = None
     if admin and cfg.admin_port:
-        admin_srv = metrics.AdminServer(cfg.admin_address, cfg.admin_port, lambda: proxy.ready)
+        limits = metrics.AdminLimits(
+            max_connections=cfg.admin_max_connections, max_per_source=cfg.admin_max_per_source,
+            request_timeout=cfg.admin_request_timeout, max_request_line=cfg.admin_max_request_line,
+            max_headers=cfg.admin_max_headers, max_request_bytes=cfg.admin_max_request_bytes,
+            allow=tuple(cfg.admin_allow))
+        admin_srv = metrics.AdminServer(cfg.admin_address, cfg.admin_port, lambda: proxy.ready, limits,
+                                        node_ip=cfg.host_ip)
         await admin_srv.start()
     log.info("worker %d ready (inbound :%d, outbound :%d)", worker, cfg.inbound_port, cfg.outbound_port)
     stop = asyncio.Event()
