@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.netns  # root + namespaces; conftest also skips without podman
+
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -18,6 +18,8 @@ import pytest
 from tests.harness import wait_until
 from tests.runtime.podrunner import PodRunner, injected_pod
 
+pytestmark = pytest.mark.netns  # root + namespaces; conftest also skips without podman
+
 NAMESPACE = "rt"
 TEST_PAN = "4111111111111111"
 

@@ -15,9 +15,12 @@ import sys
 from pathlib import Path
 
 import jsonpatch
+import pytest
 import yaml
 
 from tests.runtime.podrunner import PodRunner
+
+pytestmark = pytest.mark.netns  # root + namespaces; conftest also skips without podman
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICE = "palisade-injector.palisade-system.svc"
