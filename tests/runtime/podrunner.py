@@ -161,7 +161,7 @@ class PodRunner:
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:
         _only(self.spec, POD_SPEC_FIELDS | SCHEDULING_ONLY | {"automountServiceAccountToken"}, "spec")
-        if self.spec.get("automountServiceAccountToken", False) is not False and "serviceAccountName" in self.spec:
+        if "serviceAccountName" in self.spec and self.spec.get("automountServiceAccountToken", True) is not False:
             raise Unsupported("spec: a service account token mount (set automountServiceAccountToken: false)")
         _only(self.spec.get("securityContext") or {}, POD_SC_FIELDS, "spec.securityContext")
         if self.spec.get("restartPolicy", "Always") not in ("Always", "OnFailure", "Never"):

@@ -38,10 +38,10 @@ def web_pod(scope: str = "cde", **annotations: str) -> dict:
     }
 
 
-def injector_config(image: str):
+def injector_config(image: str, **extra):
     from injector.config import InjectorConfig
 
-    return InjectorConfig.from_dict({"image": image, "imagePullPolicy": "Never"})
+    return InjectorConfig.from_dict({"image": image, "imagePullPolicy": "Never", **extra})
 
 
 POLICY = """\
@@ -89,8 +89,8 @@ def curl(pod, url: str, *extra: str, timeout: int = 5) -> subprocess.CompletedPr
     return pod.run(["curl", "-sS", "--max-time", str(timeout), "-w", "\n%{http_code}", *extra, url], check=False)
 
 
-def start(cluster, image: str, pod: dict, volumes_from: dict | None = None) -> PodRunner:
-    spec = injected_pod(pod, NAMESPACE, injector_config(image))
+def start(cluster, image: str, pod: dict, volumes_from: dict | None = None, **config) -> PodRunner:
+    spec = injected_pod(pod, NAMESPACE, injector_config(image, **config))
     runner = PodRunner(spec, cluster.pod("web", NAMESPACE), cluster.node, volumes_from=volumes_from)
     cluster.runners = [*getattr(cluster, "runners", []), runner]
     try:
@@ -144,7 +144,11 @@ def test_policy_from_configmap_allows_client_denies_other_and_blocks_card(runner
     runner = start(runners, image, web_pod("out-of-scope"), {"palisade-policy": _policy_dir(tmp_path, client.ip)})
     loaded = wait_event(runner, lambda e: e.get("event_type") == "policy", "policy loaded event")
     assert loaded["policy"]["mode"] == "protect", loaded
-    # the probes still pass (the pod became Ready in start()), through the sidecar, under protect
+    # the probes still pass (the pod became Ready in start()), through the sidecar, under protect,
+    # allowed by the built-in rule for the node's address (HOST_IP from the fieldRef env)
+    probe = wait_event(runner, lambda e: e.get("event_type") == "flow" and e.get("src_ip") == runners.node.ip,
+                       "a probe's flow record")
+    assert probe["verdict"] == "allow" and probe["rule"] == "kubelet-probes", probe
     r = curl(client, f"http://{runner.net.ip}:8080/ok")
     assert r.stdout.splitlines()[-1] == "200" and "web ok" in r.stdout, (r, runner.logs("palisade")[-3000:])
     r = curl(other, f"http://{runner.net.ip}:8080/ok")
@@ -242,3 +246,16 @@ def test_image_without_file_capabilities_fails_like_in_kubernetes(runners, image
     with pytest.raises(PodFailed) as failed:
         start(runners, nocap, web_pod())
     assert "Operation not permitted" in str(failed.value), str(failed.value)[-2000:]
+
+
+def test_non_native_sidecar_post_start_hook_holds_the_app_until_ready(runners, image, web_image):
+    """nativeSidecar: false (clusters before 1.29): the sidecar is the first regular container and
+    its postStart hook (python in the image) blocks until /readyz answers."""
+    runner = start(runners, image, web_pod(), nativeSidecar=False)
+    assert [c.spec["name"] for c in runner.containers] == ["palisade-init", "palisade", "web"]
+    assert not runner.container("palisade").init and "postStart" in runner.container("palisade").spec["lifecycle"]
+    client = runners.pod("client", NAMESPACE)
+    r = curl(client, f"http://{runner.net.ip}:8080/x")
+    assert r.stdout.splitlines()[-1] == "200", r
+    wait_event(runner, lambda e: e.get("event_type") == "flow" and e.get("src_ip") == client.ip,
+               "the client's flow through the sidecar")
