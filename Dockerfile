@@ -41,10 +41,12 @@ RUN set -eu; python3 -m venv --copies /opt/palisade/venv; \
     else pip install $deps 'setuptools>=77'; fi; \
     rm -rf /opt/palisade/wheels /root/.cache
 
-COPY pyproject.toml README.md ./
-COPY firewall ./firewall
-COPY injector ./injector
-RUN pip install --no-deps --no-build-isolation . && rm -rf build *.egg-info /root/.cache
+# Sources go to a scratch directory that is removed after the install: `python -m` puts the working
+# directory first on sys.path, and a second copy there would shadow the installed package.
+COPY pyproject.toml README.md /tmp/src/
+COPY firewall /tmp/src/firewall
+COPY injector /tmp/src/injector
+RUN pip install --no-deps --no-build-isolation /tmp/src && rm -rf /tmp/src /root/.cache
 COPY dlp_rules /usr/share/palisade/dlp_rules
 
 # Kubernetes gives a non-root container no ambient capabilities: the sidecar (UID 1337) gets
