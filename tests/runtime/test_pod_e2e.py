@@ -197,6 +197,10 @@ def test_sidecar_killed_fails_closed_and_restart_restores(runners, image, web_im
     wait_until(lambda: runner.state(side).get("Status") != "running", 10, what="sidecar dead")
     r = curl(client, url, timeout=3)
     assert "web ok" not in r.stdout and r.stdout.splitlines()[-1] != "200", r
+    # closed by the redirect rules, not because the app went away: nginx is still up and the
+    # app's own loopback still answers
+    assert runner.state(runner.container("web")).get("Status") == "running"
+    assert "web ok" in runner.net.run(["curl", "-s", "--max-time", "3", "http://127.0.0.1:8080/"], check=False).stdout
     runner.hold_restarts.clear()
     runner.wait_restarted("palisade", 1)
     wait_until(lambda: curl(client, url, timeout=2).stdout.splitlines()[-1] == "200", 30,
