@@ -20,8 +20,10 @@ admin grants) to a list of one-line findings:
 Namespace grants come from namespace labels (``GRANT_LABELS``). An
 AdmissionReview does not carry them, so the shipped webhook configuration
 registers one CDE webhook per combination of labels, each with a
-``namespaceSelector`` and a ``/validate?grants=...`` path: the API server, not
-the pod, decides which grants a request carries.
+``namespaceSelector`` and its own path (``/validate``, ``/validate/mode``,
+``/validate/debug``, ``/validate/mode-debug``): the API server, not the pod,
+decides which grants a request carries. (A webhook path may not hold a query
+string: each path segment must be a DNS-1123 subdomain.)
 """
 
 from __future__ import annotations
@@ -62,8 +64,14 @@ OURS = (INIT_NAME, SIDECAR_NAME)
 
 
 def parse_grants(text: str | None) -> frozenset[str]:
-    """``"mode,debug"`` -> the grants; unknown names are ignored (a newer webhook config)."""
-    return frozenset(g.strip() for g in (text or "").split(",") if g.strip() in GRANTS)
+    """``"mode-debug"`` (a path segment) or ``"mode,debug"`` -> the grants; unknown names are ignored."""
+    return frozenset(g.strip() for g in (text or "").replace("-", ",").split(",") if g.strip() in GRANTS)
+
+
+def grants_path(grants: Iterable[str]) -> str:
+    """The webhook path that conveys ``grants`` (inverse of ``parse_grants``)."""
+    names = [g for g in GRANTS if g in set(grants)]
+    return "/validate" + (f"/{'-'.join(names)}" if names else "")
 
 
 def _dict(value: Any) -> dict:
