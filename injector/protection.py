@@ -45,8 +45,10 @@ class Protection:
     present: bool                 # at least one container under a reserved name
     problems: tuple[str, ...]     # one human-readable difference each, naming the field
 
-    def summary(self) -> str:
-        return "; ".join(self.problems)
+    def summary(self, limit: int = 6) -> str:
+        """The first ``limit`` problems (a refusal must stay readable in ``kubectl``'s output)."""
+        more = len(self.problems) - limit
+        return "; ".join(self.problems[:limit]) + (f"; and {more} more" if more > 0 else "")
 
 
 def _list(spec: dict, key: str) -> list[dict]:
@@ -62,6 +64,21 @@ def reserved_present(spec: dict) -> bool:
 def _short(value: Any, limit: int = 160) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def describe(want: Any, got: Any) -> str:
+    """The difference between two values, as short as it can be said: which items or keys."""
+    if isinstance(want, list) and isinstance(got, list) and not all(isinstance(x, str) for x in want + got):
+        extra = [x for x in got if x not in want]
+        missing = [x for x in want if x not in got]
+        parts = ([f"has {_short(extra)} which the injector does not render"] if extra else []) + (
+            [f"lacks {_short(missing)}"] if missing else [])
+        return "; ".join(parts) if parts else f"order differs: got {_short(got)}"
+    if isinstance(want, dict) and isinstance(got, dict):
+        keys = [k for k in sorted(set(want) | set(got), key=str) if want.get(k) != got.get(k)]
+        return ", ".join(f"{k}: got {_short(got.get(k), 80)}, the injector renders {_short(want.get(k), 80)}"
+                         for k in keys[:4]) + (" ..." if len(keys) > 4 else "")
+    return f"got {_short(got)}, the injector renders {_short(want)}"
 
 
 def _norm_sc(sc: Any) -> Any:
@@ -104,16 +121,15 @@ def container_problems(expected: dict, actual: dict, config: InjectorConfig) -> 
             want, got = _norm_sc(want), _norm_sc(got)
         elif key == "volumeMounts":
             got = _norm_mounts(got)
-        if want == got:
-            continue
+        if want == got or (want in (None, [], {}) and got in (None, [], {})):
+            continue  # an empty list or map is what "unset" looks like after defaulting
         if key not in expected:
             problems.append(f"container {name}: field {key} is set ({_short(got)}) but the injector "
                             "never sets it")
         elif key not in actual:
             problems.append(f"container {name}: field {key} is missing (the injector sets {_short(want)})")
         else:
-            problems.append(f"container {name}: field {key} differs: got {_short(got)}, the injector "
-                            f"renders {_short(want)}")
+            problems.append(f"container {name}: field {key} differs: {describe(want, got)}")
     return problems
 
 
@@ -179,7 +195,7 @@ def inspect(pod: dict, config: InjectorConfig) -> Protection:
         if got is None:
             problems.append(f"volume {vol['name']}: missing")
         elif _norm_volume(got) != vol:
-            problems.append(f"volume {vol['name']}: differs: got {_short(got)}, the injector renders {_short(vol)}")
+            problems.append(f"volume {vol['name']}: differs: {describe(vol, _norm_volume(got))}")
     return Protection(not problems, present, tuple(problems))
 
 

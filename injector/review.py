@@ -193,7 +193,7 @@ def mutate(review: Any, config: InjectorConfig) -> Result:
             fixed = protection.repair(pod, config)
             verdict = protection.inspect(fixed if fixed is not None else pod, config)
             if not verdict.protected:
-                return _reject(uid, pod, list(verdict.problems), lead=(
+                return _reject(uid, pod, [verdict.summary()], lead=(
                     f"containers named {INIT_NAME}/{SIDECAR_NAME} are reserved for the Palisade sidecar and "
                     "these are not what the injector renders (remove them and let the injector add its own): "))
             if fixed is None:
