@@ -1,0 +1,214 @@
+"""Property: whatever /mutate makes of a random pod, /validate lets a CDE pod through only with the exact sidecar.
+
+Random pods mix app and init containers (some under the reserved names, some with
+Palisade's own image), dangerous security contexts, capture-volume mounts, the
+status annotation, exclusions, modes and opt-outs, and near-misses: a real
+injected pod with one field of the init container or sidecar changed. For each,
+the API server's view is replayed: the JSON Patch /mutate returns is applied (and
+the unpatched pod is tried too, as if the mutating webhook had failed open), then
+/validate judges the CDE-labelled result. Whenever it allows, an oracle written
+independently of ``protection.py`` must find the sidecar exactly as ``inject.py``
+renders it, and nothing the guard refuses.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+
+import jsonpatch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from injector.config import InjectorConfig
+from injector.inject import init_container, sidecar_container, volumes
+from injector.probes import probe_ports
+from injector.review import mutate, validate
+from tests.injector.guard_cases import injected, pod, review
+
+CONFIG = InjectorConfig()
+SECURITY = [None, {}, {"privileged": True}, {"capabilities": {"add": ["NET_ADMIN"]}},
+            {"capabilities": {"add": ["cap_sys_admin"]}, "allowPrivilegeEscalation": False},
+            {"runAsUser": 1337}, {"runAsGroup": 1337}, {"procMount": "Unmasked"},
+            {"allowPrivilegeEscalation": False, "runAsNonRoot": True},
+            {"runAsUser": 0, "runAsGroup": 0, "runAsNonRoot": False, "privileged": False,
+             "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+             "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]}}]
+NAMES = ["web", "worker", "palisade", "palisade-init", "setup"]
+IMAGES = ["shop/web:1", "palisade:0.1.0", "busybox:1.36"]
+COMMANDS = [None, ["python", "-m", "firewall", "run"], ["python", "-m", "firewall", "redirect", "apply"],
+            ["sleep", "infinity"]]
+MOUNTS = [None, [{"name": "data", "mountPath": "/data"}], [{"name": "palisade-pcap", "mountPath": "/p"}]]
+ANNOTATIONS = {
+    "palisade.dev/status": st.just("injected"),
+    "palisade.dev/exclude-outbound-cidrs": st.sampled_from(["0.0.0.0/0", "192.0.2.1", "::/0,10.0.0.0/8"]),
+    "palisade.dev/exclude-inbound-ports": st.sampled_from(["22", "8080,9090"]),
+    "palisade.dev/mode": st.sampled_from(["learn", "monitor", "protect"]),
+    "palisade.dev/inject": st.sampled_from(["true", "false"]),
+}
+TAMPER_FIELDS = {
+    "image": st.sampled_from(IMAGES + ["palisade:0.0.9"]),
+    "command": st.sampled_from(COMMANDS[1:] + [["sh", "-c", "true"]]),
+    "args": st.sampled_from([[], ["--inbound-port", "15006"], ["--config", "/etc/palisade/config.yaml"]]),
+    "securityContext": st.sampled_from(SECURITY),
+    "volumeMounts": st.sampled_from(MOUNTS),
+    "envFrom": st.just([{"configMapRef": {"name": "x"}}]),
+    "restartPolicy": st.sampled_from([None, "Always"]),
+    "env": st.sampled_from([None, [{"name": "PALISADE_MODE", "value": "learn"}]]),
+}
+
+
+def _mostly_none(pool: list) -> st.SearchStrategy:
+    """Half the draws leave the field unset, so clean pods (the ones validate may allow) are common."""
+    return st.one_of(st.none(), st.sampled_from(pool))
+
+
+@st.composite
+def containers(draw, names):
+    out = []
+    for name in names:
+        c = {"name": name, "image": draw(st.sampled_from(IMAGES))}
+        for key, pool in (("command", COMMANDS), ("securityContext", SECURITY), ("volumeMounts", MOUNTS)):
+            value = draw(_mostly_none(pool))
+            if value is not None:
+                c[key] = copy.deepcopy(value)
+        if draw(st.booleans()):
+            c["readinessProbe"] = {"httpGet": {"port": draw(st.integers(1, 65535))}}
+        out.append(c)
+    return out
+
+
+@st.composite
+def random_pods(draw):
+    pool = NAMES if draw(st.booleans()) else [n for n in NAMES if not n.startswith("palisade")]
+    names = draw(st.lists(st.sampled_from(pool), min_size=1, max_size=4, unique=True))
+    split = draw(st.integers(0, len(names) - 1))
+    app = draw(containers(names[split:]))
+    init = draw(containers(names[:split]))
+    for c in init:
+        if draw(st.booleans()):
+            c["restartPolicy"] = "Always"
+    keys = draw(st.one_of(st.just([]), st.lists(st.sampled_from(sorted(ANNOTATIONS)), unique=True, max_size=3)))
+    annotations = {k: draw(ANNOTATIONS[k]) for k in keys}
+    extra = {}
+    if draw(st.integers(0, 9)) == 0:
+        extra["hostNetwork"] = True
+    if draw(st.integers(0, 3)) == 0:
+        extra["securityContext"] = draw(st.sampled_from([{"runAsUser": 1337}, {"supplementalGroups": [1337]},
+                                                         {"fsGroup": 1337}, {"fsGroup": 1000}]))
+    return pod(containers=app, init=init or None, annotations=annotations or None, **extra)
+
+
+@st.composite
+def near_misses(draw):
+    """A real injected pod with one field of one Palisade container changed (or none)."""
+    base = injected(pod(containers=[{"name": "web", "image": "shop/web:1"}]))
+    if draw(st.booleans()):
+        return base
+    target = draw(st.sampled_from(["palisade-init", "palisade"]))
+    key = draw(st.sampled_from(sorted(TAMPER_FIELDS)))
+    value = draw(TAMPER_FIELDS[key])
+    for c in base["spec"]["initContainers"]:
+        if c["name"] == target:
+            if value is None:
+                c.pop(key, None)
+            else:
+                c[key] = copy.deepcopy(value)
+    return base
+
+
+def _mutated(p: dict) -> dict | None:
+    response = mutate(review(copy.deepcopy(p)), CONFIG).review["response"]
+    if not response["allowed"]:
+        return None
+    if "patch" not in response:
+        return copy.deepcopy(p)
+    return jsonpatch.apply_patch(p, json.loads(base64.b64decode(response["patch"])))
+
+
+def oracle(p: dict) -> list[str]:
+    """Independent check: the exact rendered sidecar and nothing the guard forbids (empty = fine)."""
+    spec = p["spec"]
+    meta = p["metadata"]
+    annotations = meta.get("annotations") or {}
+    bad = []
+    inits = spec.get("initContainers") or []
+    if [c["name"] for c in inits[:2]] != ["palisade-init", "palisade"]:
+        return ["palisade-init, palisade are not the first two init containers"]
+    apps = spec.get("containers") or []
+    probes = probe_ports(apps + [c for c in inits[2:] if c.get("restartPolicy") == "Always"])
+    want = {"palisade-init": init_container(CONFIG, annotations),
+            "palisade": sidecar_container(CONFIG, annotations, probes.env_value())}
+    for c in inits[:2]:
+        w = want[c["name"]]
+        for key in ("image", "command", "args", "securityContext", "env", "restartPolicy", "lifecycle",
+                    "envFrom", "workingDir"):
+            if c.get(key) != w.get(key):
+                bad.append(f"{c['name']}.{key}")
+        if (c.get("volumeMounts") or []) != (w.get("volumeMounts") or []):
+            bad.append(f"{c['name']}.volumeMounts")
+    others = inits[2:] + apps
+    if any(c["name"].startswith("palisade") for c in others):
+        bad.append("another container under a reserved name")
+    have = {v["name"]: v for v in spec.get("volumes") or []}
+    for v in volumes(CONFIG):
+        if have.get(v["name"]) != v:
+            bad.append(f"volume {v['name']}")
+    if spec.get("hostNetwork"):
+        bad.append("hostNetwork")
+    psc = spec.get("securityContext") or {}
+    if 1337 in (psc.get("runAsUser"), psc.get("runAsGroup"), psc.get("fsGroup")) or 1337 in (
+            psc.get("supplementalGroups") or []):
+        bad.append("pod identity 1337")
+    for c in others:
+        sc = c.get("securityContext") or {}
+        if sc.get("privileged") or sc.get("procMount") == "Unmasked" or 1337 in (sc.get("runAsUser"),
+                                                                                  sc.get("runAsGroup")):
+            bad.append(f"{c['name']} dangerous securityContext")
+        if {x.upper().removeprefix("CAP_") for x in (sc.get("capabilities") or {}).get("add") or []} & {
+                "NET_ADMIN", "SYS_ADMIN", "NET_RAW", "SYS_PTRACE", "BPF", "ALL"}:
+            bad.append(f"{c['name']} dangerous capability")
+        if any(m["name"] == "palisade-pcap" for m in c.get("volumeMounts") or []):
+            bad.append(f"{c['name']} mounts the capture volume")
+    if any(k.startswith("palisade.dev/exclude-") and v.strip() for k, v in annotations.items()):
+        bad.append("exclusion without allow-list")
+    if annotations.get("palisade.dev/mode", "protect") != "protect":
+        bad.append("mode")
+    if "false" in (annotations.get("palisade.dev/inject"), meta.get("labels", {}).get("palisade.dev/inject")):
+        bad.append("opt-out")
+    return bad
+
+
+def _check(p: dict) -> None:
+    for candidate in (_mutated(p), p):
+        if candidate is None:
+            continue
+        response = validate(review(candidate), CONFIG).review["response"]
+        if response["allowed"]:
+            assert oracle(candidate) == [], (oracle(candidate), candidate)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(random_pods())
+def test_validate_allows_a_cde_pod_only_with_the_exact_sidecar(p):
+    _check(p)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(near_misses())
+def test_near_miss_sidecars_are_never_allowed(p):
+    _check(p)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.sampled_from(["web", "worker", "setup"]), min_size=1, max_size=3, unique=True),
+       st.integers(1, 65535))
+def test_clean_pods_injected_by_mutate_pass_validate(names, port):
+    """The other direction: the webhooks agree on pods that ask for nothing forbidden."""
+    p = pod(containers=[{"name": n, "image": "shop/x:1", "readinessProbe": {"httpGet": {"port": port}}}
+                        for n in names])
+    patched = _mutated(p)
+    assert patched is not None
+    assert validate(review(patched), CONFIG).review["response"]["allowed"] is True
+    assert oracle(patched) == []
