@@ -89,7 +89,7 @@ def random_pods(draw):
     for c in init:
         if draw(st.booleans()):
             c["restartPolicy"] = "Always"
-    keys = draw(st.one_of(st.just([]), st.lists(st.sampled_from(sorted(ANNOTATIONS)), unique=True, max_size=3)))
+    keys = [k for k in sorted(ANNOTATIONS) if draw(st.integers(0, 3)) == 0]
     annotations = {k: draw(ANNOTATIONS[k]) for k in keys}
     extra = {}
     if draw(st.integers(0, 9)) == 0:
@@ -189,7 +189,7 @@ def _check(p: dict) -> None:
             assert oracle(candidate) == [], (oracle(candidate), candidate)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(random_pods())
 def test_validate_allows_a_cde_pod_only_with_the_exact_sidecar(p):
     _check(p)
