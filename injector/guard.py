@@ -9,6 +9,8 @@ admin grants) to a list of one-line findings:
   (SYS_PTRACE, hostPID, an unmasked /proc), or borrow the proxy's identity
   (UID/GID 1337, which the redirect rules exempt). Refused in the CDE, a
   warning elsewhere (``dangerousOutsideCde: refuse`` makes it a refusal).
+* ``undropped_net_raw``: CDE containers must drop NET_RAW (runtimes grant it
+  by default; AF_PACKET frames bypass nftables, and it may set SO_MARK).
 * ``reserved_mounts``: an application, init or ephemeral container mounting
   the sidecar's capture or scratch volume (pcaps hold full card numbers by
   nature). Refused everywhere.
@@ -145,6 +147,27 @@ def dangerous_fields(pod: dict, only: Iterable[str] | None = None, pod_level: bo
                              "whose traffic is never redirected)")
         if caps and sc.get("allowPrivilegeEscalation") is not False:
             found.append(f"{where}: adds capabilities without allowPrivilegeEscalation: false")
+    return found
+
+
+def undropped_net_raw(pod: dict, only: Iterable[str] | None = None) -> list[str]:
+    """CDE containers that keep NET_RAW, which container runtimes grant by default.
+
+    With NET_RAW a process can send frames on an AF_PACKET socket, which never pass through
+    nftables (so around the redirect), and since Linux 5.17 it may set SO_MARK (the sidecar's
+    exemption mark). Kubernetes does not drop it unless the container says so."""
+    found = []
+    for kind, c in _containers(_dict(pod.get("spec")), only):
+        if c.get("name") in OURS and kind != "ephemeral container":
+            continue
+        sc = _dict(c.get("securityContext"))
+        if sc.get("privileged") is True:
+            continue  # reported as privileged already
+        drop = _dict(sc.get("capabilities")).get("drop")
+        names = {str(x).strip().upper().removeprefix("CAP_") for x in drop} if isinstance(drop, list) else set()
+        if not names & {"NET_RAW", "ALL"}:
+            found.append(f"{kind} {c.get('name')}: does not drop NET_RAW (add securityContext.capabilities.drop: "
+                         "[ALL]; the runtime grants NET_RAW by default and it sends packets around the firewall)")
     return found
 
 

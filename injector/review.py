@@ -280,7 +280,7 @@ def _ephemeral(uid: str, req: dict, config: InjectorConfig, grants: frozenset[st
             refusals.insert(0, f"ephemeral containers are refused in CDE pods unless namespace {namespace} "
                                f"carries the label {guard.GRANT_LABELS[guard.GRANT_DEBUG]}=true (set by a "
                                "cluster admin)")
-        refusals += dangerous
+        refusals += dangerous + guard.undropped_net_raw(pod, only=names)
         refusals += [f"ephemeral container {c['name']}: targetContainerName {c['targetContainerName']} is "
                      "Palisade's own container" for c in new if c.get("targetContainerName") in guard.OURS]
     elif config.dangerous_outside_cde == "refuse":
@@ -336,7 +336,7 @@ def validate(review: Any, config: InjectorConfig | None = None, grants: frozense
         if not verdict.protected:
             refusals.insert(0, f"it is labelled {LABEL_SCOPE}=cde but {_why_unprotected(pod, namespace, verdict)}")
         refusals += guard.cde_exceptions(pod, namespace, config, grants)
-        refusals += dangerous
+        refusals += dangerous + guard.undropped_net_raw(pod)
         if old is not None and not _is_cde(old) and not verdict.protected:
             refusals.append("the sidecar cannot be added to a running pod: delete it and create it with the label")
     elif config.dangerous_outside_cde == "refuse":

@@ -59,8 +59,19 @@ class Case:
     extra: dict = field(default_factory=dict)
 
 
+HARDENED = {"capabilities": {"drop": ["ALL"]}}
+
+
+def hardened(c: dict) -> dict:
+    """A container that drops every capability (what a CDE container must do with NET_RAW at least)."""
+    sc = c.get("securityContext") or {}
+    caps = sc.get("capabilities") or {}
+    return {**c, "securityContext": {**sc, "capabilities": {**caps, "drop": caps.get("drop", ["ALL"])}}}
+
+
 def pod(name: str = "web", *, cde: bool = True, labels: dict | None = None, annotations: dict | None = None,
-        containers: list[dict] | None = None, init: list[dict] | None = None, **spec: Any) -> dict:
+        containers: list[dict] | None = None, init: list[dict] | None = None, harden: bool = True,
+        **spec: Any) -> dict:
     meta: dict[str, Any] = {"name": name, "namespace": NS, "labels": {"app": name, **(CDE if cde else {}),
                                                                       **(labels or {})}}
     if annotations:
@@ -68,6 +79,10 @@ def pod(name: str = "web", *, cde: bool = True, labels: dict | None = None, anno
     body: dict[str, Any] = {"containers": containers or [{"name": name, "image": "shop/web:1.4"}]}
     if init:
         body["initContainers"] = init
+    if harden:
+        for key in ("containers", "initContainers"):
+            if key in body:
+                body[key] = [hardened(c) for c in body[key]]
     body.update(spec)
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": body}
 
@@ -359,7 +374,8 @@ def mount_cases() -> list[Case]:
 
 def _ephemeral(base: dict, **c: Any) -> dict:
     new = copy.deepcopy(base)
-    new["spec"].setdefault("ephemeralContainers", []).append({"name": "debugger", "image": "busybox", **c})
+    new["spec"].setdefault("ephemeralContainers", []).append(
+        hardened({"name": "debugger", "image": "busybox", **c}))
     return new
 
 
@@ -445,9 +461,40 @@ def update_and_ephemeral_cases() -> list[Case]:
     return cases
 
 
+def net_raw_cases() -> list[Case]:
+    """Runtimes grant NET_RAW by default: a CDE container must drop it (AF_PACKET bypasses nftables)."""
+    cases = []
+    variants = {
+        "no-security-context": {"name": "web", "image": "x"},
+        "drop-other": {"name": "web", "image": "x", "securityContext": {"capabilities": {"drop": ["SYS_CHROOT"]}}},
+        "non-root-still-needs-drop": {"name": "web", "image": "x", "securityContext": {"runAsNonRoot": True,
+                                                                                      "runAsUser": 1000}},
+    }
+    for name, c in variants.items():
+        p = injected(pod(containers=[c], harden=False))
+        cases.append(Case(f"netraw-{name}-cde", "validate", review(p), False, ("container web: does not drop NET_RAW",)))
+        cases.append(Case(f"netraw-{name}-elsewhere", "validate", review(injected(pod(cde=False, containers=[c],
+                                                                                        harden=False))), True))
+    for spelling in (["NET_RAW"], ["cap_net_raw"], ["all"]):
+        p = injected(pod(containers=[{"name": "web", "image": "x", "securityContext": {"capabilities": {
+            "drop": spelling}}}], harden=False))
+        cases.append(Case(f"netraw-dropped-{spelling[0].lower()}", "validate", review(p), True))
+    init = injected(pod(init=[{"name": "setup", "image": "x"}], harden=False))
+    init["spec"]["containers"] = [hardened(c) for c in init["spec"]["containers"]]
+    cases.append(Case("netraw-init-container-cde", "validate", review(init), False,
+                      ("init container setup: does not drop NET_RAW",)))
+    prot = injected(pod())
+    eph = copy.deepcopy(prot)
+    eph["spec"]["ephemeralContainers"] = [{"name": "debugger", "image": "busybox"}]
+    cases.append(Case("netraw-ephemeral-cde", "validate", review(eph, op="UPDATE", old=prot,
+                                                                 sub="ephemeralcontainers"), False,
+                      ("ephemeral container debugger: does not drop NET_RAW",), grants=("debug",)))
+    return cases
+
+
 def all_cases() -> list[Case]:
     cases = (look_alike_cases() + exclusion_cases() + dangerous_cases() + mount_cases()
-             + update_and_ephemeral_cases())
+             + update_and_ephemeral_cases() + net_raw_cases())
     names = [c.name for c in cases]
     assert len(names) == len(set(names)), "duplicate case names"
     return cases

@@ -25,7 +25,7 @@ from injector.config import InjectorConfig
 from injector.inject import init_container, sidecar_container, volumes
 from injector.probes import probe_ports
 from injector.review import mutate, validate
-from tests.injector.guard_cases import injected, pod, review
+from tests.injector.guard_cases import hardened, injected, pod, review
 
 CONFIG = InjectorConfig()
 SECURITY = [None, {}, {"privileged": True}, {"capabilities": {"add": ["NET_ADMIN"]}},
@@ -75,6 +75,8 @@ def containers(draw, names):
                 c[key] = copy.deepcopy(value)
         if draw(st.booleans()):
             c["readinessProbe"] = {"httpGet": {"port": draw(st.integers(1, 65535))}}
+        if draw(st.integers(0, 3)):
+            c = hardened(c)
         out.append(c)
     return out
 
@@ -169,6 +171,9 @@ def oracle(p: dict) -> list[str]:
         if {x.upper().removeprefix("CAP_") for x in (sc.get("capabilities") or {}).get("add") or []} & {
                 "NET_ADMIN", "SYS_ADMIN", "NET_RAW", "SYS_PTRACE", "BPF", "ALL"}:
             bad.append(f"{c['name']} dangerous capability")
+        if not {x.upper().removeprefix("CAP_") for x in (sc.get("capabilities") or {}).get("drop") or []} & {
+                "NET_RAW", "ALL"}:
+            bad.append(f"{c['name']} keeps NET_RAW")
         if any(m["name"] == "palisade-pcap" for m in c.get("volumeMounts") or []):
             bad.append(f"{c['name']} mounts the capture volume")
     if any(k.startswith("palisade.dev/exclude-") and v.strip() for k, v in annotations.items()):
@@ -207,7 +212,7 @@ def test_near_miss_sidecars_are_never_allowed(p):
 def test_clean_pods_injected_by_mutate_pass_validate(names, port):
     """The other direction: the webhooks agree on pods that ask for nothing forbidden."""
     p = pod(containers=[{"name": n, "image": "shop/x:1", "readinessProbe": {"httpGet": {"port": port}}}
-                        for n in names])
+                        for n in names])  # pod() hardens: drop ALL
     patched = _mutated(p)
     assert patched is not None
     assert validate(review(patched), CONFIG).review["response"]["allowed"] is True

@@ -16,6 +16,7 @@ from injector.decision import decide
 from injector.patch import make_patch
 from injector.probes import probe_ports
 from injector.review import ReviewError, mutate, validate
+from tests.injector.guard_cases import hardened
 from tests.injector.test_golden import TESTDATA, apply_response, make_review
 
 # --- annotations ------------------------------------------------------------------------------
@@ -184,6 +185,8 @@ def test_validate_allows_protected_and_non_cde_pods():
     assert validate(make_review(injected)).review["response"]["allowed"] is True
     legacy = yaml.safe_load((TESTDATA / "non-native-sidecar" / "expected.yaml").read_text())
     legacy["metadata"]["labels"]["pci.palisade.dev/scope"] = "cde"
+    for key in ("containers", "initContainers"):
+        legacy["spec"][key] = [c if c["name"].startswith("palisade") else hardened(c) for c in legacy["spec"][key]]
     # Protected means "as rendered under the current config": the non-native layout passes under
     # nativeSidecar: false and not under the default (native) config.
     legacy_cfg = InjectorConfig.load(TESTDATA / "non-native-sidecar" / "config.yaml")
@@ -211,6 +214,9 @@ def test_mutate_then_validate_agree_for_every_injected_golden():
             continue
         pod = yaml.safe_load((case / "input.yaml").read_text())
         pod["metadata"].setdefault("labels", {})["pci.palisade.dev/scope"] = "cde"
+        # CDE containers must drop NET_RAW (issue 17): harden the golden inputs as a CDE team would.
+        for key in ("containers", "initContainers"):
+            pod["spec"][key] = [hardened(c) for c in pod["spec"].get(key) or []]
         result = mutate(make_review(copy.deepcopy(pod)), InjectorConfig())
         if result.outcome != "injected":
             continue
