@@ -24,8 +24,9 @@ from hypothesis import strategies as st
 from injector.config import InjectorConfig
 from injector.inject import init_container, sidecar_container, volumes
 from injector.probes import probe_ports
-from injector.review import mutate, validate
-from tests.injector.guard_cases import hardened, injected, pod, review
+from injector.review import ReviewError, handle, mutate, validate
+from tests.injector.guard_cases import all_cases, hardened, injected, pod, review
+from tests.injector.test_units import _mutate_at
 
 CONFIG = InjectorConfig()
 SECURITY = [None, {}, {"privileged": True}, {"capabilities": {"add": ["NET_ADMIN"]}},
@@ -217,3 +218,25 @@ def test_clean_pods_injected_by_mutate_pass_validate(names, port):
     assert patched is not None
     assert validate(review(patched), CONFIG).review["response"]["allowed"] is True
     assert oracle(patched) == []
+
+
+# --- fuzz: every guard path answers odd shapes with a response or a ReviewError ------------------
+
+_FUZZ_CASES = [c for c in all_cases()
+               if c.name.startswith(("ephemeral", "update", "lookalike", "exclusion", "dangerous-pod", "netraw"))]
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(range(len(_FUZZ_CASES))), st.lists(st.integers(0, 50), min_size=1, max_size=8),
+       st.recursive(st.none() | st.booleans() | st.integers(-2, 2000) | st.text(max_size=6),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
+                                                                               max_size=3), max_leaves=6),
+       st.sampled_from([(), ("debug",), ("mode", "debug")]))
+def test_malformed_guard_reviews_only_raise_review_error(index, choices, value, grants):
+    case = _FUZZ_CASES[index]
+    doc = _mutate_at(copy.deepcopy(case.review), choices, value)
+    try:
+        result = handle(case.endpoint, json.dumps(doc), CONFIG, frozenset(grants))
+    except ReviewError:
+        return
+    assert isinstance(result.review["response"]["allowed"], bool)
