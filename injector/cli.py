@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=fmt)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("serve", help="run the HTTPS webhook (/mutate, /validate, /healthz, /readyz, /metrics)",
+    p = sub.add_parser("serve", help="run the HTTPS webhook (/mutate, /validate[/GRANTS], /healthz, /readyz, /metrics)",
                        formatter_class=fmt, epilog="example:\n  python -m injector serve --cert tls.crt "
                        "--key tls.key --port 8443 --config config.yaml\n\nThe certificate files are re-read "
                        "every --reload-interval seconds; a changed pair is used for new connections.")

@@ -20,7 +20,9 @@ cannot weaken the firewall: resources, probes, ports, ``imagePullPolicy``,
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from injector import INIT_NAME, PROBE_PORTS_ENV, SIDECAR_NAME
@@ -94,6 +96,18 @@ def _norm_mounts(mounts: Any) -> Any:
                                       and m.get("readOnly") is True and "subPath" not in m)]
 
 
+_SUFFIX = {"": 1, "m": Decimal("0.001"), "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
+           "E": 10**18, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+
+
+def _quantity(value: Any) -> Any:
+    """``"0.5Gi"`` and ``"512Mi"`` are one quantity (the API server may canonicalise either way)."""
+    match = re.fullmatch(r"\+?(\d+(?:\.\d*)?|\.\d+)([a-zA-Z]{0,2})", str(value).strip())
+    if not match or match.group(2) not in _SUFFIX:
+        return value
+    return Decimal(match.group(1)) * _SUFFIX[match.group(2)]
+
+
 def _norm_volume(vol: Any) -> Any:
     if not isinstance(vol, dict):
         return vol
@@ -101,6 +115,8 @@ def _norm_volume(vol: Any) -> Any:
     for key, value in vol.items():
         if isinstance(value, dict) and value.get("defaultMode") == 420:
             value = {k: v for k, v in value.items() if k != "defaultMode"}
+        if key == "emptyDir" and isinstance(value, dict) and "sizeLimit" in value:
+            value = {**value, "sizeLimit": _quantity(value["sizeLimit"])}
         out[key] = value
     return out
 
@@ -194,8 +210,8 @@ def inspect(pod: dict, config: InjectorConfig) -> Protection:
         got = have_vols.get(vol["name"])
         if got is None:
             problems.append(f"volume {vol['name']}: missing")
-        elif _norm_volume(got) != vol:
-            problems.append(f"volume {vol['name']}: differs: {describe(vol, _norm_volume(got))}")
+        elif _norm_volume(got) != _norm_volume(vol):
+            problems.append(f"volume {vol['name']}: differs: {describe(vol, got)}")
     return Protection(not problems, present, tuple(problems))
 
 

@@ -219,3 +219,41 @@ def test_mutate_output_is_judged_protected_by_the_same_function():
             response = run_in_process(case)
             patched = jsonpatch.apply_patch(pod, json.loads(base64.b64decode(response["patch"])))
             assert protection.inspect(patched, config(case.config)).protected
+
+
+def test_api_server_canonical_quantities_do_not_unprotect():
+    """The API server may rewrite ``sizeLimit: 0.5Gi`` as ``512Mi``; the pod is still protected."""
+    from injector.config import InjectorConfig
+    from tests.injector.guard_cases import injected, pod
+
+    cfg = InjectorConfig.from_dict({"pcapSizeLimit": "0.5Gi"})
+    p = injected(pod())
+    for v in p["spec"]["volumes"]:
+        if v["name"] == "palisade-pcap":
+            v["emptyDir"]["sizeLimit"] = "512Mi"
+    assert protection.inspect(p, cfg).protected
+    for v in p["spec"]["volumes"]:
+        if v["name"] == "palisade-pcap":
+            v["emptyDir"]["sizeLimit"] = "513Mi"
+    verdict = protection.inspect(p, cfg)
+    assert not verdict.protected and "volume palisade-pcap: differs: emptyDir" in verdict.summary()
+
+
+def test_every_webhook_path_the_manifests_register_is_served(guard_servers):
+    """The generated ValidatingWebhookConfiguration's paths all reach /validate with their grants."""
+    from injector.manifests import ManifestOptions, validating_webhook
+
+    case = BY_NAME["ephemeral-cde-debug-granted"]
+    client = Client(guard_servers["default"].port, guard_servers["default"].certs / "ca.crt")
+    try:
+        for hook in validating_webhook(ManifestOptions())["webhooks"]:
+            path = hook["clientConfig"]["service"]["path"]
+            allowed = client.review(path, case.review)["response"]["allowed"]
+            debug = next((e for e in hook["namespaceSelector"]["matchExpressions"]
+                          if e["key"] == "palisade.dev/cde-allow-debug"), None)
+            granted = debug is not None and debug["operator"] == "In"
+            if hook["name"] == "guard.palisade.dev":
+                continue  # never selects CDE pods
+            assert allowed is granted, (hook["name"], path)
+    finally:
+        client.close()
