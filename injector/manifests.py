@@ -217,7 +217,8 @@ def _cde_webhook(opts: ManifestOptions, grants: tuple[str, ...]) -> dict[str, An
 
 def _guard_webhook(opts: ManifestOptions) -> dict[str, Any]:
     """Pods outside the CDE in opted-in namespaces: dangerous fields warned (or refused by config),
-    the sidecar's capture volume never mounted by another container (also by ephemeral ones)."""
+    the sidecar's capture volume never mounted by another container (also by ephemeral ones);
+    and, for every pod there, no exec/attach into Palisade's containers."""
     return {
         "name": GUARD_NAME,
         "clientConfig": _client_config(opts, "/validate"),
@@ -226,6 +227,10 @@ def _guard_webhook(opts: ManifestOptions) -> dict[str, Any]:
              "resources": ["pods"], "scope": "Namespaced"},
             {"operations": ["UPDATE"], "apiGroups": [""], "apiVersions": ["v1"],
              "resources": ["pods/ephemeralcontainers"], "scope": "Namespaced"},
+            # kubectl exec/attach: the request's object (PodExecOptions) carries no labels, so this
+            # webhook (objectSelector NotIn cde matches empty labels) sees them for CDE pods too.
+            {"operations": ["CONNECT"], "apiGroups": [""], "apiVersions": ["v1"],
+             "resources": ["pods/exec", "pods/attach"], "scope": "Namespaced"},
         ],
         "namespaceSelector": {"matchExpressions": [
             {"key": LABEL_INJECTION, "operator": "In", "values": ["enabled"]},

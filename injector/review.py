@@ -292,6 +292,23 @@ def _ephemeral(uid: str, req: dict, config: InjectorConfig, grants: frozenset[st
     return Result(_respond(uid, True, warnings=warnings), "allowed", reason="ephemeral containers allowed")
 
 
+def _connect(uid: str, req: dict) -> Result:
+    """``kubectl exec``/``attach`` (CONNECT): never into Palisade's own containers.
+
+    The sidecar's interpreter carries NET_ADMIN as a file capability (docs/injector.md), so a
+    shell exec'd into it could flush the pod's nft table. The request names the container in
+    its PodExecOptions/PodAttachOptions object; the pod itself is not part of the request."""
+    options = req.get("object")
+    container = options.get("container") if isinstance(options, dict) else None
+    if container in guard.OURS:
+        message = (f"palisade: pod {req.get('name') or '<unnamed>'}: {req['subResource']} into the Palisade "
+                   f"container {container} is refused (it holds NET_ADMIN and could dismantle the firewall); "
+                   "use its logs and admin port (15020) instead")
+        return Result(_respond(uid, False, code=403, reason="Forbidden", message=message), "denied",
+                      reason=message)
+    return Result(_respond(uid, True), "allowed", reason=f"{req['subResource']} into an app container")
+
+
 def validate(review: Any, config: InjectorConfig | None = None, grants: frozenset[str] = frozenset()) -> Result:
     """The ``/validate`` endpoint: the admission guard.
 
@@ -304,11 +321,16 @@ def validate(review: Any, config: InjectorConfig | None = None, grants: frozense
     config = config or InjectorConfig()
     req = _request(review)
     uid = req["uid"]
+    resource = req.get("resource") or {}
+    if resource.get("group", "") == "" and resource.get("resource") == "pods" and \
+            req.get("subResource") in ("exec", "attach"):
+        return _connect(uid, req)
     kind = req.get("kind") or {}
     if kind.get("group", "") != "" or kind.get("kind") != "Pod":
         return Result(_respond(uid, True), "allowed", reason="not a pod")
     if req.get("subResource") == "ephemeralcontainers":
         return _ephemeral(uid, req, config, grants)
+
     if req.get("subResource") or req["operation"] not in ("CREATE", "UPDATE"):
         return Result(_respond(uid, True), "allowed", reason="not a pod CREATE/UPDATE")
     pod = _check_pod(req.get("object"), "request.object")

@@ -492,9 +492,27 @@ def net_raw_cases() -> list[Case]:
     return cases
 
 
+def connect_cases() -> list[Case]:
+    """``kubectl exec``/``attach``: CONNECT with a PodExecOptions/PodAttachOptions object."""
+    cases = []
+    for sub, kind in (("exec", "PodExecOptions"), ("attach", "PodAttachOptions")):
+        for container, allowed in (("palisade", False), ("palisade-init", False), ("web", True)):
+            obj = {"kind": kind, "apiVersion": "v1", "container": container, "stdin": True, "tty": True}
+            if sub == "exec":
+                obj["command"] = ["sh"]
+            req = {"uid": "guard-case", "kind": {"group": "", "version": "v1", "kind": kind},
+                   "resource": {"group": "", "version": "v1", "resource": "pods"}, "subResource": sub,
+                   "name": "web", "namespace": NS, "operation": "CONNECT", "userInfo": {"username": "alice"},
+                   "object": obj, "oldObject": None}
+            cases.append(Case(f"connect-{sub}-{container}", "validate",
+                              {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": req},
+                              allowed, () if allowed else (f"{sub} into the Palisade container {container}",)))
+    return cases
+
+
 def all_cases() -> list[Case]:
     cases = (look_alike_cases() + exclusion_cases() + dangerous_cases() + mount_cases()
-             + update_and_ephemeral_cases() + net_raw_cases())
+             + update_and_ephemeral_cases() + net_raw_cases() + connect_cases())
     names = [c.name for c in cases]
     assert len(names) == len(set(names)), "duplicate case names"
     return cases

@@ -89,10 +89,11 @@ def test_cases_cover_every_class_with_variants():
     for c in CASES:
         prefix = c.name.split("-")[0]
         prefixes[prefix] = prefixes.get(prefix, 0) + 1
-    for cls in ("lookalike", "exclusion", "opt", "mode", "dangerous", "pcap", "update", "ephemeral", "protected", "netraw"):
+    for cls in ("lookalike", "exclusion", "opt", "mode", "dangerous", "pcap", "update", "ephemeral", "protected", "netraw", "connect"):
         assert prefixes.get(cls, 0) >= 2, (cls, prefixes)
     ops = {(c.review["request"]["operation"], c.review["request"].get("subResource")) for c in CASES}
-    assert {("CREATE", None), ("UPDATE", None), ("UPDATE", "ephemeralcontainers")} <= ops
+    assert {("CREATE", None), ("UPDATE", None), ("UPDATE", "ephemeralcontainers"), ("CONNECT", "exec"),
+            ("CONNECT", "attach")} <= ops
 
 
 @pytest.mark.parametrize("name", [c.name for c in CASES])
