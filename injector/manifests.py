@@ -217,8 +217,7 @@ def _cde_webhook(opts: ManifestOptions, grants: tuple[str, ...]) -> dict[str, An
 
 def _guard_webhook(opts: ManifestOptions) -> dict[str, Any]:
     """Pods outside the CDE in opted-in namespaces: dangerous fields warned (or refused by config),
-    the sidecar's capture volume never mounted by another container (also by ephemeral ones);
-    and, for every pod there, no exec/attach into Palisade's containers."""
+    the sidecar's capture volume never mounted by another container (also by ephemeral ones)."""
     return {
         "name": GUARD_NAME,
         "clientConfig": _client_config(opts, "/validate"),
@@ -227,10 +226,6 @@ def _guard_webhook(opts: ManifestOptions) -> dict[str, Any]:
              "resources": ["pods"], "scope": "Namespaced"},
             {"operations": ["UPDATE"], "apiGroups": [""], "apiVersions": ["v1"],
              "resources": ["pods/ephemeralcontainers"], "scope": "Namespaced"},
-            # kubectl exec/attach: the request's object (PodExecOptions) carries no labels, so this
-            # webhook (objectSelector NotIn cde matches empty labels) sees them for CDE pods too.
-            {"operations": ["CONNECT"], "apiGroups": [""], "apiVersions": ["v1"],
-             "resources": ["pods/exec", "pods/attach"], "scope": "Namespaced"},
         ],
         "namespaceSelector": {"matchExpressions": [
             {"key": LABEL_INJECTION, "operator": "In", "values": ["enabled"]},
@@ -248,6 +243,23 @@ def _guard_webhook(opts: ManifestOptions) -> dict[str, Any]:
     }
 
 
+EXEC_NAME = "exec.palisade.dev"
+
+
+def _exec_webhook(opts: ManifestOptions) -> dict[str, Any]:
+    """``kubectl exec``/``attach`` into Palisade's containers, in every opted-in namespace.
+
+    No ``objectSelector``: the API server matches it against the request's object, a
+    PodExecOptions without metadata, which never matches a non-empty selector (the webhook
+    would silently never be called)."""
+    hook = _guard_webhook(opts)
+    hook.pop("objectSelector")
+    hook["name"] = EXEC_NAME
+    hook["rules"] = [{"operations": ["CONNECT"], "apiGroups": [""], "apiVersions": ["v1"],
+                      "resources": ["pods/exec", "pods/attach"], "scope": "Namespaced"}]
+    return hook
+
+
 def validating_webhook(opts: ManifestOptions) -> dict[str, Any]:
     """The admission guard: four CDE webhooks (one per grant combination, failurePolicy Fail) and
     the guard for the rest of the opted-in namespaces.
@@ -261,7 +273,7 @@ def validating_webhook(opts: ManifestOptions) -> dict[str, Any]:
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "ValidatingWebhookConfiguration",
         "metadata": _meta("palisade-cde-guard"),
-        "webhooks": [*(_cde_webhook(opts, c) for c in combos), _guard_webhook(opts)],
+        "webhooks": [*(_cde_webhook(opts, c) for c in combos), _guard_webhook(opts), _exec_webhook(opts)],
     }
 
 

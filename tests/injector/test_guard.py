@@ -258,3 +258,30 @@ def test_every_webhook_path_the_manifests_register_is_served(guard_servers):
             assert allowed is granted, (hook["name"], path)
     finally:
         client.close()
+
+
+def test_shipped_webhooks_cover_every_operation_and_never_filter_connect_by_labels():
+    from injector.manifests import ManifestOptions, validating_webhook
+
+    hooks = {h["name"]: h for h in validating_webhook(ManifestOptions())["webhooks"]}
+    cde = [h for n, h in hooks.items() if n.startswith("cde")]
+    assert len(cde) == 4 and all(h["failurePolicy"] == "Fail" for h in cde)
+    for h in cde:
+        rule = h["rules"][0]
+        assert set(rule["operations"]) == {"CREATE", "UPDATE"}
+        assert set(rule["resources"]) == {"pods", "pods/ephemeralcontainers"}
+    # Mutually exclusive grant selectors: every namespace matches exactly one CDE webhook.
+    for labels in ({}, {"palisade.dev/cde-allow-debug": "true"}, {"palisade.dev/cde-allow-mode-override": "true"},
+                   {"palisade.dev/cde-allow-debug": "true", "palisade.dev/cde-allow-mode-override": "true"},
+                   {"palisade.dev/cde-allow-debug": "yes"}):
+        def matches(h, labels=labels):
+            for e in h["namespaceSelector"]["matchExpressions"]:
+                if e["key"].startswith("palisade.dev/cde-allow"):
+                    inside = labels.get(e["key"]) in e["values"]
+                    if inside != (e["operator"] == "In"):
+                        return False
+            return True
+        assert sum(matches(h) for h in cde) == 1, labels
+    connect = [h for h in hooks.values() if any("CONNECT" in r["operations"] for r in h["rules"])]
+    assert [h["name"] for h in connect] == ["exec.palisade.dev"]
+    assert "objectSelector" not in connect[0]

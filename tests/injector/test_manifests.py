@@ -185,7 +185,7 @@ def test_chart_webhooks_match_generator():
                    "cde-{{ join \"-\" $combo }}.palisade.dev", "path: /mutate", "path: /validate",
                    "resources: [pods, pods/ephemeralcontainers]", "key: palisade.dev/cde-allow-mode-override",
                    "key: palisade.dev/cde-allow-debug", "key: pci.palisade.dev/scope, operator: NotIn, values: [cde]",
-                   "failurePolicy: Fail",
+                   "failurePolicy: Fail", "name: exec.palisade.dev", "resources: [pods/exec, pods/attach]",
                    "sideEffects: None", "admissionReviewVersions: [v1]", "reinvocationPolicy: IfNeeded",
                    "key: palisade.dev/injection, operator: In, values: [enabled]",
                    'key: palisade.dev/inject, operator: NotIn, values: ["false"]',
