@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from injector import ANN_STATUS, INIT_NAME, LABEL_SCOPE, SIDECAR_NAME, guard, protection
+from injector import ANN_STATUS, INIT_NAME, LABEL_SCOPE, OTHER_MESH_PROXIES, SIDECAR_NAME, guard, protection
 from injector.annotations import AnnotationError, inject_flag
 from injector.config import InjectorConfig
 from injector.decision import ALWAYS_IGNORED_NAMESPACES, decide
@@ -234,6 +234,11 @@ def _why_unprotected(pod: dict, namespace: str, verdict: protection.Protection) 
     if verdict.present:
         return ("carries containers under the reserved names that are not the sidecar the injector renders: "
                 f"{verdict.summary()}; remove them and let the injector add its own")
+    meshes = sorted({c.get("name") for key in ("initContainers", "containers") for c in spec.get(key) or []
+                     if isinstance(c, dict) and c.get("name") in OTHER_MESH_PROXIES})
+    if meshes:
+        return (f"runs {', '.join(meshes)} and was therefore not injected; set injectAlongsideOtherMeshes in the "
+                "injector config or remove the other mesh's proxy")
     if ANN_STATUS in (meta.get("annotations") or {}):
         return (f"carries the {ANN_STATUS} annotation but the {INIT_NAME} and {SIDECAR_NAME} containers "
                 "are not both present; remove the annotation so the injector adds them")

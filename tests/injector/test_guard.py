@@ -285,3 +285,13 @@ def test_shipped_webhooks_cover_every_operation_and_never_filter_connect_by_labe
     connect = [h for h in hooks.values() if any("CONNECT" in r["operations"] for r in h["rules"])]
     assert [h["name"] for h in connect] == ["exec.palisade.dev"]
     assert "objectSelector" not in connect[0]
+
+
+def test_cde_pod_skipped_for_another_mesh_is_denied_with_the_reason():
+    from tests.injector.guard_cases import pod, review
+
+    p = pod(containers=[{"name": "web", "image": "x"}, {"name": "istio-proxy", "image": "istio/proxyv2"}])
+    assert mutate(review(copy.deepcopy(p)), config("default")).outcome == "skipped"
+    response = validate(review(p), config("default")).review["response"]
+    assert response["allowed"] is False
+    assert "runs istio-proxy and was therefore not injected" in response["status"]["message"]
