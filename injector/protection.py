@@ -12,9 +12,12 @@ volume mounts, placement - plus Palisade's volumes as rendered, and no
 field to fix.
 
 Tolerated differences, because the API server or the cluster adds them and they
-cannot weaken the firewall: resources, probes, ports, ``imagePullPolicy``,
-``terminationMessage*``, ``resizePolicy``, the service-account token mount, and
-``defaultMode: 420`` on ConfigMap/downward-API volumes.
+cannot weaken the firewall: resources, ``imagePullPolicy``,
+``terminationMessagePolicy``, ``resizePolicy``, the default
+``terminationMessagePath``, ``successThreshold: 1`` on probes, the
+service-account token mount, ``defaultMode: 420`` on ConfigMap/downward-API
+volumes, and equal quantities spelled differently. Probes and ports are compared:
+an exec probe runs inside the sidecar with its capabilities.
 """
 
 from __future__ import annotations
@@ -33,9 +36,13 @@ from injector.probes import probe_ports
 
 RESERVED = (INIT_NAME, SIDECAR_NAME)
 # Fields of our containers whose value does not change what the firewall enforces.
-TOLERATED = frozenset({"image", "imagePullPolicy", "resources", "startupProbe", "readinessProbe",
-                       "livenessProbe", "ports", "terminationMessagePath", "terminationMessagePolicy",
-                       "resizePolicy"})
+# Probes are compared (an exec probe runs inside the sidecar, with its capabilities), and so are
+# ports (a hostPort would publish the admin port on the node).
+TOLERATED = frozenset({"image", "imagePullPolicy", "resources", "terminationMessagePolicy", "resizePolicy"})
+PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
+# The kubelet bind-mounts a file at terminationMessagePath: anything but the default could shadow
+# a file the sidecar reads (its config).
+TERMINATION_LOG = "/dev/termination-log"
 SA_TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
@@ -89,6 +96,13 @@ def _norm_sc(sc: Any) -> Any:
     return sc
 
 
+def _norm_probe(probe: Any) -> Any:
+    """API-server defaults on a probe: ``successThreshold: 1`` (the rest the injector sets itself)."""
+    if isinstance(probe, dict) and probe.get("successThreshold") == 1:
+        probe = {k: v for k, v in probe.items() if k != "successThreshold"}
+    return probe
+
+
 def _norm_mounts(mounts: Any) -> Any:
     if not isinstance(mounts, list):
         return mounts
@@ -133,8 +147,12 @@ def container_problems(expected: dict, actual: dict, config: InjectorConfig) -> 
         if key in TOLERATED or key == "name":
             continue
         want, got = expected.get(key), actual.get(key)
+        if key == "terminationMessagePath" and got == TERMINATION_LOG:
+            continue
         if key == "securityContext":
             want, got = _norm_sc(want), _norm_sc(got)
+        elif key in PROBES:
+            want, got = _norm_probe(want), _norm_probe(got)
         elif key == "volumeMounts":
             got = _norm_mounts(got)
         if want == got or (want in (None, [], {}) and got in (None, [], {})):

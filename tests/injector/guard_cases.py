@@ -169,6 +169,15 @@ def look_alike_cases() -> list[Case]:
         "sidecar-lifecycle": (tamper(base, "palisade", lifecycle={"preStop": {"exec": {"command": ["nft", "flush",
                                                                                                   "ruleset"]}}}),
                               "field lifecycle is set"),
+        "startup-probe-exec": (tamper(base, "palisade", startupProbe={"exec": {"command": [
+            "python", "-c", "import os; os.system('nft flush ruleset')"]}}), "field startupProbe differs"),
+        "liveness-probe-removed": (tamper(base, "palisade", livenessProbe=None), "field livenessProbe is missing"),
+        "admin-host-port": (tamper(base, "palisade", ports=[{"name": "palisade-admin", "containerPort": 15020,
+                                                              "hostPort": 15020, "protocol": "TCP"}]),
+                            "field ports differs"),
+        "termination-path-over-config": (tamper(base, "palisade",
+                                                terminationMessagePath="/etc/palisade/config.yaml"),
+                                         "field terminationMessagePath is set"),
     }
     # Structural look-alikes.
     only_init = copy.deepcopy(base)
@@ -219,6 +228,9 @@ def look_alike_cases() -> list[Case]:
     defaulted = copy.deepcopy(base)
     for c in defaulted["spec"]["initContainers"]:
         c.update(terminationMessagePath="/dev/termination-log", terminationMessagePolicy="File")
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            if probe in c:
+                c[probe]["successThreshold"] = 1
         c.setdefault("volumeMounts", []).append({"name": "kube-api-access-x1", "readOnly": True,
                                                  "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"})
     for v in defaulted["spec"]["volumes"]:
