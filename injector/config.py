@@ -20,8 +20,9 @@ DEFAULT_IMAGE = "palisade:0.1.0"
 FAILURE_POLICIES = ("Fail", "Ignore")
 DANGEROUS_ACTIONS = ("warn", "refuse")
 # Networks no exclusion may ever name, whatever the allow-list says: "everything" in each family,
-# and the IPv4-mapped range (an IPv6 socket reaching every IPv4 address).
-NEVER_EXCLUDED = tuple(ipaddress.ip_network(n) for n in ("0.0.0.0/0", "::/0", "::ffff:0:0/96"))
+# the IPv4-mapped range (an IPv6 socket reaching every IPv4 address) and the NAT64 well-known
+# prefix (every IPv4 address, through a NAT64 gateway).
+NEVER_EXCLUDED = tuple(ipaddress.ip_network(n) for n in ("0.0.0.0/0", "::/0", "::ffff:0:0/96", "64:ff9b::/96"))
 # Shorter prefixes than these are "most of the internet" and are refused in an allow-list too.
 MIN_PREFIX = {4: 8, 6: 16}
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
