@@ -116,6 +116,32 @@ def maybe_injected(p: dict, cfg: str = "default") -> dict:
     return jsonpatch.apply_patch(p, json.loads(base64.b64decode(result.review["response"]["patch"])))
 
 
+def api_defaults(p: dict) -> dict:
+    """Roughly what the API server's defaulting adds to a stored pod (the parts the guard must tolerate)."""
+    out = copy.deepcopy(p)
+    spec = out["spec"]
+    for key in ("initContainers", "containers"):
+        for c in spec.get(key) or []:
+            c.setdefault("terminationMessagePath", "/dev/termination-log")
+            c.setdefault("terminationMessagePolicy", "File")
+            c.setdefault("imagePullPolicy", "IfNotPresent")
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                if probe in c:
+                    c[probe].setdefault("successThreshold", 1)
+            for port in c.get("ports") or []:
+                port.setdefault("protocol", "TCP")
+    for v in spec.get("volumes") or []:
+        for kind in ("configMap", "downwardAPI", "secret"):
+            if kind in v:
+                v[kind].setdefault("defaultMode", 420)
+    spec.setdefault("restartPolicy", "Always")
+    spec.setdefault("dnsPolicy", "ClusterFirst")
+    spec.setdefault("schedulerName", "default-scheduler")
+    spec.setdefault("securityContext", {})
+    spec.setdefault("terminationGracePeriodSeconds", 30)
+    return out
+
+
 def _find(p: dict, name: str) -> dict:
     for key in ("initContainers", "containers"):
         for c in p["spec"].get(key) or []:
