@@ -49,6 +49,7 @@ from injector import (
 )
 from injector.annotations import AnnotationError, parse_cidrs, parse_ports
 from injector.config import InjectorConfig, check_excludable
+from injector.inject import PCAP_DIR
 
 GRANT_MODE = "mode"
 GRANT_DEBUG = "debug"
@@ -63,6 +64,24 @@ RESERVED_VOLUMES = (VOL_PCAP, VOL_TMP)
 CONTAINER_KINDS = (("initContainers", "init container"), ("containers", "container"),
                    ("ephemeralContainers", "ephemeral container"))
 OURS = (INIT_NAME, SIDECAR_NAME)
+
+
+# ``kubectl exec`` into the sidecar is refused except for these read-only commands, matched on the
+# exact argv (exec runs argv directly, no shell): the SRE runbook's (docs/sre.md).
+SIDECAR_EXEC_ALLOWED = (("python", "-m", "firewall", "redirect", "show"),)
+
+
+def sidecar_exec_allowed(command: Any) -> bool:
+    """``command`` is a read-only look into the sidecar: an allowed argv, or ``cat`` of one capture file."""
+    if not isinstance(command, list) or not all(isinstance(a, str) for a in command):
+        return False
+    if tuple(command) in SIDECAR_EXEC_ALLOWED:
+        return True
+    if len(command) == 2 and command[0] == "cat":
+        path = command[1]
+        name = path.removeprefix(PCAP_DIR + "/")
+        return name != path and name not in ("", ".", "..") and "/" not in name and "\0" not in name
+    return False
 
 
 def parse_grants(text: str | None) -> frozenset[str]:

@@ -302,13 +302,18 @@ def _connect(uid: str, req: dict) -> Result:
 
     The sidecar's interpreter carries NET_ADMIN as a file capability (docs/injector.md), so a
     shell exec'd into it could flush the pod's nft table. The request names the container in
-    its PodExecOptions/PodAttachOptions object; the pod itself is not part of the request."""
+    its PodExecOptions/PodAttachOptions object; the pod itself is not part of the request.
+    The runbook's read-only commands (``guard.SIDECAR_EXEC_ALLOWED``, ``cat`` of a capture
+    file) stay allowed, matched on the exact argv."""
     options = req.get("object")
     container = options.get("container") if isinstance(options, dict) else None
-    if container in guard.OURS:
+    read_only = (req["subResource"] == "exec" and container == SIDECAR_NAME
+                 and guard.sidecar_exec_allowed(options.get("command")))
+    if container in guard.OURS and not read_only:
         message = (f"palisade: pod {req.get('name') or '<unnamed>'}: {req['subResource']} into the Palisade "
                    f"container {container} is refused (it holds NET_ADMIN and could dismantle the firewall); "
-                   "use its logs and admin port (15020) instead")
+                   "use its logs and admin port (15020), or a read-only command: python -m firewall redirect "
+                   "show, cat /var/run/palisade/pcap/FILE")
         return Result(_respond(uid, False, code=403, reason="Forbidden", message=message), "denied",
                       reason=message)
     return Result(_respond(uid, True), "allowed", reason=f"{req['subResource']} into an app container")

@@ -544,7 +544,8 @@ def connect_cases() -> list[Case]:
         for container, allowed in (("palisade", False), ("palisade-init", False), ("web", True)):
             obj = {"kind": kind, "apiVersion": "v1", "container": container, "stdin": True, "tty": True}
             if sub == "exec":
-                obj["command"] = ["sh"]
+                obj["command"] = ["sh"] if container != "palisade-init" else ["python", "-m", "firewall",
+                                                                               "redirect", "show"]
             req = {"uid": "guard-case", "kind": {"group": "", "version": "v1", "kind": kind},
                    "resource": {"group": "", "version": "v1", "resource": "pods"}, "subResource": sub,
                    "name": "web", "namespace": NS, "operation": "CONNECT", "userInfo": {"username": "alice"},
@@ -552,6 +553,27 @@ def connect_cases() -> list[Case]:
             cases.append(Case(f"connect-{sub}-{container}", "validate",
                               {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": req},
                               allowed, () if allowed else (f"{sub} into the Palisade container {container}",)))
+    # The runbook's read-only commands into the sidecar stay possible; near variants do not.
+    commands = {
+        "redirect-show": (["python", "-m", "firewall", "redirect", "show"], True),
+        "cat-pcap": (["cat", "/var/run/palisade/pcap/flow-1.pcap"], True),
+        "redirect-apply": (["python", "-m", "firewall", "redirect", "apply"], False),
+        "redirect-show-extra-arg": (["python", "-m", "firewall", "redirect", "show", "--flush"], False),
+        "shell": (["sh", "-c", "python -m firewall redirect show; nft flush ruleset"], False),
+        "cat-traversal": (["cat", "/var/run/palisade/pcap/../../../etc/palisade/config.yaml"], False),
+        "cat-two-files": (["cat", "/var/run/palisade/pcap/a", "/etc/shadow"], False),
+        "cat-dir": (["cat", "/var/run/palisade/pcap/"], False),
+        "nft": (["nft", "flush", "ruleset"], False),
+    }
+    for name, (argv, allowed) in commands.items():
+        obj = {"kind": "PodExecOptions", "apiVersion": "v1", "container": "palisade", "command": argv}
+        req = {"uid": "guard-case", "kind": {"group": "", "version": "v1", "kind": "PodExecOptions"},
+               "resource": {"group": "", "version": "v1", "resource": "pods"}, "subResource": "exec",
+               "name": "web", "namespace": NS, "operation": "CONNECT", "userInfo": {"username": "alice"},
+               "object": obj, "oldObject": None}
+        cases.append(Case(f"connect-exec-sidecar-{name}", "validate",
+                          {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": req},
+                          allowed, () if allowed else ("exec into the Palisade container palisade",)))
     return cases
 
 
