@@ -64,23 +64,24 @@ TAMPER_FIELDS = {
 }
 
 
-def _mostly_none(pool: list) -> st.SearchStrategy:
-    """Half the draws leave the field unset, so clean pods (the ones validate may allow) are common."""
-    return st.one_of(st.none(), st.sampled_from(pool))
+def _sometimes(draw, rate: int, pool: list):
+    """A value from ``pool`` in ``rate`` % of the draws, else None: most pods are clean in most fields,
+    so the pods validate may allow (the interesting ones for this property) are common."""
+    return copy.deepcopy(draw(st.sampled_from(pool))) if draw(st.integers(0, 99)) < rate else None
 
 
 @st.composite
-def containers(draw, names):
+def containers(draw, names, rate):
     out = []
     for name in names:
         c = {"name": name, "image": draw(st.sampled_from(IMAGES))}
         for key, pool in (("command", COMMANDS), ("securityContext", SECURITY), ("volumeMounts", MOUNTS)):
-            value = draw(_mostly_none(pool))
+            value = _sometimes(draw, rate, pool)
             if value is not None:
-                c[key] = copy.deepcopy(value)
+                c[key] = value
         if draw(st.booleans()):
             c["readinessProbe"] = {"httpGet": {"port": draw(st.integers(1, 65535))}}
-        if draw(st.integers(0, 3)):
+        if draw(st.integers(0, 99)) >= rate // 2:
             c = hardened(c)
         out.append(c)
     return out
@@ -88,23 +89,26 @@ def containers(draw, names):
 
 @st.composite
 def random_pods(draw):
-    pool = NAMES if draw(st.booleans()) else [n for n in NAMES if not n.startswith("palisade")]
+    # How dirty this pod is: 5 % of fields set from the pools (mostly clean) up to 60 %.
+    rate = draw(st.sampled_from([5, 20, 60]))
+    pool = NAMES if draw(st.integers(0, 99)) < rate else [n for n in NAMES if not n.startswith("palisade")]
     names = draw(st.lists(st.sampled_from(pool), min_size=1, max_size=4, unique=True))
     split = draw(st.integers(0, len(names) - 1))
-    app = draw(containers(names[split:]))
-    init = draw(containers(names[:split]))
+    app = draw(containers(names[split:], rate))
+    init = draw(containers(names[:split], rate))
     for c in init:
         if draw(st.booleans()):
             c["restartPolicy"] = "Always"
-    keys = [k for k in sorted(ANNOTATIONS) if draw(st.integers(0, 3)) == 0]
+    keys = [k for k in sorted(ANNOTATIONS) if draw(st.integers(0, 99)) < rate // 2]
     annotations = {k: draw(ANNOTATIONS[k]) for k in keys}
     extra = {}
-    if draw(st.integers(0, 9)) == 0:
+    if draw(st.integers(0, 99)) < rate // 3:
         extra["hostNetwork"] = True
-    if draw(st.integers(0, 3)) == 0:
-        extra["securityContext"] = draw(st.sampled_from([{"runAsUser": 1337}, {"supplementalGroups": [1337]},
-                                                         {"fsGroup": 1337}, {"fsGroup": 1000}]))
-    return pod(containers=app, init=init or None, annotations=annotations or None, **extra)
+    psc = _sometimes(draw, rate // 2, [{"runAsUser": 1337}, {"supplementalGroups": [1337]}, {"fsGroup": 1337},
+                                       {"runAsGroup": 1337}, {"fsGroup": 1000}])
+    if psc is not None:
+        extra["securityContext"] = psc
+    return pod(containers=app, init=init or None, annotations=annotations or None, harden=False, **extra)
 
 
 @st.composite
