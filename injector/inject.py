@@ -17,8 +17,9 @@ What is added and why (docs/injector.md explains each at length):
   one for /tmp (the root filesystem is read-only), and the policy and DLP rule
   ConfigMaps (optional, so a namespace without them still starts).
 * ``palisade.dev/status: injected`` plus ``palisade.dev/injected-resources`` (JSON
-  naming every container, volume, label and annotation added) so re-admission is
-  a no-op and a later version can strip exactly what an earlier one added.
+  naming every container, volume, label and annotation added) so people and a
+  later version can see exactly what an earlier one added. Informational only:
+  whether a pod is protected is decided by ``protection.inspect``, never by these.
 """
 
 from __future__ import annotations
