@@ -118,7 +118,7 @@ def test_golden_file_has_no_stale_cases():
 
 # One representative per class and operation through the CLI (a subprocess each).
 CLI_CASES = ["lookalike-issue-17-fake-status-mutate", "lookalike-image-busybox-validate",
-             "lookalike-args-no-proxy-uid-validate", "exclusion-all-v4-v6", "exclusion-covers-pod-cidr",
+             "lookalike-args-one-pair-dropped-validate", "exclusion-all-v4-v6", "exclusion-covers-pod-cidr",
              "exclusion-granted-cidr", "opt-out-labels", "mode-learn-refused", "mode-learn-granted",
              "dangerous-container-cap-net-admin-cde", "dangerous-pod-supplemental-groups-1337-elsewhere-warns",
              "dangerous-init-privileged-elsewhere-refused", "pcap-mount-container-elsewhere-mutate",
