@@ -81,7 +81,8 @@ _golden: dict = {}
 
 
 def golden() -> dict:
-    if not _golden and GOLDEN.exists():
+    """The recorded answers; when regenerating, a fresh file (run all in-process cases to rebuild it)."""
+    if not _golden and GOLDEN.exists() and not REGEN:
         _golden.update(json.loads(GOLDEN.read_text()))
     return _golden
 
