@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from pathlib import Path
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -11,6 +13,8 @@ from firewall.protocols.http2 import PREFACE
 from tests.protocols.replay import FUZZ_EXAMPLES, load
 
 MYSQL_GREETING = load("mysql_mariadb")["connections"][0][0][1]
+TLS13_HELLO = (Path(__file__).parent / "data" / "openssl_tls1_3_client.bin").read_bytes()[:395]
+BY_NAME = {spec.name: spec for spec in REGISTRY}
 
 
 def feed_all(ident: Identifier, segs) -> str | None:
@@ -41,7 +45,7 @@ def test_registry_is_explicit_and_complete():
     (b"CONNECT example.com:443 HTTP/1.1\r\n", 3128, "http"),
     (b"OPTIONS * HTTP/1.1\r\n", 1, "http"),
     (PREFACE, 80, "http2"),
-    (bytes.fromhex("16030100f4010000f00303"), 5432, "tls"),
+    (TLS13_HELLO, 5432, "tls"),  # a complete ClientHello (openssl s_client -tls1_3)
     (b"*1\r\n$4\r\nPING\r\n", 80, "redis"),
     (bytes.fromhex("0000000804d2162f"), 80, "pgsql"),
     (bytes.fromhex("0000002900030000") + b"user\0postgres\0\0", 1, "pgsql"),
@@ -72,8 +76,16 @@ def test_unknown_as_soon_as_nothing_can_match(first):
     assert decided_at is not None and decided_at <= 3
 
 
-def test_server_banner_of_unknown_protocol_is_unknown_at_once():
-    assert Identifier(25).feed(b"220 mail.example ESMTP\r\n", TOCLIENT) == "unknown"
+def test_server_banner_of_unknown_protocol_waits_for_the_client():
+    # RFC 4253 4.2: an SSH server may send text lines before its banner, so a server-first
+    # text banner leaves SSH possible until the client speaks (the session forwards server
+    # bytes while identifying: Identifier.holds); a client that is not SSH decides at once.
+    ident = Identifier(25)
+    assert ident.feed(b"220 mail.example ESMTP\r\n", TOCLIENT) is None
+    assert not Identifier.holds(TOCLIENT) and Identifier.holds(TOSERVER)
+    assert ident.feed(b"EHLO x\r\n", TOSERVER) == "unknown" and ident.undecided == ()
+    # a binary server banner cannot be an SSH preamble
+    assert Identifier(25).feed(b"\x01\x02\x03\x04\x05\x06\x07\x08\x09", TOCLIENT) == "unknown"
 
 
 def test_need_more_while_a_prefix_is_still_possible():
@@ -94,13 +106,13 @@ def test_h2_server_settings_before_client_preface():
 def test_port_hint_breaks_ties():
     from firewall.protocols import ProtocolSpec
 
-    dup = ProtocolSpec("http-alt", frozenset({18080}), REGISTRY[1].probe_toserver, None, 5, 2048,
-                       REGISTRY[1].parser)
+    http = BY_NAME["http"]
+    dup = ProtocolSpec("http-alt", frozenset({18080}), http.probe_toserver, None, 5, 2048, http.parser)
     ident = Identifier(18080)
-    ident._alive = [REGISTRY[1], dup]  # two protocols matching the same bytes
+    ident._alive = [http, dup]  # two protocols matching the same bytes
     assert ident.feed(b"GET / HTTP/1.1\r\n", TOSERVER) == "http-alt"
     ident = Identifier(80)
-    ident._alive = [REGISTRY[1], dup]
+    ident._alive = [http, dup]
     assert ident.feed(b"GET / HTTP/1.1\r\n", TOSERVER) == "http"
 
 

@@ -75,7 +75,7 @@ def test_after_server_hello_everything_is_counted_only():
     segs = load("tls13_openssl")["connections"][0]
     p = make_parser("tls")
     events = [e for d, b in segs for e in p.feed(b, d)]
-    assert [e.kind for e in events] == ["hello", "server_hello"]
+    assert [e.kind for e in events] == ["hello", "server_hello", "established"]
     assert p.feed(b"\x16\x03\x03\x00\x04\x02\x00\x00\x00", TOCLIENT) == []  # not parsed again
     assert p.summary()["alpn_selected"] is None  # TLS 1.3 sends ALPN encrypted
 
