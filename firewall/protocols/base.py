@@ -49,7 +49,7 @@ def event_fields(apps: str | Iterable[str], kind: str):  # noqa: ANN201 - class 
 
     def wrap(cls: type[EventFields]) -> type[EventFields]:
         cls.APP, cls.KIND = names, kind
-        declare_fields(names, kind, (f.name for f in dataclasses.fields(cls)))
+        declare_fields(names, kind, tuple(f.name for f in dataclasses.fields(cls)))
         return cls
 
     return wrap
@@ -57,8 +57,9 @@ def event_fields(apps: str | Iterable[str], kind: str):  # noqa: ANN201 - class 
 
 def declare_fields(apps: str | Iterable[str], kind: str, names: Iterable[str]) -> None:
     """Declare (or extend) the field set of ``kind`` events of ``apps``."""
+    names = frozenset(names)
     for app in (apps,) if isinstance(apps, str) else apps:
-        SCHEMAS[(app, kind)] = SCHEMAS.get((app, kind), frozenset()) | frozenset(names)
+        SCHEMAS[(app, kind)] = SCHEMAS.get((app, kind), frozenset()) | names
 
 
 @dataclass(frozen=True, slots=True)
