@@ -308,6 +308,9 @@ def probe_toserver(buf: bytes) -> Probe:
         if not 0 < length <= _MAX_PLAINTEXT:
             return Probe.NO_MATCH
         hs += buf[i + 5 : i + 5 + length]
+        complete = len(buf) >= i + 5 + length  # this record is all here
+        if not hs:
+            return Probe.NEED_MORE
         if hs[0] != 1:
             return Probe.NO_MATCH
         if len(hs) >= 4:
@@ -316,13 +319,15 @@ def probe_toserver(buf: bytes) -> Probe:
                 return Probe.NO_MATCH
             if len(hs) >= 5 and hs[4] != 3:  # legacy_version 3.x
                 return Probe.NO_MATCH
-            if len(hs) >= 4 + hlen:
+            if len(hs) > 4 + hlen:
+                return Probe.NO_MATCH  # the hello must end where its record ends (nothing else is sent)
+            if len(hs) == 4 + hlen:
                 try:
                     parse_client_hello(bytes(hs[4 : 4 + hlen]))
                 except ParseError:
                     return Probe.NO_MATCH
-                return Probe.MATCH
-        if len(buf) < i + 5 + length:
+                return Probe.MATCH if complete else Probe.NEED_MORE
+        if not complete:
             return Probe.NEED_MORE
         i += 5 + length
 

@@ -220,3 +220,48 @@ def test_mysql_error_greeting():
     err = my(0, b"\xff" + struct.pack("<H", 1130) + b"Host is not allowed")
     events, summary = run("mysql", [(TOCLIENT, err)])
     assert events[0].fields["error"] == 1130 and summary["errors"] == 1
+
+
+# -- the switch through the session ------------------------------------------------------------
+def _pg_session(tmp_path, port, mode="protect"):
+    from firewall.dlp import DlpEngine
+    from tests.protocols.test_tls import make_session
+
+    return make_session(tmp_path, DlpEngine.load(), port, mode)
+
+
+def test_switch_hiding_plaintext_an_l7_rule_reads_is_refused_in_protect(tmp_path):
+    s, events = _pg_session(tmp_path, 5433)  # sql: {verbs: [SELECT]} needs the statements
+    s.feed(TOSERVER, struct.pack("!II", 8, 80877103))
+    out, stop = s.feed(TOCLIENT, b"S")
+    assert stop is not None and out == b"" and s.verdict == "deny"
+    (alert,) = [e for e in events if e.get("alert", {}).get("category") == "inspection"]
+    assert alert["alert"]["signature"] == "inspection:tunnel:pgsql:sslrequest->tls"
+
+
+def test_switch_on_a_port_without_l7_rules_is_followed_as_tls(tmp_path):
+    s, events = _pg_session(tmp_path, 5432)
+    s.feed(TOSERVER, struct.pack("!II", 8, 80877103))
+    out, stop = s.feed(TOCLIENT, b"S")
+    assert stop is None and out == b"S" and not s.encrypted
+    client, server = _golden("openssl_tls1_3_client.bin"), _golden("openssl_tls1_3_server.bin")
+    s.feed(TOSERVER, client[:263])
+    s.feed(TOCLIENT, server)
+    s.feed(TOSERVER, client[263:])
+    assert s.encrypted and s.app_proto == "pgsql" and s.record()["l7"]["switched_to"] == "tls"
+    # plaintext after the switch is a broken record layer: refused (the DLP block rule governs the flow)
+    s2, _ = _pg_session(tmp_path, 5432)
+    s2.feed(TOSERVER, struct.pack("!II", 8, 80877103))
+    s2.feed(TOCLIENT, b"S")
+    out, stop = s2.feed(TOSERVER, startup() + pg(b"Q", b"SELECT '4111111111111111'\0"))
+    assert stop is not None and out == b"" and stop.reason.startswith("inspection-error:parse:pgsql:tls:")
+
+
+def test_switch_in_monitor_mode_alerts_and_forwards(tmp_path):
+    s, events = _pg_session(tmp_path, 5433, "monitor")
+    s.feed(TOSERVER, struct.pack("!II", 8, 80877104))  # GSSENCRequest
+    out, stop = s.feed(TOCLIENT, b"G")
+    assert stop is None and out == b"G"
+    (alert,) = [e for e in events if e.get("alert", {}).get("category") == "inspection"]
+    assert alert["alert"]["signature"] == "inspection:tunnel:pgsql:gssencrequest->gssapi"
+    assert alert["inspection"]["action"] == "forward"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import struct
 
+import pytest
+
 from firewall.protocols import TOCLIENT, TOSERVER, make_parser
 from firewall.protocols.tls import TlsParser
 from tests.protocols.replay import bytewise, load, run, split_at
@@ -90,3 +92,86 @@ def test_oversized_and_malformed_hellos_are_anomalies():
     assert [e.anomaly for e in events] == ["bad-record"]
     events, _ = run("tls", [(TOSERVER, records(b"\x0b\x00\x00\x00", 100))])
     assert [e.anomaly for e in events] == ["unexpected-handshake"]
+
+
+# -- through the session: what a broken record layer, a completed handshake and a switch mean ------
+SESSION_POLICY = """
+apiVersion: palisade.dev/v1
+kind: FirewallPolicy
+metadata: {name: srv, namespace: default}
+spec:
+  selector: {matchLabels: {app: srv}}
+  mode: MODE
+  default: deny
+  ingress:
+    - name: raw
+      ports: [{port: 443}, {port: 5432}]
+      action: allow
+    - name: pg-read-only
+      ports: [{port: 5433}]
+      appProto: pgsql
+      sql: {verbs: [SELECT]}
+      action: allow
+  dlp:
+    - name: no-pan-in
+      packs: [payment_cards]
+      direction: ingress
+      action: block
+"""
+
+
+def _golden(name: str) -> bytes:
+    from pathlib import Path
+
+    return (Path(__file__).parent / "data" / name).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def dlp_engine():
+    from firewall.dlp import DlpEngine
+
+    return DlpEngine.load()
+
+
+def make_session(tmp_path, dlp_engine, port: int, mode: str = "protect"):
+    from firewall.identity import Identity
+    from firewall.policy import PolicySet
+    from firewall.session import Inspection, Session
+
+    p = tmp_path / f"p-{mode}.yaml"
+    p.write_text(SESSION_POLICY.replace("MODE", mode))
+    events: list = []
+    local = Identity.make("10.0.0.2", "default", "srv-0", {"app": "srv"})
+    insp = Inspection(policy=PolicySet.load([str(p)]), dlp=dlp_engine, local=local, emit=events.append)
+    s = Session(insp, "inbound", ("10.0.0.3", 40000), ("10.0.0.2", port))
+    assert s.open()
+    return s, events
+
+
+def test_session_encrypted_only_after_the_handshake_completes(tmp_path, dlp_engine):
+    s, _ = make_session(tmp_path, dlp_engine, 443)
+    client, server = _golden("openssl_tls1_2_client.bin"), _golden("openssl_tls1_2_server.bin")
+    hello_len = 5 + int.from_bytes(client[3:5], "big")
+    out, stop = s.feed(TOSERVER, client[:hello_len])
+    assert stop is None and out == client[:hello_len] and s.app_proto == "tls" and not s.encrypted
+    s.feed(TOCLIENT, server[:100])
+    assert not s.encrypted  # a ServerHello is not a completed handshake
+    s.feed(TOSERVER, client[hello_len:])
+    s.feed(TOCLIENT, server[100:])
+    assert s.encrypted and s.record()["encrypted"] is True and s.record()["l7"]["established"] is True
+
+
+@pytest.mark.parametrize("mode,refused", [("protect", True), ("monitor", False), ("learn", False)])
+def test_session_broken_record_layer_goes_to_the_exception_policy(tmp_path, dlp_engine, mode, refused):
+    s, events = make_session(tmp_path, dlp_engine, 443, mode)
+    hello = _golden("openssl_tls1_3_client.bin")
+    hello = hello[: 5 + int.from_bytes(hello[3:5], "big")]
+    s.feed(TOSERVER, hello)
+    out, stop = s.feed(TOSERVER, b"plain text, no record\r\n")
+    alerts = [e for e in events if e["event_type"] == "alert" and e["alert"]["category"] == "inspection"]
+    assert [a["alert"]["signature"] for a in alerts] == ["inspection:parse:tls:bad-record"]
+    assert alerts[0]["inspection"]["action"] == ("refuse" if refused else "forward")
+    if refused:
+        assert stop is not None and out == b"" and s.verdict == "deny"
+    else:
+        assert stop is None and out == b"plain text, no record\r\n"
