@@ -40,14 +40,16 @@ def probe_toserver(buf: bytes) -> Probe:
 def probe_toclient(buf: bytes) -> Probe:
     """A server's ``SSH-`` line, possibly after text lines (RFC 4253 4.2): NEED_MORE while
     the lines so far are text, so a server-first protocol stays open until its client
-    speaks (a client that is not SSH rules SSH out at once)."""
+    speaks (a client that is not SSH rules SSH out at once).  Bounded: lines of at most
+    255 bytes, 1 KiB of them, so the answer always comes well within the identifier's
+    depth (a server streaming text is ``unknown``, never "undecided")."""
     i = 0
     while True:
         eol = buf.find(b"\n", i)
         line = buf[i:] if eol < 0 else buf[i : eol + 1]
         if line.startswith(_PREFIX):
             return Probe.MATCH
-        if not set(line) <= _TEXT:
+        if not set(line) <= _TEXT or len(line) > _MAX_LINE:
             return Probe.NO_MATCH
         if eol < 0:
             return Probe.NEED_MORE

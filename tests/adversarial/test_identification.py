@@ -29,7 +29,8 @@ pytestmark = pytest.mark.netns
 
 DATA = Path(__file__).resolve().parent.parent / "protocols" / "data"
 PAN = "4111111111111111"
-SINK_PORT, SSH_PORT, TLS_PORT = 9100, 2222, 8443
+SINK_PORT, SSH_PORT, TLS_PORT, PG_PORT = 9100, 2222, 8443, 5432
+PG_USER, PG_PASSWORD, PG_DB = "app", "app-secret-pw", "payments"
 FAKE_SSH_PORTS = (9101, 9102, 9103, 9104)
 
 POLICY = f"""
@@ -47,6 +48,12 @@ spec:
     - name: raw-ports
       description: opened at L4 only; the cluster rule must still refuse SSH here
       ports: [{{port: {SINK_PORT}, endPort: {FAKE_SSH_PORTS[-1]}}}, {{port: {SSH_PORT}}}, {{port: {TLS_PORT}}}]
+      action: allow
+    - name: pg-read-only
+      description: the verbs rule reads the statements, so an SSL switch hides what it needs
+      ports: [{{port: {PG_PORT}}}]
+      appProto: pgsql
+      sql: {{verbs: [SELECT]}}
       action: allow
   dlp:
     - name: no-clear-pan
@@ -177,9 +184,34 @@ class Lab:
                         "-cipher", "DEFAULT:@SECLEVEL=0", "-quiet"], stdin=open(os.devnull, "rb"))
         for port in (SINK_PORT, SSH_PORT, TLS_PORT, *FAKE_SSH_PORTS):
             self.srv.wait_listening(port)
+        self.postgres = self._postgres_with_ssl(peers)
         policy = self.tmp / "policy.yaml"
         policy.write_text(POLICY)
         self.sidecar = self.srv.start_sidecar("--policy", str(policy), labels={"app": "srv"})
+
+    def _postgres_with_ssl(self, peers):
+        """Real PostgreSQL, with TLS switched on after start (ALTER SYSTEM + reload)."""
+        pg = peers.postgres(self.srv, self.tmp / "pg", PG_PORT, PG_USER, PG_PASSWORD, PG_DB)
+        cert, key = self.tmp / "pg" / "server.crt", self.tmp / "pg" / "server.key"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                        "/CN=db.example", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+        for f in (cert, key):
+            os.chown(f, *_uid_gid("postgres"))
+            os.chmod(f, 0o600)
+        local = ["psql", "-X", "-q", "-h", str(pg.info["socket"]), "-p", str(PG_PORT), "-U", "postgres", "-d",
+                 "postgres"]
+        for stmt in (f"ALTER SYSTEM SET ssl_cert_file = '{cert}'", f"ALTER SYSTEM SET ssl_key_file = '{key}'",
+                     "ALTER SYSTEM SET ssl = on", "SELECT pg_reload_conf()"):
+            self.srv.run([*local, "-c", stmt])
+        wait_until(lambda: self.srv.run([*local, "-At", "-c", "SHOW ssl"]).stdout.strip() == "on", 10,
+                   what="postgres ssl on")
+        return pg
+
+    def psql(self, sslmode: str, sql: str) -> subprocess.CompletedProcess:
+        conn = (f"host={self.srv.ip} port={PG_PORT} user={PG_USER} dbname={PG_DB} sslmode={sslmode} "
+                "gssencmode=disable connect_timeout=10")
+        return self.cli.run(["psql", conn, "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql], check=False,
+                            timeout=60, env={**os.environ, "PGPASSWORD": PG_PASSWORD})
 
     def client(self, port: int, *chunks: bytes) -> dict:
         r = self.cli.run([PY, "-c", CLIENT, self.srv.ip, str(port), *(c.hex() for c in chunks)], check=False,
@@ -208,6 +240,13 @@ def lab():
         pytest.skip("needs root")
     with Cluster(prefix="pi", octet=237) as c:
         yield Lab(c)
+
+
+def _uid_gid(user: str) -> tuple[int, int]:
+    import pwd
+
+    pw = pwd.getpwnam(user)
+    return pw.pw_uid, pw.pw_gid
 
 
 def _count(lab: Lab, port: int) -> int:
@@ -351,6 +390,25 @@ def test_encrypted_only_after_a_completed_handshake(lab):
     f = lab.flow(TLS_PORT, n)
     assert f["app_proto"] == "tls" and f["encrypted"] is True and f["l7"]["established"] is True
     assert f["l7"]["sni"] == "srv.example" and f["l7"]["version"] == "1.3" and f["verdict"] == "allow"
+
+
+# ------------------------------------------------------------------ protocol switches
+def test_postgres_ssl_switch_under_a_verbs_rule_is_refused_and_plaintext_still_works(lab):
+    n = _count(lab, PG_PORT) + 1
+    r = lab.psql("disable", "SELECT 40 + 2")
+    assert r.returncode == 0 and r.stdout.strip() == "42", r.stderr
+    f = lab.flow(PG_PORT, n)
+    assert f["app_proto"] == "pgsql" and f["verdict"] == "allow" and f["l7"]["verbs"] == {"SELECT": 1}
+    # sslmode=require: SSLRequest, 'S', then TLS the verbs rule cannot read -> exception policy
+    r = lab.psql("require", "SELECT 1")
+    assert r.returncode != 0
+    f = lab.flow(PG_PORT, n + 1)
+    assert f["verdict"] == "deny" and f["l7"].get("switched_to") == "tls"
+    sigs = [a["alert"]["signature"] for a in lab.alerts(f["flow_id"])]
+    assert "inspection:tunnel:pgsql:sslrequest->tls" in sigs
+    # a DELETE in plaintext is still refused by the rule itself
+    r = lab.psql("disable", "DELETE FROM pg_class WHERE false")
+    assert r.returncode != 0
 
 
 # ------------------------------------------------------------------ self-connection

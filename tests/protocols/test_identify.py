@@ -293,3 +293,10 @@ def test_session_hands_undecided_identification_to_the_exception_policy(tmp_path
     (alert,) = [e for e in events if e.get("alert", {}).get("category") == "inspection"]
     assert alert["alert"]["signature"] == "inspection:identify:undecided:tls"
     assert (stop is not None) is refused and (s.verdict == "deny") is refused
+
+
+def test_a_server_streaming_text_is_unknown_not_undecided():
+    ident = Identifier(9100)
+    assert ident.feed(b"ok " * 60000, TOCLIENT) == "unknown" and ident.undecided == ()
+    ident = Identifier(9100)
+    assert feed_all(ident, [(TOCLIENT, b"line of text\r\n" * 200)]) == "unknown" and ident.undecided == ()
