@@ -175,3 +175,45 @@ def test_session_broken_record_layer_goes_to_the_exception_policy(tmp_path, dlp_
         assert stop is not None and out == b"" and s.verdict == "deny"
     else:
         assert stop is None and out == b"plain text, no record\r\n"
+
+
+def server_hello(random: bytes, version: int = 0x0304) -> bytes:
+    exts = ext(43, struct.pack("!H", version))
+    body = struct.pack("!H", 0x0303) + random + b"\x00" + b"\x13\x01" + b"\x00"
+    body += struct.pack("!H", len(exts)) + exts
+    return b"\x02" + len(body).to_bytes(3, "big") + body
+
+
+def test_hello_retry_request_makes_both_hellos_parsed_again():
+    """After a HelloRetryRequest the second ClientHello is a new hello (its SNI is checked too)."""
+    from firewall.protocols.tls import _HRR_RANDOM
+
+    p = TlsParser()
+    events = p.feed(records(client_hello(sni="allowed.example"), 16384), TOSERVER)
+    events += p.feed(records(server_hello(_HRR_RANDOM), 16384) + b"\x14\x03\x03\x00\x01\x01", TOCLIENT)
+    events += p.feed(b"\x14\x03\x03\x00\x01\x01" + records(client_hello(sni="other.example"), 16384), TOSERVER)
+    events += p.feed(records(server_hello(b"s" * 32), 16384) + b"\x17\x03\x03\x00\x05fin..", TOCLIENT)
+    assert not p.established  # the client has not sent a protected record yet
+    events += p.feed(b"\x17\x03\x03\x00\x05fin..", TOSERVER)
+    assert [(e.kind, e.fields.get("sni"), e.fields.get("hello_retry")) for e in events] == [
+        ("hello", "allowed.example", None), ("server_hello", None, True), ("hello", "other.example", None),
+        ("server_hello", None, False), ("established", None, None)]
+
+
+def test_record_layer_checks_after_the_hellos():
+    hello = records(client_hello(), 16384)
+    for bad in (b"\x63\x03\x03\x00\x01x", b"\x17\x02\x00\x00\x01x", b"\x17\x03\x03\x50\x00", b"\x14\x03\x03\x00\x02\x01\x01"):
+        p = TlsParser()
+        p.feed(hello, TOSERVER)
+        (ev,) = p.feed(bad, TOSERVER)
+        assert ev.anomaly == "bad-record" and ev.offset == len(hello), bad
+    # the server may not send application data before its hello
+    p = TlsParser()
+    p.feed(hello, TOSERVER)
+    (ev,) = p.feed(b"\x17\x03\x03\x00\x05hello", TOCLIENT)
+    assert ev.anomaly == "bad-record" and ev.offset == 0
+    # big application-data records are skipped by counting, whatever the segmentation
+    p = TlsParser()
+    p.feed(hello, TOSERVER)
+    data = (b"\x17\x03\x03\x40\x00" + b"\xaa" * 0x4000) * 4
+    assert [e for k in range(0, len(data), 777) for e in p.feed(data[k : k + 777], TOSERVER)] == []
