@@ -27,7 +27,10 @@ _HANDSHAKE, _ALERT, _CCS, _APPDATA = 22, 21, 20, 23
 _MAX_RECORD = (1 << 14) + 2048
 _MAX_HANDSHAKE = 65536
 _MAX_PLAINTEXT = 1 << 14  # a plaintext record (a hello) is at most 2^14 bytes (RFC 8446 5.1)
-_MIN_CLIENT_HELLO = 41  # version, random, empty session id, one suite, one compression method
+_MIN_CLIENT_HELLO = 41
+#: records a ClientHello may be cut into before it stops looking like one (clients send 1-2; a
+#: hello in hundreds of 1-byte records is an evasion, and would cost a re-walk per segment)
+_MAX_HELLO_RECORDS = 64  # version, random, empty session id, one suite, one compression method
 _HEARTBEAT = 24
 #: bytes the identifier may buffer to see a whole ClientHello (one full record plus headers
 #: of a few more); a hello still incomplete then is "undecided" (the exception policy)
@@ -294,7 +297,7 @@ def probe_toserver(buf: bytes) -> Probe:
         return Probe.MATCH
     hs = bytearray()
     i = 0
-    while True:
+    for _ in range(_MAX_HELLO_RECORDS):
         head = buf[i : i + 5]
         if head[:1] and head[0] != _HANDSHAKE:
             return Probe.NO_MATCH
@@ -307,8 +310,10 @@ def probe_toserver(buf: bytes) -> Probe:
         length = int.from_bytes(head[3:5], "big")
         if not 0 < length <= _MAX_PLAINTEXT:
             return Probe.NO_MATCH
-        hs += buf[i + 5 : i + 5 + length]
         complete = len(buf) >= i + 5 + length  # this record is all here
+        # an incomplete record is only looked at as far as the checks below need: a hello
+        # trickling in one byte per segment costs O(1) per segment, not a copy of the record
+        hs += buf[i + 5 : i + 5 + (length if complete else max(0, 5 - len(hs)))]
         if not hs:
             return Probe.NEED_MORE
         if hs[0] != 1:
@@ -319,6 +324,9 @@ def probe_toserver(buf: bytes) -> Probe:
                 return Probe.NO_MATCH
             if len(hs) >= 5 and hs[4] != 3:  # legacy_version 3.x
                 return Probe.NO_MATCH
+        if not complete:
+            return Probe.NEED_MORE
+        if len(hs) >= 4:
             if len(hs) > 4 + hlen:
                 return Probe.NO_MATCH  # the hello must end where its record ends (nothing else is sent)
             if len(hs) == 4 + hlen:
@@ -326,10 +334,9 @@ def probe_toserver(buf: bytes) -> Probe:
                     parse_client_hello(bytes(hs[4 : 4 + hlen]))
                 except ParseError:
                     return Probe.NO_MATCH
-                return Probe.MATCH if complete else Probe.NEED_MORE
-        if not complete:
-            return Probe.NEED_MORE
+                return Probe.MATCH
         i += 5 + length
+    return Probe.NO_MATCH  # a hello cut into more records than any client sends
 
 
 # -- the parser -----------------------------------------------------------------------------------

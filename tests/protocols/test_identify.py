@@ -300,3 +300,10 @@ def test_a_server_streaming_text_is_unknown_not_undecided():
     assert ident.feed(b"ok " * 60000, TOCLIENT) == "unknown" and ident.undecided == ()
     ident = Identifier(9100)
     assert feed_all(ident, [(TOCLIENT, b"line of text\r\n" * 200)]) == "unknown" and ident.undecided == ()
+
+
+def test_a_hello_in_too_many_records_is_not_tls():
+    # clients send a ClientHello in one or two records; hundreds of 1-byte records is an evasion
+    # (and would make every segment re-walk the records): not TLS, so DLP reads it as plaintext
+    assert Identifier(443).feed(_hello_records(TLS13_HELLO[5:], 1), TOSERVER) != "tls"
+    assert Identifier(443).feed(_hello_records(TLS13_HELLO[5:], 8), TOSERVER) == "tls"
