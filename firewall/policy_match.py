@@ -110,6 +110,7 @@ F_QNAME = field_name(("dns",), "query", "qname")
 F_REDIS_COMMAND = field_name(("redis",), "command", "command")
 F_VERB = field_name(("pgsql", "mysql"), "statement", "verb")
 F_VERBS = field_name(("pgsql", "mysql"), "statement", "verbs")
+F_VERBS_COMPLETE = field_name(("pgsql", "mysql"), "statement", "verbs_complete")
 
 _UNRESERVED_PCT = re.compile(r"%(2[DdEe]|3[0-9]|[46][1-9A-Fa-f]|[57][0-9Aa]|5[Ff]|7[Ee])")
 
@@ -269,6 +270,8 @@ class L7Matcher:
             return str(f.get(F_REDIS_COMMAND) or "").upper() in self.tokens
         if event.kind != "statement":
             return None
+        if f.get(F_VERBS_COMPLETE) is False:
+            return False  # statements the parser could not list: no verbs rule can allow them
         verb = f.get(F_VERB)
         if not verb:
             return None

@@ -30,7 +30,7 @@ from firewall.protocols.base import (
     declare_fields,
     event_fields,
 )
-from firewall.protocols.pgsql import STATEMENT_CHARS, split_verbs
+from firewall.protocols.pgsql import STATEMENT_CHARS, statement_verbs
 from firewall.protocols.redact import redact_sql
 from firewall.protocols.stream import DirState, StreamParser, sql_verb
 from firewall.protocols.tls import InnerTls
@@ -43,6 +43,7 @@ CLIENT_COMPRESS = 0x20
 CLIENT_PROTOCOL_41 = 0x200
 CLIENT_SSL = 0x800
 CLIENT_SECURE_CONNECTION = 0x8000
+CLIENT_MULTI_STATEMENTS = 0x10000
 CLIENT_PLUGIN_AUTH_LENENC = 0x200000
 CLIENT_QUERY_ATTRIBUTES = 1 << 27
 
@@ -86,11 +87,15 @@ class MysqlLogin(EventFields):
 @event_fields(APP_PROTO, "statement")
 @dataclass(frozen=True, slots=True)
 class MysqlStatement(EventFields):
+    """``verbs_complete``: see ``pgsql.PgStatement`` (several statements per COM_QUERY only
+    with CLIENT_MULTI_STATEMENTS; query attributes hide the text: incomplete)."""
+
     verb: str
     verbs: list[str]
     statement: str
     command: str
     truncated: bool
+    verbs_complete: bool = True
 
 
 declare_fields(APP_PROTO, "response", ("error", "sqlstate"))
@@ -290,14 +295,15 @@ class MysqlParser(StreamParser):
         if cmd == _COM_QUERY and self.caps & CLIENT_QUERY_ATTRIBUTES:
             count, i = _lenenc(body, 0)
             if count:
-                return MysqlStatement("", [], "", "query", True)
+                return MysqlStatement("", [], "", "query", True, False)
             _, i = _lenenc(body, i)
             body = body[i:]
         text = body.decode("utf-8", "replace")
-        verbs = split_verbs(text)
+        multi = cmd == _COM_QUERY and bool(self.caps & CLIENT_MULTI_STATEMENTS)
+        verbs, complete = statement_verbs(text, truncated=total > _PREFIX, multi=multi)
         return MysqlStatement(verbs[0] if verbs else sql_verb(text), verbs,
                               redact_sql(text.strip())[:STATEMENT_CHARS],
-                              "query" if cmd == _COM_QUERY else "prepare", total > _PREFIX)
+                              "query" if cmd == _COM_QUERY else "prepare", total > _PREFIX, complete)
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {

@@ -77,13 +77,17 @@ class PgStartup(EventFields):
 @event_fields(APP_PROTO, "statement")
 @dataclass(frozen=True, slots=True)
 class PgStatement(EventFields):
-    """``verbs``: every statement's verb in a simple Query (``SELECT 1; DELETE ...``)."""
+    """``verbs``: every statement's verb in a simple Query (``SELECT 1; DELETE ...``).
+    ``verbs_complete`` is false when statements may exist that ``verbs`` does not name: a
+    simple Query longer than the 2 KiB prefix, or more than ``MAX_VERBS`` statements - a
+    verbs rule then cannot allow it (policy_match)."""
 
     verb: str
     verbs: list[str]
     statement: str
     message: str
     truncated: bool
+    verbs_complete: bool = True
 
 
 # server responses come in three shapes (auth ok, command complete, error)
@@ -125,14 +129,27 @@ def split_verbs(text: str, limit: int = 16) -> list[str]:
     return verbs
 
 
+MAX_VERBS = 16
+
+
+def statement_verbs(text: str, *, truncated: bool, multi: bool) -> tuple[list[str], bool]:
+    """(verbs, complete): the verbs of ``text`` (at most ``MAX_VERBS``) and whether they are
+    all the statements the server will run.  A message that may carry several statements
+    (``multi``) and was cut at the prefix, or holds more statements than listed, is incomplete:
+    ``SELECT ...2 KiB...; DROP TABLE t`` must not pass a SELECT-only rule."""
+    verbs = split_verbs(text, MAX_VERBS + 1)
+    complete = len(verbs) <= MAX_VERBS and not (truncated and multi)
+    return verbs[:MAX_VERBS], complete
+
+
 def _statement_fields(raw: bytes, message: str, total: int) -> PgStatement:
     if message == "parse":
         _name, _, raw = raw.partition(b"\0")
     query = raw.split(b"\0", 1)[0]
     text = query.decode("utf-8", "replace")
-    verbs = split_verbs(text)
+    verbs, complete = statement_verbs(text, truncated=total > _PREFIX, multi=message == "query")
     return PgStatement(verbs[0] if verbs else sql_verb(text), verbs,
-                       redact_sql(text.strip())[:STATEMENT_CHARS], message, total > _PREFIX)
+                       redact_sql(text.strip())[:STATEMENT_CHARS], message, total > _PREFIX, complete)
 
 
 class PgsqlParser(StreamParser):

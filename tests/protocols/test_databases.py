@@ -265,3 +265,29 @@ def test_switch_in_monitor_mode_alerts_and_forwards(tmp_path):
     (alert,) = [e for e in events if e.get("alert", {}).get("category") == "inspection"]
     assert alert["alert"]["signature"] == "inspection:tunnel:pgsql:gssencrequest->gssapi"
     assert alert["inspection"]["action"] == "forward"
+
+
+def test_mysql_statements_a_verbs_rule_cannot_see_are_incomplete():
+    from firewall.policy_match import L7Matcher
+    from firewall.policy_model import SqlMatch
+
+    m = L7Matcher.build("sql", SqlMatch(verbs=["SELECT"]))
+    multi = 0x000FA68D | 0x8  # includes CLIENT_MULTI_STATEMENTS (0x10000), as the mysql client sends
+    single = multi & ~0x10000
+    for caps, sql, allowed in [
+        (single, b"SELECT '" + b"x" * 3000 + b"'; DROP TABLE t", True),  # one statement per query
+        (multi, b"SELECT '" + b"x" * 3000 + b"'; DROP TABLE t", False),
+        (multi, b"SELECT 1; DROP TABLE t", False),
+        (multi, b"SELECT 1; SELECT 2", True),
+    ]:
+        p = make_parser("mysql")
+        p.feed(GREETING, TOCLIENT)
+        p.feed(login(caps=caps), TOSERVER)
+        (ev,) = p.feed(my(0, b"\x03" + sql), TOSERVER)
+        assert m.check(ev) is allowed, (hex(caps), sql[:20])
+    # query attributes hide the statement text: incomplete, refused by a verbs rule
+    p = make_parser("mysql")
+    p.feed(GREETING, TOCLIENT)
+    p.feed(login(caps=single | (1 << 27)), TOSERVER)
+    (ev,) = p.feed(my(0, b"\x03\x01\x01" + b"\x00" * 4 + b"SELECT 1"), TOSERVER)
+    assert ev.fields["verbs_complete"] is False and m.check(ev) is False

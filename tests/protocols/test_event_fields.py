@@ -144,3 +144,27 @@ def test_sql_rule_checks_every_statement_of_a_query():
     body = b"SELECT 1; DELETE FROM cards\0"
     (ev,) = p.feed(b"Q" + struct.pack("!I", len(body) + 4) + body, TOSERVER)
     assert ev.fields["verbs"] == ["SELECT", "DELETE"] and m.check(ev) is False
+
+
+@pytest.mark.parametrize("sql,allowed", [
+    ("SELECT 1", True),
+    ("SELECT 1; " * 16, True),
+    ("SELECT 1; " * 17 + "DROP TABLE cards", False),  # more statements than the event lists
+    ("SELECT '" + "x" * 3000 + "'; DROP TABLE cards", False),  # past the 2 KiB prefix
+])
+def test_sql_rule_refuses_what_the_parser_could_not_list(sql, allowed):
+    import struct
+
+    from firewall.policy_model import SqlMatch
+
+    m = L7Matcher.build("sql", SqlMatch(verbs=["SELECT"]))
+    p = make_parser("pgsql")
+    startup = struct.pack("!II", 0, 196608) + b"user\0u\0\0"
+    p.feed(struct.pack("!I", len(startup)) + startup[4:], TOSERVER)
+    body = sql.encode() + b"\0"
+    (ev,) = p.feed(b"Q" + struct.pack("!I", len(body) + 4) + body, TOSERVER)
+    assert m.check(ev) is allowed
+    # the extended protocol's Parse carries one statement: a long one is still complete
+    body = b"\0" + ("SELECT '" + "x" * 3000 + "'").encode() + b"\0\0\0"
+    (ev,) = p.feed(b"P" + struct.pack("!I", len(body) + 4) + body, TOSERVER)
+    assert ev.fields["truncated"] and m.check(ev) is True
