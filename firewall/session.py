@@ -408,7 +408,9 @@ class Session:
         if not self._hold:
             return None
         if self._ident is not None:
-            return self._sent[d]  # hold everything while identifying (bounded by max depth)
+            # hold client bytes while identifying (bounded by the identifier's depth); server
+            # bytes pass, so a server-first banner reaches its client (Identifier.holds)
+            return self._sent[d] if self._ident.holds(d) else None
         if self._parser is not None:
             try:
                 return self._parser.hold_from(d)
@@ -420,18 +422,24 @@ class Session:
         self._ident_buf[d].append(data)
         try:
             proto = self._ident.feed(data, d)
+            undecided = self._ident.undecided
         except Exception:  # noqa: BLE001 - an identifier bug must not kill the relay
-            proto = "unknown"
+            proto, undecided = "unknown", ("identifier-error",)
         if proto is None:
             return None
+        if undecided:
+            # a probe still wanted bytes at its depth (a ClientHello longer than 16 KiB, a
+            # CONNECT line that never ends): not an ordinary unknown protocol
+            stop = self._inspection_error(Stage.IDENTIFY, "undecided:" + "+".join(undecided), d, 0)
+            if stop is not None:
+                self._ident = None
+                return stop
         return self._decide_proto(proto)
 
     def _decide_proto(self, proto: str) -> Stop | None:
         self._ident = None
         self.app_proto = proto
         bufs, self._ident_buf = self._ident_buf, [[], []]
-        if proto == "tls":
-            self.encrypted = True
         policy = self.insp.policy
         if policy is not None and self.flowinfo is not None:
             d = policy.decide_app(self.flowinfo, proto, mode_override=self.insp.mode_override,
@@ -480,8 +488,8 @@ class Session:
         app, kind = ev.app_proto, ev.kind
         if app == "grpc" and self.app_proto != "grpc":
             self.app_proto = "grpc"
-        if kind == "server_hello" or app == "tls":
-            self.encrypted = True
+        if kind == "established":
+            self.encrypted = True  # a TLS handshake completed in both directions (tls.TlsParser)
         if insp.l7_events and kind != "anomaly":
             e = self._base_event(app or self.app_proto)
             e[app or self.app_proto] = {"kind": kind, "direction": DIR_NAMES[ev.direction],
@@ -489,8 +497,15 @@ class Session:
             insp.emit(e)
         if kind == "answer" and insp.fqdn is not None and app == "dns":
             self._learn_dns(ev)
+        if kind == "anomaly" and (app == "tls" or (ev.anomaly or "").startswith("tls:")):
+            # the flow claimed TLS (a complete ClientHello, or a switch) and broke the record layer
+            return self._inspection_error(Stage.PARSE, f"{app}:{ev.anomaly}", ev.direction, ev.offset)
         if kind == "anomaly":
             return self._on_anomaly(ev)
+        if kind == "switch":
+            stop = self._on_switch(ev)
+            if stop is not None:
+                return stop
         if kind == "request" and app == "http" and ev.direction == TOSERVER and self._dlp_on():
             stop = self._decoded_request(ev)
             if stop is not None:
@@ -503,6 +518,24 @@ class Session:
         if d is None:
             return None
         return self._apply_decision(d, ev)
+
+    def _on_switch(self, ev: L7Event) -> Stop | None:
+        """A protocol switch (PostgreSQL SSLRequest/GSSENCRequest, MySQL SSL): the inner stream
+        is TLS (parsed on: hellos, record layer, ``established``) or GSSAPI (opaque).  Where an
+        L7 rule of this flow reads the plaintext (SQL verbs), the switch hides what it needs:
+        the exception policy decides (refuse in protect)."""
+        policy = self.insp.policy
+        if policy is None or self.flowinfo is None:
+            return None
+        try:
+            needs_plaintext = bool(policy.needs_l7(self.flowinfo))
+        except Exception:  # noqa: BLE001 - cannot tell: assume it does
+            needs_plaintext = True
+        if not needs_plaintext:
+            return None
+        f = ev.fields
+        return self._inspection_error(Stage.TUNNEL, f"{ev.app_proto}:{f.get('via')}->{f.get('to')}",
+                                      ev.direction, ev.offset)
 
     def _learn_dns(self, ev: L7Event) -> None:
         f = ev.fields
