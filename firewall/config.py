@@ -67,6 +67,11 @@ class Config:
     host_ip: str | None = None
     probe_ports: list[int] = field(default_factory=list)
     reload_interval: float = 2.0
+    # FQDN cache (fqdn egress peers): TTL clamp and bounds (firewall/fqdn.py)
+    fqdn_min_ttl: int = 60
+    fqdn_max_ttl: int = 3600
+    fqdn_max_entries: int = 65536
+    fqdn_max_per_name: int = 64
     # inspection
     l7: bool = True
     l7_events: bool = False
@@ -95,7 +100,8 @@ class Config:
         if self.dlp_offload_bytes < 0:
             raise ConfigError(f"{where}: dlp_offload_bytes: expected an integer >= 0")
         for name in ("workers", "read_buffer_limit", "max_connections", "max_connections_per_peer",
-                     "pcap_max_concurrent", "pcap_disk_budget"):
+                     "pcap_max_concurrent", "pcap_disk_budget", "fqdn_min_ttl", "fqdn_max_ttl",
+                     "fqdn_max_entries", "fqdn_max_per_name"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{where}: {name}: expected an integer >= 1, got {v!r}")

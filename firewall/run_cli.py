@@ -163,7 +163,9 @@ class Sidecar:
         try:
             from firewall.fqdn import FqdnCache
 
-            self.fqdn = FqdnCache()
+            c = self.cfg
+            self.fqdn = FqdnCache(max_entries=c.fqdn_max_entries, min_ttl=c.fqdn_min_ttl,
+                                  max_ttl=c.fqdn_max_ttl, max_per_name=c.fqdn_max_per_name)
         except ImportError:
             self.fqdn = None
         if self.cfg.podinfo:

@@ -36,6 +36,11 @@ def seed_flow_ids(worker: int, workers: int) -> None:
 DIR_NAMES = ("toserver", "toclient")
 
 
+def _dns_key(f: dict) -> tuple:
+    """What ties a DNS answer to its query: ID and question (case-insensitive name, type)."""
+    return (f.get("id"), str(f.get("qname") or "").lower().rstrip("."), f.get("qtype"))
+
+
 def signature_id(name: str) -> int:
     """Stable numeric id for a rule name (EVE's signature_id)."""
     return zlib.crc32(name.encode()) & 0x7FFFFFFF
@@ -134,6 +139,7 @@ class Session:
         "close_reason", "encrypted", "passthrough", "_ident", "_ident_buf", "_parser", "_hold",
         "_pending", "_sent", "_seen", "_dlp", "_dlp_actions", "_enforced", "_stopped", "source_preserved",
         "_alerts", "_l7_summary", "_capture_done", "_bodies", "_governed", "_on_error",
+        "_dns_queries",
     )
 
     def __init__(self, insp: Inspection, direction: str, src: tuple, dst: tuple, proto: str = "TCP") -> None:
@@ -174,6 +180,7 @@ class Session:
         self._bodies: list[list] = []  # decoded HTTP bodies under DLP: [next offset, decoder, stream]
         self._governed = False  # an L7/app rule or a DLP block rule needs this flow inspected
         self._on_error: str | None = None  # the policy's onInspectionError override, if any
+        self._dns_queries: list[tuple] | None = None  # (id, qname, qtype) forwarded, not yet answered
 
     # ------------------------------------------------------------------ identities
     def _workloads(self) -> tuple[Identity, Identity]:
@@ -487,8 +494,10 @@ class Session:
             e[app or self.app_proto] = {"kind": kind, "direction": DIR_NAMES[ev.direction],
                                         **{k: v for k, v in ev.fields.items() if k != "head_end"}}
             insp.emit(e)
-        if kind == "answer" and insp.fqdn is not None and app == "dns":
-            self._learn_dns(ev)
+        if app == "dns":
+            stop = self._on_dns(ev)
+            if stop is not None or kind == "anomaly":
+                return stop
         if kind == "anomaly":
             return self._on_anomaly(ev)
         if kind == "request" and app == "http" and ev.direction == TOSERVER and self._dlp_on():
@@ -504,15 +513,74 @@ class Session:
             return None
         return self._apply_decision(d, ev)
 
-    def _learn_dns(self, ev: L7Event) -> None:
+    def _on_dns(self, ev: L7Event) -> Stop | None:
+        """DNS under the exception policy, and the bookkeeping the FQDN cache trusts.
+
+        Client to server only standard queries with exactly one question are DNS as policy
+        understands it; anything else (a reply-shaped message, garbage, several questions)
+        could carry a name the ``qnameSuffix`` check never saw, so it is an inspection failure
+        (refused in protect mode on a governed flow).  Queries are remembered per flow so that
+        only the answer to one of them may teach the FQDN cache (``_learn_dns``)."""
         f = ev.fields
-        addrs = [a.get("data") for a in f.get("answers") or [] if a.get("type") in ("A", "AAAA")]
-        if addrs and f.get("qname"):
-            ttl = min((int(a.get("ttl") or 0) for a in f["answers"]), default=0)
-            try:
-                self.insp.fqdn.learn(f["qname"], addrs, ttl)
-            except Exception:  # noqa: BLE001
-                pass
+        if ev.direction == TOSERVER:
+            if ev.kind == "anomaly":
+                reason = ev.anomaly or "malformed-dns"
+            elif ev.kind != "query":
+                reason = "dns-not-a-query"
+            elif f.get("qdcount") != 1:
+                reason = "dns-question-count"
+            else:
+                q = self._dns_queries
+                if q is None:
+                    q = self._dns_queries = []
+                if len(q) >= 64:  # a bounded window of outstanding queries per flow
+                    del q[0]
+                q.append(_dns_key(f))
+                return None
+            return self._inspection_error(Stage.PARSE, reason, TOSERVER, ev.offset)
+        if ev.kind == "answer" and self.insp.fqdn is not None:
+            self._learn_dns(ev)
+        return None
+
+    def _learn_dns(self, ev: L7Event) -> None:
+        """Teach the FQDN cache from an answer the pod asked for, and nothing else: an outbound
+        flow that is not denied, the server-to-client direction, the ID and question of a query
+        forwarded on this flow (so from the server it was sent to), addresses only for the
+        asked name or a CNAME chain starting at it inside this same answer."""
+        if (self.direction != "outbound" or ev.direction != TOCLIENT or self.verdict == "deny"
+                or self._stopped is not None or not self._dns_queries):
+            return
+        f = ev.fields
+        key = _dns_key(f)
+        if key not in self._dns_queries:
+            return
+        self._dns_queries.remove(key)
+        if f.get("qdcount") != 1 or f.get("rcode") != "NOERROR" or not f.get("qname"):
+            return
+        answers = [a for a in f.get("answers") or [] if isinstance(a, dict)]
+        chain = {key[1]}
+        ttls: list[int] = []
+        for _ in range(len(answers)):  # follow CNAMEs from the question, within this answer
+            grew = False
+            for a in answers:
+                if a.get("type") == "CNAME" and str(a.get("name", "")).lower() in chain:
+                    target = str(a.get("data", "")).lower()
+                    if target not in chain:
+                        chain.add(target)
+                        ttls.append(int(a.get("ttl") or 0))
+                        grew = True
+            if not grew:
+                break
+        addrs = [a["data"] for a in answers
+                 if a.get("type") in ("A", "AAAA") and str(a.get("name", "")).lower() in chain]
+        if not addrs:
+            return
+        ttl = min([int(a.get("ttl") or 0) for a in answers if a.get("type") in ("A", "AAAA")
+                   and str(a.get("name", "")).lower() in chain] + ttls)
+        try:
+            self.insp.fqdn.learn(f["qname"], addrs, ttl)
+        except Exception:  # noqa: BLE001
+            pass
 
     def _on_anomaly(self, ev: L7Event) -> Stop | None:
         anomaly = ev.anomaly or "anomaly"

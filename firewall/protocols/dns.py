@@ -1,5 +1,9 @@
 """DNS over UDP (one message per datagram) and TCP (2-byte length framing).
 
+On TCP a malformed message is one ``anomaly`` event and parsing goes on with the
+next message (the length prefix still frames the stream), so nothing after a bad
+message is relayed unparsed; the session decides what the anomaly means.
+
 ``parse_message`` turns one message into a ``query`` or ``answer`` event with
 the question, the response code and the answer records, so policy can match
 query names and the FQDN cache can learn which addresses a name resolved to.
@@ -132,6 +136,7 @@ def parse(msg: bytes) -> dict[str, Any]:
         "id": ident,
         "qname": qname,
         "qtype": qtype,
+        "qdcount": qd,
         "opcode": (flags >> 11) & 0x0F,
         "rcode": RCODES.get(rcode, str(rcode)),
         "answers": answers,
@@ -191,9 +196,12 @@ class DnsTcpParser(StreamParser):
                 break
             ev = parse_message(bytes(st.buf[2 : 2 + n]), st.direction, st.pos)
             ev = L7Event(ev.app_proto, ev.kind, ev.direction, ev.offset, ev.fields, st.pos + 2 + n, ev.anomaly)
+            # the length prefix still frames the stream after a malformed message: report it
+            # and go on with the next one (never stop parsing and relay the rest unseen)
             if ev.anomaly:
-                raise ParseError(ev.anomaly)
-            self.note(ev)
+                self.anomalies.append(ev.anomaly)
+            else:
+                self.note(ev)
             out.append(ev)
             st.advance(2 + n)
         st.hold = st.pos if st.direction == TOSERVER and st.buf else None
