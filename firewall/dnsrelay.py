@@ -40,6 +40,18 @@ MAX_PENDING = 1024
 QUERY_TIMEOUT = 5.0
 MAX_REPLY_SOCKETS = 64
 MAX_STRAY_ANSWERS = 8  # datagrams that do not answer the query, per query, before giving up
+RCVBUF = 4 << 20  # a burst of queries waits in the kernel, not dropped, while one is relayed
+SO_RCVBUFFORCE = 33
+
+
+def _big_rcvbuf(sock: socket.socket) -> None:
+    """Beyond net.core.rmem_max when CAP_NET_ADMIN allows (the sidecar keeps it)."""
+    for opt in (SO_RCVBUFFORCE, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, RCVBUF)
+            return
+        except OSError:
+            continue
 
 
 def _parse_origdst(ancdata: list, family: int) -> tuple[str, int] | None:
@@ -79,6 +91,7 @@ class DnsRelay:
         self.pending: dict[int, _Pending] = {}
         self._timer = None
         self._reply: OrderedDict[tuple, socket.socket] = OrderedDict()
+        _big_rcvbuf(sock)
 
     async def start(self) -> None:
         self.proxy.loop.add_reader(self.sock.fileno(), self._on_query)
@@ -127,6 +140,7 @@ class DnsRelay:
                 out.setsockopt(SOL_IP, IP_TRANSPARENT, 1)
             out.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             out.setblocking(False)
+            _big_rcvbuf(out)
             out.bind(server)
         except OSError:
             out.close()
