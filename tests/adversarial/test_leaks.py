@@ -265,3 +265,54 @@ def test_every_field_was_seen_masked(lab, pod):
         h2 = [e for e in events if e["event_type"] in ("http2", "grpc")]
         paths = [str(e[e["event_type"]].get("path")) for e in h2]
         assert any(p.startswith("/h2/37144") and p.endswith("8431") and "*" in p for p in paths), paths
+
+
+# ---------------------------------------------------------------------------- evidence loss
+def test_events_lost_to_a_full_disk_are_counted_logged_and_alerted(tmp_path):
+    """The events file on a 16 KiB tmpfs: once it is full, every lost record is counted in
+    palisade_events_dropped_total{reason="no_space"} on /metrics, the sidecar logs it (rate
+    limited: not one line per event), the alert webhook gets an ``events-dropped`` alert, and
+    the data path keeps serving."""
+    import subprocess
+
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mnt)], check=True)
+    c = Cluster("ev", 219)
+    try:
+        tmp = Path(c.tmp)
+        app, srv = c.pod("app"), c.pod("srv")
+        (tmp / "echo.py").write_text(ECHO)
+        (tmp / "webhook.py").write_text(WEBHOOK)
+        srv.popen([PY, str(tmp / "echo.py"), "7000"])
+        srv.wait_listening(7000)
+        hook = tmp / "webhook.jsonl"
+        app.popen([PY, str(tmp / "webhook.py"), "9999", str(hook)])
+        app.wait_listening(9999)
+        sc = app.start_sidecar("--events", str(mnt / "eve.json"), "--alert-webhook", "http://127.0.0.1:9999/")
+        code = ("import socket,sys\nok=0\nfor i in range(int(sys.argv[2])):\n"
+                " s=socket.create_connection((sys.argv[1],7000),timeout=3);s.sendall(b'x'*64);s.shutdown(1)\n"
+                " d=b''\n while True:\n  c=s.recv(4096)\n  if not c: break\n  d+=c\n ok+=d==b'x'*64\nprint(ok)")
+        r = app.run([PY, "-c", code, srv.ip, "60"], check=False)
+        assert r.stdout.strip() == "60"  # the data path kept serving while evidence was lost
+
+        def dropped() -> float:
+            status, body = sc.http("/metrics")
+            for line in body.splitlines():
+                if line.startswith('palisade_events_dropped_total{reason="no_space"}'):
+                    return float(line.split()[-1])
+            return 0.0
+
+        n = wait_until(dropped, 10, what="palisade_events_dropped_total{reason=no_space}")
+        assert n >= 10
+        alert = wait_until(lambda: hook.exists() and [a for a in map(json.loads, hook.read_text().split("\n")[:-1])
+                                                      for a in (a if isinstance(a, list) else [a])
+                                                      if a.get("alert", {}).get("signature")
+                                                      == "palisade:events-dropped"], 15, what="webhook alert")
+        assert alert[0]["events_dropped"]["total"].get("no_space", 0) >= 1
+        lines = [ln for ln in sc.stderr().splitlines() if "events dropped" in ln]
+        assert 1 <= len(lines) <= 3, lines  # rate limited
+        sc.stop()
+    finally:
+        c.close()
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
