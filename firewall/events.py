@@ -100,7 +100,7 @@ class EventSink:
         else:
             self._stream = stream if stream is not None else sys.stdout
         self._extra: list[Callable[[Event], None]] = []
-        self._scanner: Callable[[str], str] | None = None
+        self._scanner: Callable[[list[str]], list[str]] | None = None
         self.errors = 0
         self.count = 0
         self.dropped: dict[str, int] = {}

@@ -145,21 +145,22 @@ def bound(s: str, limit: int = MAX_FIELD) -> str:
     return s if len(s) <= limit else s[:limit] + TRUNCATED
 
 
-def redact_str(s: str, scanner: Callable[[str], str] | None = None) -> str:
+def redact_str(s: str) -> str:
     """One string field: pre-cut (a megabyte path costs no more than ``4 * MAX_FIELD``),
     mask, cut to ``MAX_FIELD``."""
     if len(s) > 4 * MAX_FIELD:
         s = s[:4 * MAX_FIELD]
-    s = mask_text(s)
-    if scanner is not None and len(s) >= 8:
-        s = scanner(s)
-    return bound(s)
+    return bound(mask_text(s))
 
 
-def redact_value(v: Any, scanner: Callable[[str], str] | None = None, key: str = "", depth: int = 0) -> Any:
-    """A copy of ``v`` with every string, key and large integer redacted and every size bounded."""
+Scanner = Callable[[list[str]], list[str]]
+
+
+def redact_value(v: Any, key: str = "", depth: int = 0, found: list | None = None) -> Any:
+    """A copy of ``v`` with every string, key and large integer redacted and every size bounded.
+    ``found`` collects ``(container, key)`` of every string value (for a DLP pass)."""
     if isinstance(v, str):
-        return redact_str(v, scanner)
+        return redact_str(v)
     if isinstance(v, bool) or v is None or isinstance(v, float):
         return v
     if isinstance(v, int):
@@ -174,45 +175,78 @@ def redact_value(v: Any, scanner: Callable[[str], str] | None = None, key: str =
             if i >= MAX_ITEMS:
                 out["_truncated"] = len(v) - MAX_ITEMS
                 break
-            ks = redact_str(k if isinstance(k, str) else str(k), scanner)
-            out[ks] = redact_value(item, scanner, ks, depth + 1)
+            ks = redact_str(k if isinstance(k, str) else str(k))
+            out[ks] = redact_value(item, ks, depth + 1, found)
+            if found is not None and isinstance(out[ks], str) and len(out[ks]) >= 8:
+                found.append((out, ks))
         return out
     if isinstance(v, list | tuple | set | frozenset):
         items = list(v)
-        res = [redact_value(x, scanner, key, depth + 1) for x in items[:MAX_ITEMS]]
+        res = [redact_value(x, key, depth + 1, found) for x in items[:MAX_ITEMS]]
+        if found is not None:
+            found.extend((res, i) for i, x in enumerate(res) if isinstance(x, str) and len(x) >= 8)
         if len(items) > MAX_ITEMS:
             res.append(TRUNCATED)
         return res
     if isinstance(v, bytes | bytearray | memoryview):
-        return redact_str(bytes(v).decode("utf-8", "backslashreplace"), scanner)
-    return redact_str(str(v), scanner)
+        return redact_str(bytes(v).decode("utf-8", "backslashreplace"))
+    return redact_str(str(v))
 
 
-def redact_event(event: dict[str, Any], scanner: Callable[[str], str] | None = None) -> dict[str, Any]:
-    """The event as it may leave the sidecar (a new dict; ``event`` is not changed)."""
-    return redact_value(event, scanner)  # type: ignore[no-any-return]
+def redact_event(event: dict[str, Any], scanner: Scanner | None = None) -> dict[str, Any]:
+    """The event as it may leave the sidecar (a new dict; ``event`` is not changed).
+    With ``scanner`` (``dlp_scanner(engine)``) every string value is also passed through the
+    DLP engine, all of one event in one scan."""
+    found: list | None = [] if scanner is not None else None
+    out = redact_value(event, found=found)
+    if scanner is not None and found:
+        masked = scanner([c[k] for c, k in found])
+        for (c, k), m in zip(found, masked, strict=True):
+            c[k] = m
+    return out  # type: ignore[no-any-return]
 
 
-def dlp_scanner(engine: Any) -> Callable[[str], str]:
-    """A ``scanner`` masking what ``engine`` (a DlpEngine) finds in a string, with the
-    finding's own masked form (first six / last four for cards, type hints for the rest).
-    A scanner fault leaves the string to the shape rules above; it never raises."""
+_JOIN = b"\n\x00\n"  # no detector spans a NUL line
 
-    def scan(s: str) -> str:
-        raw = s.encode("utf-8", "surrogatepass")
+
+def dlp_scanner(engine: Any) -> Scanner:
+    """A batch scanner masking what ``engine`` (a DlpEngine) finds, with the finding's own
+    masked form (first six / last four for cards, a type hint for the rest).  The strings of
+    one event are joined and scanned once.  A scanner fault leaves the strings to the shape
+    rules; it never raises."""
+
+    def scan(strings: list[str]) -> list[str]:
+        raws = [s.encode("utf-8", "surrogatepass") for s in strings]
+        joined = _JOIN.join(raws)
         try:
-            findings = engine.scan_bytes(raw)
+            findings = engine.scan_bytes(joined)
         except Exception:  # noqa: BLE001 - redaction must never break the sink
-            return s
+            return strings
         if not findings:
-            return s
-        out, last = bytearray(), 0
-        for f in sorted(findings, key=lambda f: f.start):
-            if f.start < last:
+            return strings
+        starts, pos = [], 0
+        for r in raws:
+            starts.append(pos)
+            pos += len(r) + len(_JOIN)
+        out = list(strings)
+        per: dict[int, list] = {}
+        import bisect
+
+        for f in sorted(findings, key=lambda f: (f.start, -f.end)):
+            i = bisect.bisect_right(starts, f.start) - 1
+            if i < 0 or f.end > starts[i] + len(raws[i]):
                 continue
-            out += raw[last:f.start] + f.masked.encode()
-            last = f.end
-        out += raw[last:]
-        return out.decode("utf-8", "replace")
+            per.setdefault(i, []).append(f)
+        for i, fs in per.items():
+            raw, base, buf, last = raws[i], starts[i], bytearray(), 0
+            for f in fs:
+                a, b = f.start - base, f.end - base
+                if a < last:
+                    continue
+                buf += raw[last:a] + f.masked.encode()
+                last = b
+            buf += raw[last:]
+            out[i] = buf.decode("utf-8", "replace")
+        return out
 
     return scan

@@ -194,6 +194,7 @@ class Sidecar:
             self.identities = self.kube
         self.identity_digest = _files_digest([self.cfg.identity] if self.cfg.identity else [])
         self.dlp = self.load_dlp()
+        self.sink.set_scanner(self.dlp)  # event redaction also masks what the DLP packs find
         self._dlp_digest = _files_digest(self.cfg.dlp_rules) if self.cfg.dlp_rules else ""
         self.sink.emit({"event_type": "policy", "policy": {
             "action": "loaded", "files": self.cfg.policy,

@@ -159,3 +159,21 @@ def test_metric_is_exported_on_the_admin_format() -> None:
     EventSink(stream=None)._drop("write_error")
     assert re.search(rb'^palisade_events_dropped_total\{reason="write_error"\} [1-9]', generate_latest(),
                      re.M)
+
+
+def test_dlp_pack_values_masked_when_the_sink_has_the_engine(tmp_path) -> None:
+    from firewall.dlp import DlpEngine
+
+    path = tmp_path / "eve.json"
+    sink = EventSink(path=str(path))
+    sink.set_scanner(DlpEngine.load())
+    secret = "AKIAIOSFODNN7EXAMPLF"  # AWS key ID shape (not the documented EXAMPLE allowlist)
+    iban = "GB82WEST12345698765432"
+    ssn = "536-22-1234"
+    sink.emit({"event_type": "flow", "l7": {"path": f"/k?key={secret}", "user": f"iban {iban}",
+                                            "queries": [f"ssn {ssn}"], "host": "shop.example"}})
+    sink.close()
+    text = path.read_text()
+    for value in (secret, iban, ssn, iban[4:]):
+        assert value not in text, text
+    assert "shop.example" in text and "AKIA" in text  # the rest and the type hint stay
