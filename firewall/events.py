@@ -50,7 +50,7 @@ from typing import IO, Any
 
 from prometheus_client import Counter
 
-from firewall.redaction import dlp_scanner, redact_event
+from firewall.redaction import dlp_scanner, mask_text, redact_event
 
 Event = dict[str, Any]
 
@@ -60,6 +60,25 @@ EVENTS_DROPPED = Counter("palisade_events_dropped", "Events that could not be wr
                          ["reason"])
 LOG_INTERVAL = 10.0  # seconds between two "events dropped" log lines / alerts
 DROP_SIGNATURE = "palisade:events-dropped"
+
+
+class RedactingFormatter(logging.Formatter):
+    """Log lines get the same card masking as events (a traceback or a warning may quote
+    traffic: a path, a name)."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return mask_text(self.inner.format(record))
+
+
+def redact_logs(logger: logging.Logger | None = None) -> None:
+    """Wrap the formatter of every handler of ``logger`` (default: root) in RedactingFormatter."""
+    for h in (logger or logging.getLogger()).handlers:
+        if not isinstance(h.formatter, RedactingFormatter):
+            h.setFormatter(RedactingFormatter(h.formatter))
 
 
 def drop_reason(exc: BaseException) -> str:

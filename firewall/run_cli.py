@@ -419,6 +419,9 @@ async def _serve_with(side: Sidecar, proxy: Any, worker: int, admin: bool) -> in
 def _cmd(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s palisade %(levelname)s %(message)s")
+    from firewall.events import redact_logs
+
+    redact_logs()  # log lines get the events' card masking
     try:
         cfg = _apply_flags(load_config(args.config), args)
     except ConfigError as exc:

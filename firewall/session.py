@@ -496,7 +496,7 @@ class Session:
             insp.emit(e)
         if app == "dns":
             stop = self._on_dns(ev)
-            if stop is not None or kind == "anomaly":
+            if stop is not None or (kind == "anomaly" and ev.direction == TOSERVER):
                 return stop
         if kind == "anomaly":
             return self._on_anomaly(ev)

@@ -177,3 +177,23 @@ def test_dlp_pack_values_masked_when_the_sink_has_the_engine(tmp_path) -> None:
     for value in (secret, iban, ssn, iban[4:]):
         assert value not in text, text
     assert "shop.example" in text and "AKIA" in text  # the rest and the type hint stay
+
+
+def test_log_lines_are_masked_too() -> None:
+    import io
+
+    from firewall.events import redact_logs
+
+    logger = logging.getLogger("palisade.test-redaction")
+    logger.propagate = False
+    buf = io.StringIO()
+    h = logging.StreamHandler(buf)
+    h.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logger.addHandler(h)
+    redact_logs(logger)
+    try:
+        raise ValueError(f"bad path /p/{CARDS[0]}")
+    except ValueError:
+        logger.exception("request %s failed", f"/x/{groups(CARDS[1])[0]} {' '.join(groups(CARDS[1])[1:])}")
+    text = buf.getvalue()
+    assert "Traceback" in text and not leaks(text, CARDS[0]) and not leaks(text, CARDS[1]), text
