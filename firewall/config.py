@@ -8,6 +8,7 @@ sidecar that silently ignores a typo in ``mode`` is a firewall that is not there
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,6 +73,7 @@ class Config:
     fqdn_max_ttl: int = 3600
     fqdn_max_entries: int = 65536
     fqdn_max_per_name: int = 64
+    fqdn_resolvers: list[str] = field(default_factory=list)  # empty: any port-53 server policy allows
     # inspection
     l7: bool = True
     l7_events: bool = False
@@ -114,6 +116,11 @@ class Config:
                 or not 1024 <= up[0] <= up[1] <= 65535 or up[1] - up[0] < 1023):
             raise ConfigError(f"{where}: upstream_ports: expected [low, high] within 1024-65535 "
                               f"spanning at least 1024 ports, got {up!r}")
+        for r in self.fqdn_resolvers:
+            try:
+                ipaddress.ip_network(str(r), strict=False)
+            except ValueError:
+                raise ConfigError(f"{where}: fqdn_resolvers: not an address or CIDR: {r!r}") from None
         for p in self.probe_ports:
             if not isinstance(p, int) or not 1 <= p <= 65535:
                 raise ConfigError(f"{where}: probe_ports: bad port {p!r}")

@@ -53,10 +53,36 @@ class FqdnCache:
         self._by_ip: OrderedDict[str, dict[str, float]] = OrderedDict()
         self._by_name: dict[str, OrderedDict[str, None]] = {}
         self._size = 0
+        self._resolvers: tuple = ()
         self.generation = 0  # bumped on every change (callers may key caches on it)
+
+    #: server ports whose answers may teach the cache: DNS, not DNS-shaped bytes on any port
+    dns_ports: frozenset[int] = frozenset({53})
 
     def __len__(self) -> int:
         return self._size
+
+    def set_resolvers(self, resolvers: Iterable[str]) -> None:
+        """Only answers from these servers (addresses or CIDRs) teach the cache; empty: any
+        server on port 53 the policy lets the pod query."""
+        import ipaddress
+
+        self._resolvers = tuple(ipaddress.ip_network(r, strict=False) for r in resolvers)
+
+    def trusts(self, server_ip: str, server_port: int) -> bool:
+        """Whether an answer from ``server_ip:server_port`` may teach the cache."""
+        if int(server_port) not in self.dns_ports:
+            return False
+        nets = self._resolvers
+        if not nets:
+            return True
+        import ipaddress
+
+        try:
+            ip = ipaddress.ip_address(server_ip)
+        except ValueError:
+            return False
+        return any(ip in n for n in nets)
 
     def learn(self, qname: str, addresses: Iterable[str], ttl: int) -> None:
         """Record a DNS answer: ``qname`` resolved to ``addresses`` for ``ttl`` seconds."""

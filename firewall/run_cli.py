@@ -166,6 +166,7 @@ class Sidecar:
             c = self.cfg
             self.fqdn = FqdnCache(max_entries=c.fqdn_max_entries, min_ttl=c.fqdn_min_ttl,
                                   max_ttl=c.fqdn_max_ttl, max_per_name=c.fqdn_max_per_name)
+            self.fqdn.set_resolvers(c.fqdn_resolvers)
         except ImportError:
             self.fqdn = None
         if self.cfg.podinfo:

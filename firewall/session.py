@@ -544,12 +544,16 @@ class Session:
 
     def _learn_dns(self, ev: L7Event) -> None:
         """Teach the FQDN cache from an answer the pod asked for, and nothing else: an outbound
-        flow that is not denied, the server-to-client direction, the ID and question of a query
-        forwarded on this flow (so from the server it was sent to), addresses only for the
-        asked name or a CNAME chain starting at it inside this same answer."""
+        flow to a resolver (port 53, ``fqdn_resolvers`` if configured) that is not denied, the
+        server-to-client direction, the ID and question of a query forwarded on this flow (so
+        from the server it was sent to), addresses only for the asked name or a CNAME chain
+        starting at it inside this same answer."""
         if (self.direction != "outbound" or ev.direction != TOCLIENT or self.verdict == "deny"
                 or self._stopped is not None or not self._dns_queries):
             return
+        trusts = getattr(self.insp.fqdn, "trusts", None)
+        if trusts is not None and not trusts(self.dest_ip, self.dest_port):
+            return  # DNS-shaped bytes on another port, or a server that is not a resolver
         f = ev.fields
         key = _dns_key(f)
         if key not in self._dns_queries:

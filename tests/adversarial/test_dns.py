@@ -75,8 +75,11 @@ spec:
       dns: {qnameSuffix: [attacker.example]}
       action: deny
     - name: resolver
-      to: [{cidr: 10.0.0.53/32}]
-      ports: [{port: 53, protocol: UDP}, {port: 53}]
+      to: [{cidr: 10.0.0.53/32}, {cidr: 10.0.0.54/32}]
+      ports: [{port: 53, protocol: UDP}, {port: 53}, {port: 5353}]
+      action: allow
+    - name: web
+      ports: [{port: 80}]
       action: allow
     - name: card-network
       to: [{fqdn: "*.card-network.example"}]
@@ -161,6 +164,22 @@ def test_answers_nobody_asked_for_teach_nothing(insp, case):
         outbound_tcp(insp, [dns_msg(7, [(EVIL, "A")])], [bytes(bad)])
     assert insp.fqdn.addresses_for(EVIL) == set()
     assert not allowed_443(insp, EVIL_IP)
+
+
+@pytest.mark.parametrize("dst", [(RESOLVER, 5353), (EVIL_IP, 80), ("10.0.0.54", 53)])
+def test_dns_shaped_bytes_off_the_resolver_teach_nothing(insp, dst):
+    """The app and an accomplice server on an allowed port (not 53), or a server that is not
+    one of the configured resolvers, exchange a perfectly matching query and answer."""
+    insp.fqdn.set_resolvers([RESOLVER])
+    q = dns_msg(7, [(EVIL, "A")])
+    a = dns_msg(7, [(EVIL, "A")], [(EVIL, "A", EVIL_IP, 60)], qr=True)
+    s = Session(insp, "outbound", (POD, 40000), dst)
+    assert s.open()  # the policy allows each of these flows: only the learning rules stand
+    s.feed(TOSERVER, tcp(q))
+    s.feed(TOCLIENT, tcp(a))
+    assert insp.fqdn.addresses_for(EVIL) == set()
+    outbound_tcp(insp, [q], [a])  # the control: the same exchange with the resolver teaches
+    assert insp.fqdn.addresses_for(EVIL) == {EVIL_IP}
 
 
 def test_cname_chain_is_learned_under_the_asked_name_only(insp):
@@ -281,6 +300,8 @@ FAKE = textwrap.dedent("""
             return dns_msg(i, [(q, "A")], [("x.example", "CNAME", EVIL, 60), *lie], qr=True), False
         if mode == "other":
             return dns_msg(i, [(q, "A")], [(q, "A", evil, 86400)], qr=True), True
+        if mode == "evil":
+            return dns_msg(i, [(q, "A")], lie, qr=True), False
         if mode == "hugettl":
             return dns_msg(i, [(q, "A")], [(q, "A", ttl_ip, 2**31 - 1)], qr=True), False
         return dns_msg(i, [(q, "A")], [(q, "A", "192.0.2.1", 60)], qr=True), False
@@ -311,11 +332,14 @@ FAKE = textwrap.dedent("""
                     if out:
                         c.sendall(tcp(out))
     threading.Thread(target=udp, daemon=True).start()
-    t = socket.socket(); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    t.bind((ip, 53)); t.listen(64)
-    while True:
-        c, _ = t.accept()
-        threading.Thread(target=serve, args=(c,), daemon=True).start()
+    def listen(port):
+        t = socket.socket(); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        t.bind((ip, port)); t.listen(64)
+        while True:
+            c, _ = t.accept()
+            threading.Thread(target=serve, args=(c,), daemon=True).start()
+    threading.Thread(target=listen, args=(5353,), daemon=True).start()
+    listen(53)
 """)
 
 # Send DNS bytes the way the app (or an attacker in it) would, print what came back.
@@ -333,7 +357,7 @@ CLIENT = textwrap.dedent("""
             except OSError:
                 got.append(None)
     else:
-        s = socket.create_connection((server, 53), timeout=2)
+        s = socket.create_connection((server, 5353 if proto == "tcp5353" else 53), timeout=2)
         try:
             for h in hexmsgs:
                 s.sendall(bytes.fromhex(h))
@@ -386,7 +410,7 @@ def _policy(subnet: str, dns_ip: str, fake_ip: str) -> str:
               action: deny
             - name: resolvers
               to: [{{cidr: {dns_ip}/32}}, {{cidr: {fake_ip}/32}}]
-              ports: [{{port: 53, protocol: UDP}}, {{port: 53}}]
+              ports: [{{port: 53, protocol: UDP}}, {{port: 53}}, {{port: 5353}}]
               action: allow
             - name: card-network
               to: [{{fqdn: "*.card-network.example"}}]
@@ -478,6 +502,8 @@ POISON = {
         9, [(EVIL_NAME, "A")], [(EVIL_NAME, "A", lab.evil.ip, 86400)], qr=True)),
     "app-tcp-reply": lambda lab: lab.send(lab.fake.ip, "tcp", tcp(_q("plain.example")), tcp(dns_msg(
         0x4242, [(EVIL_NAME, "A")], [(EVIL_NAME, "A", lab.evil.ip, 86400)], qr=True))),
+    # DNS on another port: the app and an accomplice "server" exchange a matching answer
+    "tcp-port-5353": lambda lab: lab.send(lab.fake.ip, "tcp5353", tcp(_q(EVIL_NAME))),
     # the resolver answers with another ID, another question, extra records, a CNAME trick,
     # or from another address
     "wrong-id": lambda lab: lab.send(lab.fake.ip, "udp", _q("wrongid.card-network.example")),
@@ -495,8 +521,8 @@ def test_dns_poisoning_never_opens_the_denied_address(lab, variant):
     got = POISON[variant](lab)
     if variant == "answer-from-other-address":
         assert got == [None]  # the relay's connected socket never takes the stray datagram
-    if variant == "wrong-id":
-        assert got and got[0] is not None  # the lie was delivered to the app (it discards it) ...
+    if variant in ("wrong-id", "tcp-port-5353"):
+        assert got and got[0] and not str(got[0]).startswith("error")  # the lie reached the app ...
     _evil_stays_denied(lab)  # ... and taught the sidecar nothing
 
 
