@@ -11,7 +11,8 @@ The rule, applied to every string (and dict key) at any depth:
 
 * **digit runs that could be a card** are masked to PCI DSS 3.4.1's first six /
   last four: 12 or more digits, where consecutive digits may be separated by up
-  to three separators (space, tab, ``-``, ``.``, ``/``, ``+``, ``_``), after
+  to three separators (whitespace and control characters, ``-``, ``.``, ``/``,
+  ``+``, ``_``, backslash, Unicode spaces, dashes and zero-width characters), after
   percent-decoding (``%34``, double-encoded ``%2534``, ``%20``, ``%2D`` ...) and
   with Unicode decimal digits counted as digits.  No Luhn check on purpose: a
   15-digit prefix is as sensitive as the number (Luhn restores the 16th digit),
@@ -42,10 +43,11 @@ STAR = "*"
 TRUNCATED = "...[truncated]"
 
 # ASCII fast path: no '%' and no non-ASCII character in the string.
-_SEP = r"[ \t\-./+_]"
+_SEP = r"[\x00-\x20\x7f\-./+_\\]"
 _ASCII_RUN = re.compile(rf"[0-9](?:{_SEP}{{0,3}}[0-9]){{{MIN_DIGITS - 1},}}")
 _TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,9})?(?:Z|[+-]\d\d:?\d\d)?")
-_SEPARATORS = frozenset(" \t-./+_")
+_SEPARATORS = frozenset([chr(i) for i in range(33)] + ["\x7f", "-", ".", "/", "+", "_", "\\"])
+_SEP_CATEGORIES = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf", "Pd"})  # spaces, controls, zero-width, dashes
 _HEX = frozenset("0123456789abcdefABCDEF")
 _MAX_GAP = 3
 # ints under these keys are the sidecar's own counters and ids, never traffic
@@ -77,7 +79,7 @@ def _tokens(s: str) -> list[tuple[int, int, int]]:
                 c, width = dec
         if "0" <= c <= "9" or (not c.isascii() and unicodedata.decimal(c, None) is not None):
             kind = 1
-        elif c in _SEPARATORS:
+        elif c in _SEPARATORS or (not c.isascii() and unicodedata.category(c) in _SEP_CATEGORIES):
             kind = 2
         else:
             kind = 0

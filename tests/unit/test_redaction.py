@@ -197,3 +197,12 @@ def test_log_lines_are_masked_too() -> None:
         logger.exception("request %s failed", f"/x/{groups(CARDS[1])[0]} {' '.join(groups(CARDS[1])[1:])}")
     text = buf.getvalue()
     assert "Traceback" in text and not leaks(text, CARDS[0]) and not leaks(text, CARDS[1]), text
+
+
+@pytest.mark.parametrize("sep", ["\x00", "\n", "\r\n", "\\", "\u200b", "\u2013", "\u00a0", "%0A", "%00", "\t"])
+def test_control_unicode_and_escaped_separators(sep: str) -> None:
+    card = CARDS[0]
+    text = "/p/" + sep.join(groups(card))
+    out = mask_text(text)
+    digits = "".join(c for c in urllib.parse.unquote(out) if c.isdigit())
+    assert card[:15] not in digits and "*" in out, repr(out)
