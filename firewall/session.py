@@ -516,8 +516,9 @@ class Session:
     def _on_dns(self, ev: L7Event) -> Stop | None:
         """DNS under the exception policy, and the bookkeeping the FQDN cache trusts.
 
-        Client to server only standard queries with exactly one question are DNS as policy
-        understands it; anything else (a reply-shaped message, garbage, several questions)
+        Client to server only standard queries (opcode QUERY) with exactly one question and no
+        answer/authority records are DNS as policy understands it; anything else (a reply-shaped
+        message, UPDATE, garbage, several questions, names in other sections)
         could carry a name the ``qnameSuffix`` check never saw, so it is an inspection failure
         (refused in protect mode on a governed flow).  Queries are remembered per flow so that
         only the answer to one of them may teach the FQDN cache (``_learn_dns``)."""
@@ -527,8 +528,12 @@ class Session:
                 reason = ev.anomaly or "malformed-dns"
             elif ev.kind != "query":
                 reason = "dns-not-a-query"
+            elif f.get("opcode") != 0:
+                reason = "dns-not-a-query"  # UPDATE/NOTIFY carry names the qname check never reads
             elif f.get("qdcount") != 1:
                 reason = "dns-question-count"
+            elif f.get("ancount") or f.get("nscount"):
+                reason = "dns-records-in-query"  # names smuggled in the answer/authority sections
             else:
                 q = self._dns_queries
                 if q is None:

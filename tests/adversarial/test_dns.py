@@ -215,12 +215,23 @@ def test_denied_query_teaches_nothing(insp):
     assert insp.fqdn.addresses_for(name) == set()
 
 
-@pytest.mark.parametrize("bad", ["reply-shaped", "garbage", "two-questions"])
+def _update(name: str) -> bytes:
+    """An UPDATE (opcode 5) for zone ok.example adding a record named ``name``."""
+    m = bytearray(dns_msg(5, [("ok.example", "A")]))
+    m[2] = (m[2] & 0x87) | (5 << 3)
+    m[8:10] = b"\x00\x01"  # one update record, in the authority section
+    return bytes(m) + qname_bytes(name) + struct.pack("!HHIH", 1, 1, 60, 4) + b"\x01\x02\x03\x04"
+
+
+@pytest.mark.parametrize("bad", ["reply-shaped", "garbage", "two-questions", "update", "answer-in-query"])
 def test_protect_mode_refuses_dns_that_is_not_one_query(insp, bad):
     exfil = "exfil.attacker.example"
+    answer_in_query = bytearray(dns_msg(5, [("ok.example", "A")], [(exfil, "A", "1.2.3.4", 1)]))
     msg = {"reply-shaped": dns_msg(5, [(exfil, "A")], [(exfil, "A", "1.2.3.4", 1)], qr=True),
            "garbage": b"\x00\x05\xff\xff" + qname_bytes(exfil) * 2,
-           "two-questions": dns_msg(5, [("ok.example", "A"), (exfil, "A")])}[bad]
+           "two-questions": dns_msg(5, [("ok.example", "A"), (exfil, "A")]),
+           "update": _update(exfil),
+           "answer-in-query": bytes(answer_in_query)}[bad]
     ok = tcp(dns_msg(1, [("ok.example", "A")]))
     s = Session(insp, "outbound", (POD, 40000), (RESOLVER, 53))
     assert s.open()
@@ -556,7 +567,8 @@ def test_dns_that_is_not_one_query_never_reaches_the_resolver(lab):
     # a query header, then a label length with the reserved 0x40 bit: malformed, name inside
     garbage = struct.pack("!HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0) + b"\x45" + exfil.encode() * 3
     two = dns_msg(6, [("fine.example", "A"), (exfil, "A")])
-    for m in (reply, garbage, two):
+    smuggled = dns_msg(8, [("fine.example", "A")], [(exfil, "A", "1.2.3.4", 1)])  # QR=0, an answer inside
+    for m in (reply, garbage, two, _update(exfil), smuggled):
         lab.send(lab.fake.ip, "udp", m)
     # TCP: a good query, then garbage, a reply-shaped message and a query for the name: the
     # flow is cut at the garbage, nothing after it is relayed
@@ -569,7 +581,7 @@ def test_dns_that_is_not_one_query_never_reaches_the_resolver(lab):
     assert b"first" in seen and b"exfil" not in seen
     alerts = [e for e in lab.sc.events("alert") if e["alert"]["category"] == "inspection"]
     reasons = {e["inspection"]["reason"] for e in alerts if e["alert"]["action"] == "blocked"}
-    assert {"dns-not-a-query", "malformed-dns", "dns-question-count"} <= reasons
+    assert {"dns-not-a-query", "malformed-dns", "dns-question-count", "dns-records-in-query"} <= reasons
 
 
 BURST = textwrap.dedent("""
