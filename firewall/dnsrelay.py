@@ -77,10 +77,9 @@ class _Pending:
 
 
 def _answer_key(ev: Any) -> tuple | None:
-    if ev is None or ev.kind not in ("query", "answer"):
-        return None
-    f = ev.fields
-    return (f.get("id"), str(f.get("qname") or "").lower().rstrip("."), f.get("qtype"))
+    from firewall.protocols.dns import query_key
+
+    return None if ev is None or ev.kind not in ("query", "answer") else query_key(ev.fields)
 
 
 class DnsRelay:

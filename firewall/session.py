@@ -36,11 +36,6 @@ def seed_flow_ids(worker: int, workers: int) -> None:
 DIR_NAMES = ("toserver", "toclient")
 
 
-def _dns_key(f: dict) -> tuple:
-    """What ties a DNS answer to its query: ID and question (case-insensitive name, type)."""
-    return (f.get("id"), str(f.get("qname") or "").lower().rstrip("."), f.get("qtype"))
-
-
 def signature_id(name: str) -> int:
     """Stable numeric id for a rule name (EVE's signature_id)."""
     return zlib.crc32(name.encode()) & 0x7FFFFFFF
@@ -514,82 +509,39 @@ class Session:
         return self._apply_decision(d, ev)
 
     def _on_dns(self, ev: L7Event) -> Stop | None:
-        """DNS under the exception policy, and the bookkeeping the FQDN cache trusts.
+        """DNS under the exception policy (``dns.query_problem``: what is not one plain query
+        is refused in protect mode on a governed flow); queries remembered per flow so only
+        the answer to one of them may teach the FQDN cache."""
+        from firewall.protocols import dns
 
-        Client to server only standard queries (opcode QUERY) with exactly one question and no
-        answer/authority records are DNS as policy understands it; anything else (a reply-shaped
-        message, UPDATE, garbage, several questions, names in other sections)
-        could carry a name the ``qnameSuffix`` check never saw, so it is an inspection failure
-        (refused in protect mode on a governed flow).  Queries are remembered per flow so that
-        only the answer to one of them may teach the FQDN cache (``_learn_dns``)."""
-        f = ev.fields
         if ev.direction == TOSERVER:
-            if ev.kind == "anomaly":
-                reason = ev.anomaly or "malformed-dns"
-            elif ev.kind != "query":
-                reason = "dns-not-a-query"
-            elif f.get("opcode") != 0:
-                reason = "dns-not-a-query"  # UPDATE/NOTIFY carry names the qname check never reads
-            elif f.get("qdcount") != 1:
-                reason = "dns-question-count"
-            elif f.get("ancount") or f.get("nscount"):
-                reason = "dns-records-in-query"  # names smuggled in the answer/authority sections
-            else:
-                q = self._dns_queries
-                if q is None:
-                    q = self._dns_queries = []
-                if len(q) >= 64:  # a bounded window of outstanding queries per flow
-                    del q[0]
-                q.append(_dns_key(f))
-                return None
-            return self._inspection_error(Stage.PARSE, reason, TOSERVER, ev.offset)
-        if ev.kind == "answer" and self.insp.fqdn is not None:
+            problem = dns.query_problem(ev)
+            if problem is not None:
+                return self._inspection_error(Stage.PARSE, problem, TOSERVER, ev.offset)
+            q = self._dns_queries = (self._dns_queries or [])[-63:]  # bounded per flow
+            q.append(dns.query_key(ev.fields))
+        elif ev.kind == "answer" and self.insp.fqdn is not None:
             self._learn_dns(ev)
         return None
 
     def _learn_dns(self, ev: L7Event) -> None:
-        """Teach the FQDN cache from an answer the pod asked for, and nothing else: an outbound
-        flow to a resolver (port 53, ``fqdn_resolvers`` if configured) that is not denied, the
-        server-to-client direction, the ID and question of a query forwarded on this flow (so
-        from the server it was sent to), addresses only for the asked name or a CNAME chain
-        starting at it inside this same answer."""
+        """Learn only from an answer the pod asked for (docs/policy.md, "How FQDN peers are
+        learned"): an outbound, not denied flow to a resolver (port 53, ``fqdn_resolvers``),
+        server to client, ID and question of a query forwarded on this flow."""
+        from firewall.protocols import dns
+
+        key = dns.query_key(ev.fields)
         if (self.direction != "outbound" or ev.direction != TOCLIENT or self.verdict == "deny"
-                or self._stopped is not None or not self._dns_queries):
+                or self._stopped is not None or key not in (self._dns_queries or ())
+                or not self.insp.fqdn.trusts(self.dest_ip, self.dest_port)):
             return
-        trusts = getattr(self.insp.fqdn, "trusts", None)
-        if trusts is not None and not trusts(self.dest_ip, self.dest_port):
-            return  # DNS-shaped bytes on another port, or a server that is not a resolver
-        f = ev.fields
-        key = _dns_key(f)
-        if key not in self._dns_queries:
-            return
-        self._dns_queries.remove(key)
-        if f.get("qdcount") != 1 or f.get("rcode") != "NOERROR" or not f.get("qname"):
-            return
-        answers = [a for a in f.get("answers") or [] if isinstance(a, dict)]
-        chain = {key[1]}
-        ttls: list[int] = []
-        for _ in range(len(answers)):  # follow CNAMEs from the question, within this answer
-            grew = False
-            for a in answers:
-                if a.get("type") == "CNAME" and str(a.get("name", "")).lower() in chain:
-                    target = str(a.get("data", "")).lower()
-                    if target not in chain:
-                        chain.add(target)
-                        ttls.append(int(a.get("ttl") or 0))
-                        grew = True
-            if not grew:
-                break
-        addrs = [a["data"] for a in answers
-                 if a.get("type") in ("A", "AAAA") and str(a.get("name", "")).lower() in chain]
-        if not addrs:
-            return
-        ttl = min([int(a.get("ttl") or 0) for a in answers if a.get("type") in ("A", "AAAA")
-                   and str(a.get("name", "")).lower() in chain] + ttls)
-        try:
-            self.insp.fqdn.learn(f["qname"], addrs, ttl)
-        except Exception:  # noqa: BLE001
-            pass
+        self._dns_queries.remove(key)  # type: ignore[union-attr]
+        addrs, ttl = dns.answer_addresses(ev.fields)
+        if addrs:
+            try:
+                self.insp.fqdn.learn(ev.fields["qname"], addrs, ttl)
+            except Exception:  # noqa: BLE001
+                pass
 
     def _on_anomaly(self, ev: L7Event) -> Stop | None:
         anomaly = ev.anomaly or "anomaly"

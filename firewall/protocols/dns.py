@@ -147,6 +147,56 @@ def parse(msg: bytes) -> dict[str, Any]:
     }
 
 
+def query_key(f: dict[str, Any]) -> tuple:
+    """What ties an answer to its query: ID and question (case-insensitive name, type)."""
+    return (f.get("id"), str(f.get("qname") or "").lower().rstrip("."), f.get("qtype"))
+
+
+def query_problem(ev: L7Event) -> str | None:
+    """Why a client-to-server message is not one plain query (None: it is).
+
+    Only a standard query (opcode QUERY) with one question and no answer/authority records is
+    DNS as a ``qnameSuffix`` rule understands it; anything else - a reply-shaped message, an
+    UPDATE or NOTIFY, garbage, several questions, names in other sections - could carry a
+    name the check never read."""
+    f = ev.fields
+    if ev.kind == "anomaly":
+        return ev.anomaly or "malformed-dns"
+    if ev.kind != "query" or f.get("opcode") != 0:
+        return "dns-not-a-query"
+    if f.get("qdcount") != 1:
+        return "dns-question-count"
+    if f.get("ancount") or f.get("nscount"):
+        return "dns-records-in-query"
+    return None
+
+
+def answer_addresses(f: dict[str, Any]) -> tuple[list[str], int]:
+    """The addresses an answer gives for its own question, and their TTL (the smallest on the
+    way): A/AAAA records of the asked name or of a CNAME chain starting at it inside this
+    answer.  Records for any other name are ignored (they are how a cache gets poisoned)."""
+    if f.get("qdcount") != 1 or f.get("rcode") != "NOERROR" or not f.get("qname"):
+        return [], 0
+    answers = [a for a in f.get("answers") or [] if isinstance(a, dict)]
+    chain = {query_key(f)[1]}
+    ttls: list[int] = []
+    for _ in range(len(answers)):
+        grew = False
+        for a in answers:
+            if a.get("type") == "CNAME" and str(a.get("name", "")).lower() in chain:
+                target = str(a.get("data", "")).lower()
+                if target not in chain:
+                    chain.add(target)
+                    ttls.append(int(a.get("ttl") or 0))
+                    grew = True
+        if not grew:
+            break
+    hits = [a for a in answers if a.get("type") in ("A", "AAAA") and str(a.get("name", "")).lower() in chain]
+    if not hits:
+        return [], 0
+    return [str(a["data"]) for a in hits], min([int(a.get("ttl") or 0) for a in hits] + ttls)
+
+
 def parse_message(datagram: bytes, direction: int, offset: int = 0) -> L7Event:
     """One DNS message (a UDP datagram) -> a ``query``/``answer`` or ``anomaly`` event. Never raises."""
     try:
@@ -239,4 +289,5 @@ class DnsUdpParser(DnsTcpParser):
         return None
 
 
-__all__ = ["parse_message", "parse", "DnsTcpParser", "DnsUdpParser", "probe_toserver"]
+__all__ = ["parse_message", "parse", "DnsTcpParser", "DnsUdpParser", "probe_toserver", "query_key",
+           "query_problem", "answer_addresses"]
