@@ -226,7 +226,9 @@ class DnsRelay:
         # the upstream socket is connected, so the kernel only hands us the server's datagrams;
         # checked again here because the FQDN cache must never learn from anyone else
         from_server = tuple(src[:2]) == tuple(p.server[:2])
-        matches = from_server and ev is not None and ev.kind == "answer" and _answer_key(ev) == p.key
+        matches = from_server and ev is not None and ev.kind == "answer" and p.key is not None and (
+            _answer_key(ev) == p.key  # the answer; or an error without a question (FORMERR) for it
+            or (ev.fields.get("id") == p.key[0] and not ev.fields.get("qname")))
         if ev is not None and from_server:
             s._on_event(ev)  # learns only from an answer to this query (Session._learn_dns)
             s._l7_summary = {"queries": [ev.fields.get("qname")], "qtype": ev.fields.get("qtype"),
