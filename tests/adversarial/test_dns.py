@@ -460,7 +460,7 @@ class Lab:
         pol = tmp / "policy.yaml"
         pol.write_text(_policy(c.subnet, self.dns.ip, self.fake.ip))
         cfg = tmp / "sidecar.yaml"
-        cfg.write_text("fqdn_min_ttl: 1\nfqdn_max_ttl: 4\n")
+        cfg.write_text("fqdn_min_ttl: 1\nfqdn_max_ttl: 8\n")
         self.sc = self.app.start_sidecar("--config", str(cfg), "--policy", str(pol), labels={"app": "cde"})
 
     def connect(self, ip: str, port: int = 443) -> str:
@@ -556,8 +556,8 @@ def test_huge_ttl_is_clamped_to_the_configured_maximum(lab):
     got = lab.send(lab.fake.ip, "udp", _q("hugettl.card-network.example"))
     assert got and got[0]
     assert lab.connect(lab.ttl.ip) == "allowed"  # learned: an answer to the pod's own query
-    # fqdn_max_ttl: 4 -- the 68-year TTL does not keep the address open
-    wait_until(lambda: lab.connect(lab.ttl.ip) == "denied", 20, interval=0.5, what="clamped TTL expiry")
+    # fqdn_max_ttl: 8 -- the 68-year TTL does not keep the address open
+    wait_until(lambda: lab.connect(lab.ttl.ip) == "denied", 30, interval=0.5, what="clamped TTL expiry")
 
 
 @pytest.mark.netns
