@@ -34,7 +34,7 @@ import unicodedata
 from collections.abc import Callable
 from typing import Any
 
-MAX_FIELD = 2048
+MAX_FIELD = 4096
 MAX_ITEMS = 256
 MAX_DEPTH = 12
 MIN_DIGITS = 12
