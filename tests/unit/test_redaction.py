@@ -206,3 +206,22 @@ def test_control_unicode_and_escaped_separators(sep: str) -> None:
     out = mask_text(text)
     digits = "".join(c for c in urllib.parse.unquote(out) if c.isdigit())
     assert card[:15] not in digits and "*" in out, repr(out)
+
+
+@pytest.mark.parametrize("at", [-8, -20, 0, 6, 300, 505, 511])
+def test_card_straddling_either_cut_shows_at_most_six_digits(at: int) -> None:
+    from firewall.redaction import _CUT_SLACK
+
+    card = "%25" + "%25".join(f"3{c}" for c in CARDS[0])  # double-encoded: the longest spelling
+    for pos in (MAX_FIELD + at, MAX_FIELD + _CUT_SLACK + at):
+        text = "/" + "a" * (pos - 1) + card + "/tail"
+        assert not leaks(redact_event({"p": text})["p"], CARDS[0])
+
+
+def test_hostile_megabyte_fields_cost_little() -> None:
+    import time
+
+    for s in ("1-" * 500_000, "%31%20" * 200_000, "\u0661-" * 500_000, ("1 " * 11 + "x") * 80_000):
+        t = time.perf_counter()
+        redact_event({"l7": {"path": s, "host": s}})
+        assert time.perf_counter() - t < 0.25  # measured ~2 ms: the pre-cut bounds the work
