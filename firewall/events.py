@@ -44,6 +44,7 @@ import os
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import IO, Any
@@ -125,6 +126,7 @@ class EventSink:
         self.dropped: dict[str, int] = {}
         self._unreported = 0
         self._last_report = float("-inf")
+        self._partial = False  # the last write may have left a partial line
 
     def add_consumer(self, fn: Callable[[Event], None]) -> None:
         self._extra.append(fn)
@@ -147,8 +149,13 @@ class EventSink:
             try:
                 if self._fd is not None:
                     data = line.encode("utf-8", "backslashreplace")
-                    if os.write(self._fd, data) != len(data):
+                    if self._partial:  # a line cut short by a full disk: end it first
+                        data = b"\n" + data
+                    self._partial = True
+                    written = os.write(self._fd, data)
+                    if written != len(data):
                         raise OSError(errno.ENOSPC, "short write")
+                    self._partial = False
                 elif self._stream is not None:
                     self._stream.write(line)
                     self._stream.flush()
@@ -178,7 +185,8 @@ class EventSink:
         log.error("events dropped: %d since the last report (%s); evidence is missing from the events "
                   "output", n, ", ".join(f"{k}={v}" for k, v in sorted(totals.items())))
         alert = {"timestamp": now_iso(), "event_type": "alert",
-                 "alert": {"action": "allowed", "signature": DROP_SIGNATURE, "signature_id": 0,
+                 "alert": {"action": "allowed", "signature": DROP_SIGNATURE,
+                           "signature_id": zlib.crc32(DROP_SIGNATURE.encode()) & 0x7FFFFFFF,
                            "category": "evidence", "severity": 1},
                  "events_dropped": {"since_last": n, "total": totals}}
         for fn in self._extra:

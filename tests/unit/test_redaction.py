@@ -225,3 +225,22 @@ def test_hostile_megabyte_fields_cost_little() -> None:
         t = time.perf_counter()
         redact_event({"l7": {"path": s, "host": s}})
         assert time.perf_counter() - t < 0.25  # measured ~2 ms: the pre-cut bounds the work
+
+
+def test_a_line_cut_short_never_swallows_the_next_record(tmp_path, monkeypatch) -> None:
+    """A short write (disk full mid-line): the next record still starts on its own line."""
+    path = tmp_path / "eve.json"
+    sink = EventSink(path=str(path))
+    real_write = os.write
+    calls = {"n": 0}
+
+    def flaky(fd, data):
+        calls["n"] += 1
+        return real_write(fd, data[:10]) if calls["n"] == 2 else real_write(fd, data)
+
+    monkeypatch.setattr(events_mod.os, "write", flaky)
+    for i in range(3):
+        sink.emit({"event_type": "flow", "n": i})
+    sink.close()
+    ok = [json.loads(ln) for ln in path.read_text().splitlines() if ln.startswith("{") and ln.endswith("}")]
+    assert [e["n"] for e in ok] == [0, 2] and sink.dropped == {"no_space": 1}
