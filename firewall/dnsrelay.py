@@ -105,7 +105,7 @@ class DnsRelay:
         if self._timer:
             self._timer.cancel()
         while self._reply:
-            self._drop_reply(next(iter(self._reply)))
+            self._drop_reply(next(iter(self._reply)), drain=False)
 
     def _on_query(self, sock: socket.socket | None = None, bound: tuple | None = None) -> None:
         """Queries from the tproxy listener, or from a reply socket bound to ``bound``."""
@@ -151,7 +151,7 @@ class DnsRelay:
             self._drop_reply(next(iter(self._reply)))
         return out
 
-    def _drop_reply(self, server: tuple) -> None:
+    def _drop_reply(self, server: tuple, drain: bool = True) -> None:
         out = self._reply.pop(server, None)
         if out is None:
             return
@@ -159,6 +159,8 @@ class DnsRelay:
             self.proxy.loop.remove_reader(out.fileno())
         except (ValueError, OSError):
             pass
+        if drain:
+            self._on_query(out, server)  # queries already queued on it are relayed, not lost
         out.close()
 
     def _relay(self, query: bytes, client: tuple, server: tuple) -> None:
