@@ -112,46 +112,73 @@ def redact_str(s: str) -> str:
     to ``MAX_FIELD``.  The pre-cut leaves ``_CUT_SLACK`` characters past the final cut, more
     than the last four digits of any run can span, so a run the pre-cut splits still shows at
     most its first six digits before ``MAX_FIELD``."""
+    if len(s) < MIN_DIGITS:
+        return s
     if len(s) > MAX_FIELD + _CUT_SLACK:
         s = s[:MAX_FIELD + _CUT_SLACK]
     return bound(mask_text(s))
 
 
 Scanner = Callable[[list[str]], list[str]]
+# strings worth a DLP look: a digit somewhere, or long enough for a key/token/e-mail address
+_DLP_WORTHY = re.compile(r"[0-9]|[^\s]{16}")
+
+
+def _worthy(s: str) -> bool:
+    return len(s) >= 8 and not (s.isascii() and _TS.fullmatch(s)) and _DLP_WORTHY.search(s) is not None
 
 
 def redact_value(v: Any, key: str = "", depth: int = 0, found: list | None = None) -> Any:
     """A copy of ``v`` with every string, key and large integer redacted and every size bounded.
-    ``found`` collects ``(container, key)`` of every string value (for a DLP pass)."""
-    if isinstance(v, str):
+    ``found`` collects ``(container, key)`` of the string values worth a DLP pass."""
+    t = type(v)
+    if t is str:
         return redact_str(v)
-    if isinstance(v, bool) or v is None or isinstance(v, float):
+    if v is None or t is bool or t is float:
         return v
-    if isinstance(v, int):
-        if abs(v) >= INT_LIMIT and key not in _INT_KEYS:
+    if t is int:
+        if (v >= INT_LIMIT or v <= -INT_LIMIT) and key not in _INT_KEYS:
             return mask_text(str(v))
         return v
     if depth >= MAX_DEPTH:
         return TRUNCATED
-    if isinstance(v, dict):
+    if t is dict:
         out: dict[str, Any] = {}
-        for i, (k, item) in enumerate(v.items()):
-            if i >= MAX_ITEMS:
+        n = 0
+        for k, item in v.items():
+            n += 1
+            if n > MAX_ITEMS:
                 out["_truncated"] = len(v) - MAX_ITEMS
                 break
-            ks = redact_str(k if isinstance(k, str) else str(k))
-            out[ks] = redact_value(item, ks, depth + 1, found)
-            if found is not None and isinstance(out[ks], str) and len(out[ks]) >= 8:
-                found.append((out, ks))
+            # the common cases inline (this runs for every field of every event)
+            ks = k if type(k) is str and len(k) < MIN_DIGITS else redact_str(str(k))
+            ti = type(item)
+            if ti is str:
+                r = out[ks] = item if len(item) < MIN_DIGITS else redact_str(item)
+                if found is not None and len(r) >= 8 and _worthy(r):
+                    found.append((out, ks))
+            elif item is None or ti is bool or ti is float or (
+                    ti is int and (-INT_LIMIT < item < INT_LIMIT or ks in _INT_KEYS)):
+                out[ks] = item
+            else:
+                out[ks] = redact_value(item, ks, depth + 1, found)
         return out
     if isinstance(v, list | tuple | set | frozenset):
         items = list(v)
         res = [redact_value(x, key, depth + 1, found) for x in items[:MAX_ITEMS]]
         if found is not None:
-            found.extend((res, i) for i, x in enumerate(res) if isinstance(x, str) and len(x) >= 8)
+            found.extend((res, i) for i, x in enumerate(res) if type(x) is str and _worthy(x))
         if len(items) > MAX_ITEMS:
             res.append(TRUNCATED)
         return res
+    if isinstance(v, str):  # a str subclass
+        return redact_str(str(v))
+    if isinstance(v, bool | float):
+        return v
+    if isinstance(v, int):
+        return redact_value(int(v), key, depth, found)
+    if isinstance(v, dict):
+        return redact_value(dict(v), key, depth, found)
     if isinstance(v, bytes | bytearray | memoryview):
         return redact_str(bytes(v).decode("utf-8", "backslashreplace"))
     return redact_str(str(v))
@@ -159,8 +186,9 @@ def redact_value(v: Any, key: str = "", depth: int = 0, found: list | None = Non
 
 def redact_event(event: dict[str, Any], scanner: Scanner | None = None) -> dict[str, Any]:
     """The event as it may leave the sidecar (a new dict; ``event`` is not changed).
-    With ``scanner`` (``dlp_scanner(engine)``) every string value is also passed through the
-    DLP engine, all of one event in one scan."""
+    With ``scanner`` (``dlp_scanner(engine)``) the string values that could hold a value
+    (a digit, or 16 characters without a space) are also passed through the DLP engine, all
+    of one event in one scan."""
     found: list | None = [] if scanner is not None else None
     out = redact_value(event, found=found)
     if scanner is not None and found:
