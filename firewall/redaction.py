@@ -120,8 +120,9 @@ def redact_str(s: str) -> str:
 
 
 Scanner = Callable[[list[str]], list[str]]
-# strings worth a DLP look: a digit somewhere, or long enough for a key/token/e-mail address
-_DLP_WORTHY = re.compile(r"[0-9]|[^\s]{16}")
+# strings worth a DLP look: a digit or an @ somewhere, or 16 characters without a blank (every
+# detector of the shipped packs needs one: numbers, e-mail, keys and tokens of 16+ characters)
+_DLP_WORTHY = re.compile(r"[0-9@]|[^\s]{16}")
 
 
 def _worthy(s: str) -> bool:
