@@ -188,7 +188,7 @@ def redact_value(v: Any, key: str = "", depth: int = 0, found: list | None = Non
 def redact_event(event: dict[str, Any], scanner: Scanner | None = None) -> dict[str, Any]:
     """The event as it may leave the sidecar (a new dict; ``event`` is not changed).
     With ``scanner`` (``dlp_scanner(engine)``) the string values that could hold a value
-    (a digit, or 16 characters without a space) are also passed through the DLP engine, all
+    (a digit, an @, or 16 characters without a blank) are also passed through the DLP engine, all
     of one event in one scan."""
     found: list | None = [] if scanner is not None else None
     out = redact_value(event, found=found)
