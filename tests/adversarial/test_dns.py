@@ -649,3 +649,23 @@ def test_relay_answers_hundreds_of_concurrent_queries_from_several_clients(lab):
         results.append(json.loads(out.decode().strip().splitlines()[-1]))
     assert sum(r["lost"] for r in results) == 0, results
     assert sum(r["ok"] for r in results) == clients * total, results
+
+
+@pytest.mark.netns
+def test_relay_with_two_workers_answers_every_query(tmp_path):
+    """Each worker keeps its own reply socket bound to the resolver's address (SO_REUSEADDR):
+    a query reaching either worker's socket is relayed, none is lost."""
+    from tests.integration import peers
+
+    c = Cluster("dw", 209)
+    try:
+        app, dns = c.pod("app"), c.pod("dns")
+        peers.dnsmasq(dns, Path(c.tmp) / "dnsmasq", {GOOD_NAME: ["10.9.9.9"]})
+        app.start_sidecar("--workers", "2")
+        script = tmp_path / "burst.py"
+        script.write_text(BURST)
+        procs = [app.popen([PY, str(script), dns.ip, "120", str(REPO), f"w{k}", "30"]) for k in range(4)]
+        results = [json.loads(p.communicate(timeout=120)[0].decode().strip().splitlines()[-1]) for p in procs]
+        assert sum(r["lost"] for r in results) == 0 and sum(r["ok"] for r in results) == 480, results
+    finally:
+        c.close()
