@@ -62,8 +62,10 @@ declare_fields(("http2", "grpc"), "request", ("method", "authority", "path", "sc
                                               "stream_id", "content_encoding", "end_stream"))
 declare_fields(("http2", "grpc"), "response", ("status", "grpc_status", "grpc_message", "content_type",
                                                "stream_id", "trailers", "end_stream"))
-declare_fields("dns", ("query"), ("id", "qname", "qtype", "opcode", "rcode", "answers", "response"))
-declare_fields("dns", ("answer"), ("id", "qname", "qtype", "opcode", "rcode", "answers", "response"))
+declare_fields("dns", ("query"), ("id", "qname", "qtype", "opcode", "rcode", "answers", "response",
+                                   "qdcount", "ancount", "nscount", "arcount"))
+declare_fields("dns", ("answer"), ("id", "qname", "qtype", "opcode", "rcode", "answers", "response",
+                                    "qdcount", "ancount", "nscount", "arcount"))
 
 
 @dataclass(frozen=True, slots=True)
