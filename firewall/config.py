@@ -76,6 +76,12 @@ class Config:
     host_ip: str | None = None
     probe_ports: list[int] = field(default_factory=list)
     reload_interval: float = 2.0
+    # FQDN cache (fqdn egress peers): TTL clamp and bounds (firewall/fqdn.py)
+    fqdn_min_ttl: int = 60
+    fqdn_max_ttl: int = 3600
+    fqdn_max_entries: int = 65536
+    fqdn_max_per_name: int = 64
+    fqdn_resolvers: list[str] = field(default_factory=list)  # empty: any port-53 server policy allows
     # inspection
     l7: bool = True
     l7_events: bool = False
@@ -109,7 +115,8 @@ class Config:
         for name in ("workers", "read_buffer_limit", "max_connections", "max_connections_per_peer",
                      "pcap_max_concurrent", "pcap_disk_budget", "admin_max_connections",
                      "admin_max_per_source", "admin_max_request_line", "admin_max_headers",
-                     "admin_max_request_bytes", "webhook_queue_size", "webhook_queue_bytes"):
+                     "admin_max_request_bytes", "webhook_queue_size", "webhook_queue_bytes",
+                     "fqdn_min_ttl", "fqdn_max_ttl", "fqdn_max_entries", "fqdn_max_per_name"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{where}: {name}: expected an integer >= 1, got {v!r}")
@@ -129,6 +136,11 @@ class Config:
                 ipaddress.ip_network(str(item), strict=False)
             except ValueError:
                 raise ConfigError(f"{where}: admin_allow: expected CIDRs or 'node', got {item!r}") from None
+        for r in self.fqdn_resolvers:
+            try:
+                ipaddress.ip_network(str(r), strict=False)
+            except ValueError:
+                raise ConfigError(f"{where}: fqdn_resolvers: not an address or CIDR: {r!r}") from None
         for p in self.probe_ports:
             if not isinstance(p, int) or not 1 <= p <= 65535:
                 raise ConfigError(f"{where}: probe_ports: bad port {p!r}")

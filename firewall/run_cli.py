@@ -180,7 +180,10 @@ class Sidecar:
         try:
             from firewall.fqdn import FqdnCache
 
-            self.fqdn = FqdnCache()
+            c = self.cfg
+            self.fqdn = FqdnCache(max_entries=c.fqdn_max_entries, min_ttl=c.fqdn_min_ttl,
+                                  max_ttl=c.fqdn_max_ttl, max_per_name=c.fqdn_max_per_name)
+            self.fqdn.set_resolvers(c.fqdn_resolvers)
         except ImportError:
             self.fqdn = None
         if self.cfg.podinfo:
@@ -209,6 +212,7 @@ class Sidecar:
             self.identities = self.kube
         self.identity_digest = _files_digest([self.cfg.identity] if self.cfg.identity else [])
         self.dlp = self.load_dlp()
+        self.sink.set_scanner(self.dlp)  # event redaction also masks what the DLP packs find
         self._dlp_digest = _files_digest(self.cfg.dlp_rules) if self.cfg.dlp_rules else ""
         self.sink.emit({"event_type": "policy", "policy": {
             "action": "loaded", "files": self.cfg.policy,
@@ -444,6 +448,9 @@ def _cmd(args: argparse.Namespace) -> int:
     raise_file_caps()  # before any thread: the image's file capabilities are permitted-only
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s palisade %(levelname)s %(message)s")
+    from firewall.events import redact_logs
+
+    redact_logs()  # log lines get the events' card masking
     try:
         cfg = _apply_flags(load_config(args.config), args)
     except ConfigError as exc:
