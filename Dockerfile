@@ -46,7 +46,8 @@ RUN set -eu; python3 -m venv --copies /opt/palisade/venv; \
 COPY pyproject.toml README.md /tmp/src/
 COPY firewall /tmp/src/firewall
 COPY injector /tmp/src/injector
-RUN pip install --no-deps --no-build-isolation /tmp/src && rm -rf /tmp/src /root/.cache
+RUN pip install --no-deps --no-build-isolation /tmp/src && rm -rf /tmp/src /root/.cache \
+ && python -m pip uninstall -q -y setuptools pip  # build tools: nothing at run time needs them
 COPY dlp_rules /usr/share/palisade/dlp_rules
 
 # Kubernetes gives a non-root container no ambient capabilities: the sidecar (UID 1337) gets
