@@ -22,12 +22,16 @@ PODMAN_REASON = "podman not installed (scripts/install.sh installs it; CI runs t
 
 # nginx from Debian on the same local base as the product image (no registry): answers every
 # method on 8080 with "web ok" so a blocked request is told apart from the app's own answer.
+# (apt-get reaches the Debian mirror once; podman's layer cache keeps the result.)
 WEB_CONTAINERFILE = """\
 FROM {base}
 RUN apt-get update && apt-get install -y --no-install-recommends nginx-light \\
  && rm -rf /var/lib/apt/lists/* /etc/nginx/sites-enabled/*
 RUN printf 'server {{ listen 8080; location / {{ return 200 "web ok\\\\n"; }} }}\\n' \\
       > /etc/nginx/conf.d/web.conf && nginx -t
+# SIGQUIT is nginx's graceful stop (finish in-flight requests); containerd and podman both send the
+# image's STOPSIGNAL on pod termination.
+STOPSIGNAL SIGQUIT
 CMD ["nginx", "-g", "daemon off;"]
 """
 

@@ -10,6 +10,7 @@ bridge; no traffic leaves the machine.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -207,16 +208,51 @@ def test_sidecar_killed_fails_closed_and_restart_restores(runners, image, web_im
                interval=0.3, what="traffic restored after the restart")
 
 
+SLOW_CLIENT = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], 8080), timeout=30)
+s.sendall(b"POST /slow HTTP/1.1\\r\\nHost: web\\r\\nContent-Length: 4\\r\\nConnection: close\\r\\n\\r\\nab")
+print("sent", flush=True)
+sys.stdin.readline()
+s.sendall(b"cd")
+data = b""
+while True:
+    b = s.recv(65536)
+    if not b:
+        break
+    data += b
+print(data.decode(errors="replace"), flush=True)
+"""
+
+
 def test_pod_stop_sends_sigterm_and_the_sidecar_drains(runners, image, web_image):
+    """A request in flight when the pod is stopped completes: the sidecar gets SIGTERM, stops
+    accepting, and relays the open flow to its end (nginx stops gracefully too), then exits 0."""
+    import sys
+    import threading
+
     runner = start(runners, image, web_pod())
+    client = runners.pod("client", NAMESPACE)
     side = runner.container("palisade")
-    r = runner.stop_pod()
-    assert r.returncode == 0, r.stderr
+    slow = client.popen([sys.executable, "-c", SLOW_CLIENT, runner.net.ip], stdin=subprocess.PIPE, text=True)
+    assert slow.stdout.readline().strip() == "sent"
+    wait_event(runner, lambda e: e.get("event_type") == "flow" and e.get("src_ip") == runners.node.ip,
+               "probes flowing")  # the flow table is live
+    stopped: list = []
+    stopper = threading.Thread(target=lambda: stopped.append(runner.stop_pod()))
+    stopper.start()
+    wait_until(lambda: "draining" in runner.logs("palisade"), 15, interval=0.1, what="SIGTERM reached the sidecar")
+    slow.stdin.write("go\n")
+    slow.stdin.flush()
+    out, _ = slow.communicate(timeout=30)
+    stopper.join(60)
+    assert "200 OK" in out and "web ok" in out, out
+    assert stopped and stopped[0].returncode == 0, stopped
     state = runner.state(side)
     assert state["ExitCode"] == 0, state  # exited on its own after SIGTERM (SIGKILL would be 137)
-    logs = runner.logs("palisade")
-    assert "draining" in logs, logs[-2000:]
-    assert any(e.get("event_type") == "shutdown" for e in sidecar_events(runner)), logs[-2000:]
+    shutdown = [e for e in sidecar_events(runner) if e.get("event_type") == "shutdown"]
+    assert shutdown and shutdown[0]["shutdown"]["flows_cut"] == 0, shutdown
+    assert re.search(r"draining [1-9]\d* open flows", runner.logs("palisade")), runner.logs("palisade")[-2000:]
 
 
 def test_pcap_started_by_annotation_change_is_readable_with_tcpdump(runners, image, web_image):
