@@ -299,3 +299,14 @@ def test_non_native_sidecar_post_start_hook_holds_the_app_until_ready(runners, i
     assert r.stdout.splitlines()[-1] == "200", r
     wait_event(runner, lambda e: e.get("event_type") == "flow" and e.get("src_ip") == client.ip,
                "the client's flow through the sidecar")
+
+
+def test_run_as_non_root_is_checked_against_the_image_user(runners, image, web_image):
+    """The kubelet refuses runAsNonRoot for an image that runs as root; so does the runner (the
+    sidecar's own runAsNonRoot passes because the image's user is 1337 and the spec says so)."""
+    from tests.runtime.podrunner import PodFailed
+
+    pod = web_pod()
+    pod["spec"]["containers"][0]["securityContext"] = {"runAsNonRoot": True}
+    with pytest.raises(PodFailed, match="runAsNonRoot"):
+        start(runners, image, pod)
