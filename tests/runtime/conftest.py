@@ -79,3 +79,4 @@ def rt_cluster(request):
     c.node = c.pod("node")  # the kubelet's address: probes come from here, HOST_IP points here
     yield c
     c.close()
+    shutil.rmtree(c.tmp, ignore_errors=True)
