@@ -399,24 +399,25 @@ class PodRunner:
                 return int(decl["containerPort"])
         raise Unsupported(f"container {ct.spec['name']}: probe port {port!r} not declared")
 
-    def _wait_probe(self, ct: Container, kind: str, deadline_s: float | None = None) -> None:
+    def _wait_probe(self, ct: Container, kind: str) -> None:
+        """Until the probe passes. A startupProbe fails the pod after failureThreshold x period, as
+        the kubelet would restart it; readiness is waited for at least 30 s (an unready pod is
+        not failed by the kubelet, but a test cannot use it). Polled faster than periodSeconds
+        so a test does not wait a kubelet period for a container that is already up."""
         p = ct.spec[kind]
         period = float(p.get("periodSeconds", 10))
-        failures = int(p.get("failureThreshold", 3))
         time.sleep(float(p.get("initialDelaySeconds", 0)))
-        failed = 0
+        budget = int(p.get("failureThreshold", 3)) * period
+        deadline = time.monotonic() + (budget if kind == "startupProbe" else max(budget, 30.0))
         while True:
             if self.state(ct).get("Status") != "running":
                 raise PodFailed(f"container {ct.spec['name']} exited before its {kind} passed:\n"
                                 f"{self.logs(ct.spec['name'])[-3000:]}")
             if self._probe(ct, p):
                 return
-            failed += 1
-            if failed >= failures:
-                raise PodFailed(f"container {ct.spec['name']}: {kind} failed {failed} times:\n"
-                                f"{self.logs(ct.spec['name'])[-3000:]}")
-            # Probes here poll faster than periodSeconds (the threshold still counts failures)
-            # so a test does not wait a kubelet period for a container that is already up.
+            if time.monotonic() > deadline:
+                raise PodFailed(f"container {ct.spec['name']}: {kind} still failing after "
+                                f"{budget:.0f}s:\n{self.logs(ct.spec['name'])[-3000:]}")
             time.sleep(min(period, 0.5))
 
     # ------------------------------------------------------------------ lifecycle
