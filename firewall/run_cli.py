@@ -59,19 +59,16 @@ def _apply_flags(cfg: Config, args: argparse.Namespace) -> Config:
 
 
 def _with_yaml(paths: list[str]) -> list[str]:
-    """The paths that hold something to load: files, and directories with a visible *.yaml/*.yml.
+    """The paths that hold something to load: files, and directories with policy/rule files.
 
     The injector mounts the ``palisade-policy`` and ``palisade-dlp-rules`` ConfigMaps as optional
     volumes; when a namespace has neither, the kubelet mounts an empty directory. That means
-    "not configured" (learn mode, built-in DLP packs), not "an empty policy set" (docs/injector.md).
+    "not configured" (learn mode, built-in DLP packs), not "an empty policy set" (docs/platform.md).
+    A directory counts when the policy loader would read a file from it (same rule for DLP packs).
     """
-    out = []
-    for p in paths:
-        if not os.path.isdir(p):
-            out.append(p)
-        elif any(n.endswith((".yaml", ".yml")) and not n.startswith(".") for n in os.listdir(p)):
-            out.append(p)
-    return out
+    from firewall.policy_loader import expand_paths
+
+    return [p for p in paths if not os.path.isdir(p) or expand_paths([p])]
 
 
 def _files_digest(paths: list[str]) -> str:

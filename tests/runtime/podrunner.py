@@ -272,6 +272,15 @@ class PodRunner:
             if "downwardAPI" in v:
                 write_podinfo_files(str(host), self._downward_files(v["downwardAPI"]))
 
+    def set_config_map(self, name: str, origin: Path) -> None:
+        """Like creating or updating the ConfigMap ``name``: the kubelet rewrites its volumes."""
+        self.volumes_from[name] = Path(origin)
+        files = {p.name: p.read_text() for p in sorted(Path(origin).iterdir()) if p.is_file()}
+        for host, v in self.mounts.values():
+            src = v.get("configMap") or {}
+            if src.get("name") == name:
+                write_podinfo_files(str(host), files)
+
     def volume_path(self, name: str) -> Path:
         return self.mounts[name][0]
 

@@ -310,3 +310,20 @@ def test_run_as_non_root_is_checked_against_the_image_user(runners, image, web_i
     pod["spec"]["containers"][0]["securityContext"] = {"runAsNonRoot": True}
     with pytest.raises(PodFailed, match="runAsNonRoot"):
         start(runners, image, pod)
+
+
+def test_policy_configmap_created_later_takes_effect_without_a_restart(runners, image, web_image, tmp_path):
+    """Learn mode while the namespace has no policy; the kubelet fills the optional volume when
+    the ConfigMap is created, and the sidecar switches to the policy (protect) on its own."""
+    client = runners.pod("client", NAMESPACE)
+    other = runners.pod("other", NAMESPACE)
+    runner = start(runners, image, web_pod("out-of-scope"))
+    url = f"http://{runner.net.ip}:8080/x"
+    assert curl(other, url).stdout.splitlines()[-1] == "200"  # learn: everything flows
+    runner.set_config_map("palisade-policy", _policy_dir(tmp_path, client.ip))
+    wait_event(runner, lambda e: e.get("event_type") == "policy"
+               and e["policy"].get("action") == "reloaded", "the policy reload", timeout=20)
+    wait_until(lambda: curl(other, url, timeout=2).stdout.splitlines()[-1] != "200", 10, interval=0.3,
+               what="the other pod denied after the reload")
+    assert curl(client, url).stdout.splitlines()[-1] == "200"
+    assert runner.container("palisade").restarts == 0
