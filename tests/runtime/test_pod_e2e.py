@@ -327,3 +327,17 @@ def test_policy_configmap_created_later_takes_effect_without_a_restart(runners, 
                what="the other pod denied after the reload")
     assert curl(client, url).stdout.splitlines()[-1] == "200"
     assert runner.container("palisade").restarts == 0
+
+
+def test_quarantine_annotation_cuts_the_pod_off_and_lifting_it_restores(runners, image, web_image):
+    runner = start(runners, image, web_pod())
+    client = runners.pod("client", NAMESPACE)
+    url = f"http://{runner.net.ip}:8080/x"
+    assert curl(client, url).stdout.splitlines()[-1] == "200"
+    plain = dict(runner.meta.get("annotations") or {})
+    runner.set_annotations({**plain, "palisade.dev/quarantine": "true"})
+    wait_until(lambda: curl(client, url, timeout=2).stdout.splitlines()[-1] != "200", 15, interval=0.3,
+               what="the quarantined pod refusing the client")
+    runner.set_annotations(plain)
+    wait_until(lambda: curl(client, url, timeout=2).stdout.splitlines()[-1] == "200", 15, interval=0.3,
+               what="service restored after the quarantine is lifted")
