@@ -20,6 +20,7 @@ from typing import Any
 
 import hpack
 
+from firewall.http_canon import CanonError, canonical_target
 from firewall.protocols.base import TOCLIENT, TOSERVER, L7Event, ParseError, Probe
 from firewall.protocols.http import _summary_path
 from firewall.protocols.stream import DirState, StreamParser
@@ -178,11 +179,23 @@ class Http2Parser(StreamParser):
             return
         h: dict[str, str] = {}
         for name, value in headers:
-            h.setdefault(str(name).lower(), str(value))
+            key = str(name).lower()
+            if d == TOSERVER and key in h and key in (":path", ":method", ":authority", ":scheme", "host"):
+                raise ParseError("ambiguous:duplicate-" + key.lstrip(":"))
+            h.setdefault(key, str(value))
         stream = self._streams.setdefault(sid, {})
         if d == TOSERVER:
             if "request" in stream:
                 return  # request trailers
+            raw_path = h.get(":path")
+            if raw_path is not None and h.get(":method") != "CONNECT" and raw_path != "*":
+                try:
+                    h[":path"] = canonical_target(raw_path).target
+                except CanonError as exc:
+                    raise ParseError(f"normalise:{exc}") from None
+            auth, host = h.get(":authority"), h.get("host")
+            if auth and host and auth.lower() != host.lower():
+                raise ParseError("ambiguous:host-mismatch")
             ctype = h.get("content-type")
             proto = GRPC if ctype and ctype.startswith("application/grpc") else APP_PROTO
             if proto == GRPC:

@@ -174,10 +174,15 @@ def test_declined_upgrade_keeps_parsing_the_requests_that_follow():
 
 
 def test_absolute_form_and_content_encoding():
-    data = b"POST http://api.example:8080/v1/x?y=1 HTTP/1.1\r\nHost: ignored\r\nContent-Encoding: gzip\r\nContent-Length: 0\r\n\r\n"
+    data = (b"POST http://api.example:8080/v1/x?y=1 HTTP/1.1\r\nHost: API.example:8080\r\n"
+            b"Content-Encoding: gzip\r\nContent-Length: 0\r\n\r\n")
     (ev,), _ = run("http", [(TOSERVER, data)])
     assert ev.fields["host"] == "api.example:8080" and ev.fields["path"] == "/v1/x?y=1"
     assert ev.fields["content_encoding"] == "gzip"
+    # a Host header that names another server than the absolute-form target: ambiguous
+    # (the old parser silently preferred the target; servers differ), refused
+    (ev,), _ = run("http", [(TOSERVER, data.replace(b"API.example:8080", b"ignored"))])
+    assert ev.kind == "anomaly" and ev.anomaly == "ambiguous:host-mismatch"
 
 
 def test_bad_lines_are_anomalies_not_exceptions():
