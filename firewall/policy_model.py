@@ -870,7 +870,7 @@ _SPECS: dict[type, _Spec] = {
         _Field("ingress", "ingress", _List(_Rec(IngressRule)), factory=list),
         _Field("egress", "egress", _List(_Rec(EgressRule)), factory=list),
         _Field("dlp", "dlp", _List(_Rec(DlpRule)), factory=list),
-        _Field("on_inspection_error", "onInspectionError", _o(_Lit(("allow", "deny"))), None),
+        _Field("on_inspection_error", "onInspectionError", _o(_Lit(("deny", "allow"))), None),
     ], check_spec_names),
     ClusterFirewallPolicySpec: _spec([
         _Field("mode", "mode", _MODE, "protect"),
