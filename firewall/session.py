@@ -494,10 +494,10 @@ class Session:
         tail = self._tail[d]
         window = tail + buf[-64:] if len(buf) < 64 else buf[-64:]
         base = start + len(buf) - len(window)
-        m = _CARD_TAIL.search(window) or _IBAN_TAIL.search(window)
-        if m is None:
+        starts = [m.start() for m in (_CARD_TAIL.search(window), _IBAN_TAIL.search(window)) if m is not None]
+        if not starts:
             return None
-        return max(start, base + m.start())
+        return max(start, base + min(starts))
 
     def _identify(self, d: int, data: bytes) -> Stop | None:
         self._ident_buf[d].append(data)

@@ -148,6 +148,8 @@ def _request_facts(text: str) -> tuple:
     if text.count("\n") != text.count("\r\n"):
         raise ParseError("ambiguous:bare-lf")
     (method, target, version), h = _parse_head(text, True)
+    if version not in ("HTTP/1.1", "HTTP/1.0"):
+        raise ParseError("bad-version")
     hosts = h.get("host")
     host = None
     if hosts:
