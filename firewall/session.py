@@ -457,6 +457,13 @@ class Session:
                 # an incomplete message head when the sender closes: a server may still act on
                 # it (HTTP/0.9-style "GET /admin" + FIN), so it is never forwarded unchecked
                 stop = self._inspection_error(Stage.PARSE, "incomplete-head-at-eof", d, head)
+        if stop is None and self._digit_hold and self._pending[d]:
+            pend = self._pending[d]
+            if self._digit_run_hold(d, pend, self._sent[d]) is not None:
+                # a card / IBAN prefix held back when the sender stopped one digit short and
+                # closed: releasing it now would hand over all but the check digit
+                stop = self._inspection_error(Stage.SCAN, "card-prefix-at-eof", d, self._sent[d],
+                                              stop_reason="dlp-block:card-prefix-at-eof")
         if stop is not None:
             self._stopped = stop
             return b"", stop

@@ -574,7 +574,14 @@ def test_held_digit_run_is_released_when_it_ends_without_a_card(insp):
     assert s2.open()
     out, _ = s2.feed(TOSERVER, b"\x00\x01id 5555555555554")
     out, stop = s2.eof(TOSERVER)
-    assert stop is None and out == b"5555555555554"  # flow end: scanned in full, then released
+    # the sender closed one digit short of a possible card: the prefix is never released
+    assert stop is not None and out == b""
+    s3 = Session(insp, "outbound", ("10.0.0.2", 5002), ("10.0.0.4", 9100))
+    assert s3.open()
+    out, _ = s3.feed(TOSERVER, b"\x00\x01id 5555555555554;")
+    assert out.endswith(b";")
+    out, stop = s3.eof(TOSERVER)
+    assert stop is None
 
 
 def test_dlp_scanner_exception_refuses_where_dlp_blocks(insp, monkeypatch):
