@@ -16,6 +16,7 @@ response stream), reported as a ``response`` event with ``trailers=True``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import hpack
@@ -76,6 +77,9 @@ class Http2Parser(StreamParser):
         for dec in self._decoders:
             dec.max_header_list_size = max_head
         self._preface_done = False
+        # a header block that fails to decode (HPACK error, ambiguous or uncanonical request) is
+        # reported at its first frame, so the session cuts the stream before it, not after it
+        self._failed_at: int | None = None
         # pending header block per direction: [stream_id, start, fragments, end_stream, is_push]
         self._block: list[list[Any] | None] = [None, None]
         self._streams: dict[int, dict[str, Any]] = {}
@@ -124,12 +128,16 @@ class Http2Parser(StreamParser):
                     raise ParseError("oversized-header")
                 if flags & _END_HEADERS:
                     self._block[d] = None
+                    self._failed_at = block[1]
                     self._complete(st, block, out)
+                    self._failed_at = None
             else:
                 fragment = self._fragment(ftype, flags, payload)
                 block = [sid, start, [fragment], bool(flags & _END_STREAM), ftype == _PUSH_PROMISE]
                 if flags & _END_HEADERS:
+                    self._failed_at = start
                     self._complete(st, block, out)
+                    self._failed_at = None
                 else:
                     self._block[d] = block
         if d == TOSERVER:
@@ -140,6 +148,13 @@ class Http2Parser(StreamParser):
                 st.hold = st.pos
             else:
                 st.hold = None
+
+    def _anomaly(self, st: DirState, name: str, **fields: Any) -> L7Event:
+        ev = super()._anomaly(st, name, **fields)
+        if self._failed_at is not None:
+            ev = dataclasses.replace(ev, offset=self._failed_at)
+            self._failed_at = None
+        return ev
 
     @staticmethod
     def _fragment(ftype: int, flags: int, payload: bytes) -> bytes:
