@@ -44,6 +44,16 @@ spec:
         - methods: [GET, POST]
           pathPrefix: /v1/charge
       action: allow
+    - name: checkout-via-proxy
+      from:
+        - namespace: shop
+          labels: {app: checkout}
+      ports: [{port: 9003}]
+      http:
+        - methods: [CONNECT]
+        - methods: [GET, POST]
+          pathPrefix: /v1/charge
+      action: allow
   egress:
     - name: payments-to-analytics
       to:
@@ -109,6 +119,53 @@ s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("0.0.0.0", port)); s.listen(128)
 while True:
     c, peer = s.accept(); threading.Thread(target=handle, args=(c, peer), daemon=True).start()
+"""
+
+# A forward proxy on 9003: CONNECT 127.0.0.1:<port> -> 200 and a relay to nginx on loopback;
+# a request with an Upgrade header -> 101 and an echo of whatever follows.
+PROXY = r"""
+import socket, threading
+def pipe(a, b):
+    try:
+        while True:
+            d = a.recv(65536)
+            if not d:
+                break
+            b.sendall(d)
+    except OSError:
+        pass
+    for x in (a, b):
+        try:
+            x.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+def handle(c):
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        d = c.recv(65536)
+        if not d:
+            c.close(); return
+        buf += d
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    line = head.split(b"\r\n")[0].split(b" ")
+    if line[0] == b"CONNECT":
+        port = int(line[1].rsplit(b":", 1)[1])
+        u = socket.create_connection(("127.0.0.1", port))
+        c.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        if rest:
+            u.sendall(rest)
+        threading.Thread(target=pipe, args=(u, c), daemon=True).start()
+        pipe(c, u)
+    elif b"upgrade:" in head.lower():
+        c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n" + rest)
+        pipe(c, c)
+    else:
+        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+    c.close()
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 9003)); s.listen(64)
+while True:
+    c, _ = s.accept(); threading.Thread(target=handle, args=(c,), daemon=True).start()
 """
 
 # Runs a batch of scripted connections: argv[1] = JSON file [{id, host, port, steps: [{hex,
@@ -186,6 +243,8 @@ class Env:
         self.payments.popen(["nginx", "-c", str(ng / "nginx.conf")])
         self.payments.wait_listening(9000)
         self.payments.wait_listening(9001)
+        self.payments.popen([PY, "-c", PROXY])
+        self.payments.wait_listening(9003)
         self.rec = self.tmp / "rec"
         self.rec.mkdir()
         os.chmod(self.rec, 0o777)
