@@ -326,18 +326,31 @@ class Session:
         if dec.error and not dec.chunked and not f.get("content_length"):
             return None  # no body: nothing to decode
         if dec.needed and (f.get("chunked") or f.get("content_length")) and f.get("head_end") is not None:
-            self._bodies.append([int(f["head_end"]), dec, self.insp.dlp.stream()])
+            # [next raw offset, decoder, DLP stream, raw offset held back (a card-shaped run at the
+            # end of the decoded view), the decoded view's last bytes]
+            self._bodies.append([int(f["head_end"]), dec, self.insp.dlp.stream(), None, b""])
         return None
 
     def _scan_bodies(self, data: bytes, base: int) -> Stop | None:
         end = base + len(data)
         for b in list(self._bodies):
-            pos, dec, stream = b
+            pos, dec, stream = b[0], b[1], b[2]
             if pos >= end:
                 continue
             rel = max(0, pos - base)
             out, used = dec.feed(data[rel:])
             b[0] = base + rel + used
+            if self._digit_hold and out:
+                # the decoded view ends in a card-shaped run: hold the raw (compressed, chunked)
+                # bytes from the chunk it began in, so a receiver decoding what it got cannot
+                # see the prefix either (the same hold-back as on the raw stream)
+                tail = (b[4] + out)[-64:]
+                b[4] = tail
+                if _CARD_TAIL.search(tail) or _IBAN_TAIL.search(tail):
+                    if b[3] is None:
+                        b[3] = base + rel
+                else:
+                    b[3] = None
             scan_error = None
             try:
                 findings = stream.scan(out) if out else []
@@ -399,6 +412,10 @@ class Session:
         hold_at = self._hold_offset(d)
         if self._digit_hold:
             digits = self._digit_run_hold(d, buf, start)
+            if d == TOSERVER:
+                for b in self._bodies:
+                    if b[3] is not None:
+                        digits = b[3] if digits is None else min(digits, b[3])
             if digits is not None:
                 hold_at = digits if hold_at is None else min(hold_at, digits)
         if hold_at is None:

@@ -686,3 +686,22 @@ def test_outbound_connect_target_is_evaluated_as_an_egress_destination(cinsp):
     ok = b"CONNECT 10.0.0.4:9100 HTTP/1.1\r\nHost: 10.0.0.4:9100\r\n\r\n"
     out, stop = s2.feed(TOSERVER, ok)
     assert stop is None and out == ok
+
+
+def test_compressed_body_paused_one_digit_short_releases_no_decodable_prefix(insp):
+    import zlib
+
+    z = zlib.compressobj(wbits=31)
+    head_body = b'{"card": "411111111111111'
+    first = z.compress(head_body) + z.flush(zlib.Z_SYNC_FLUSH)  # a receiver can decode this much
+    rest = z.compress(b'1"}') + z.flush()
+    total = len(first) + len(rest)
+    head = (b"POST /c HTTP/1.1\r\nHost: a\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % total)
+    s = Session(insp, "outbound", ("10.0.0.2", 5000), ("10.0.0.4", 9100))
+    assert s.open()
+    out, stop = s.feed(TOSERVER, head + first)
+    assert stop is None
+    got = zlib.decompressobj(wbits=31).decompress(out[len(head):]) if len(out) > len(head) else b""
+    assert b"411111111111" not in got, got
+    out, stop = s.feed(TOSERVER, rest)
+    assert stop is not None and stop.reason.startswith("dlp-block")
