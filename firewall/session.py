@@ -525,12 +525,24 @@ class Session:
 
     def _identify(self, d: int, data: bytes) -> Stop | None:
         self._ident_buf[d].append(data)
+        ident = self._ident
+        undecided = bool(getattr(ident, "_alive", None))  # some protocol still wanted more bytes
         try:
-            proto = self._ident.feed(data, d)
-        except Exception:  # noqa: BLE001 - an identifier bug must not kill the relay
+            proto = ident.feed(data, d)
+        except Exception as exc:  # noqa: BLE001 - an identifier bug must not kill the relay
             proto = "unknown"
+            stop = self._inspection_error(Stage.INTERNAL, f"identifier-error:{type(exc).__name__}", d,
+                                          self._sent[d])
+            if stop is not None:
+                return stop
         if proto is None:
             return None
+        if (proto == "unknown" and undecided
+                and sum(len(c) for c in self._ident_buf[d]) >= getattr(ident, "max_depth", 1 << 30)):
+            # a protocol was still possible when max depth ran out: undecided, not "unknown"
+            stop = self._inspection_error(Stage.IDENTIFY, "undecided-at-max-depth", d, self._sent[d])
+            if stop is not None:
+                return stop
         return self._decide_proto(proto)
 
     def _decide_proto(self, proto: str) -> Stop | None:

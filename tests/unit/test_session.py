@@ -705,3 +705,11 @@ def test_compressed_body_paused_one_digit_short_releases_no_decodable_prefix(ins
     assert b"411111111111" not in got, got
     out, stop = s.feed(TOSERVER, rest)
     assert stop is not None and stop.reason.startswith("dlp-block")
+
+
+def test_identification_undecided_at_max_depth_is_refused_on_a_governed_flow(insp):
+    s, _ = inbound(insp)
+    # a method token and an authority-form target whose line never ends: HTTP stays possible
+    out, stop = _feed_all(s, TOSERVER, b"GET " + b"x" * 4000, 512)
+    assert stop is not None and out == b""
+    assert [e["inspection"]["reason"] for e in _inspection_alerts(insp)] == ["undecided-at-max-depth"]
