@@ -526,7 +526,7 @@ class Session:
     def _identify(self, d: int, data: bytes) -> Stop | None:
         self._ident_buf[d].append(data)
         ident = self._ident
-        undecided = bool(getattr(ident, "_alive", None))  # some protocol still wanted more bytes
+        candidates = list(getattr(ident, "_alive", ()))  # the protocols still possible before these bytes
         try:
             proto = ident.feed(data, d)
         except Exception as exc:  # noqa: BLE001 - an identifier bug must not kill the relay
@@ -537,13 +537,33 @@ class Session:
                 return stop
         if proto is None:
             return None
-        if (proto == "unknown" and undecided
-                and sum(len(c) for c in self._ident_buf[d]) >= getattr(ident, "max_depth", 1 << 30)):
+        if proto == "unknown" and candidates and self._governed and self._undecided_at_depth(d, candidates):
             # a protocol was still possible when max depth ran out: undecided, not "unknown"
             stop = self._inspection_error(Stage.IDENTIFY, "undecided-at-max-depth", d, self._sent[d])
             if stop is not None:
                 return stop
         return self._decide_proto(proto)
+
+    def _undecided_at_depth(self, d: int, candidates: list) -> bool:
+        """Whether some protocol's probe still asked for more bytes when its depth ran out
+        (the identifier then rules it out silently: "unknown" would be a guess)."""
+        from firewall.protocols.base import Probe
+
+        limit = getattr(self._ident, "max_depth", 2048) if self._ident is not None else 2048
+        view = b"".join(self._ident_buf[d])[:limit]
+        for spec in candidates:
+            probe = spec.probe(d)
+            if probe is None:
+                continue
+            depth = min(spec.max_depth, limit)
+            if len(view) < depth:
+                continue
+            try:
+                if probe(view[:depth]) is Probe.NEED_MORE:
+                    return True
+            except Exception:  # noqa: BLE001 - a probe bug is the identifier's to report
+                continue
+        return False
 
     def _decide_proto(self, proto: str) -> Stop | None:
         self._ident = None

@@ -82,7 +82,7 @@ def probe_toserver(buf: bytes) -> Probe:
             return Probe.NEED_MORE
     eol = buf.find(b"\n", sp)
     if eol < 0:
-        return Probe.NEED_MORE if len(buf) < 2048 else Probe.NO_MATCH
+        return Probe.NEED_MORE  # the identifier's max depth bounds the wait
     return Probe.MATCH if _CONNECT_LINE.search(buf[:eol]) else Probe.NO_MATCH
 
 

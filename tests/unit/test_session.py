@@ -713,3 +713,14 @@ def test_identification_undecided_at_max_depth_is_refused_on_a_governed_flow(ins
     out, stop = _feed_all(s, TOSERVER, b"GET " + b"x" * 4000, 512)
     assert stop is not None and out == b""
     assert [e["inspection"]["reason"] for e in _inspection_alerts(insp)] == ["undecided-at-max-depth"]
+
+
+@pytest.mark.parametrize("first", [bytes(range(256)) * 64, b"\x00\x01" * 40000, b"A" * 100 + b"\x00" * 9000])
+def test_binary_bulk_is_unknown_not_undecided(insp, first):
+    """Random or binary first bytes rule every protocol out: 'unknown', no inspection failure
+    (the policy's answer for unknown applies)."""
+    s = Session(insp, "outbound", ("10.0.0.2", 5000), ("10.0.0.4", 9100))
+    assert s.open()
+    out, stop = s.feed(TOSERVER, first)
+    assert stop is None and out == first and s.app_proto == "unknown"
+    assert _inspection_alerts(insp) == []
