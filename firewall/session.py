@@ -726,7 +726,8 @@ class Session:
             status = "431 Request Header Fields Too Large"
         return self._inspection_error(stage, anomaly, ev.direction, ev.offset, status=status,
                                       category="protocol", signature=signature,
-                                      stop_reason=f"anomaly:{anomaly}")
+                                      stop_reason=f"anomaly:{anomaly}",
+                                      stream_id=int(ev.fields.get("stream_id") or 0))
 
     # ------------------------------------------------------------------ protocol switches
     def _enter_tunnel(self, d: int, data: bytes, base: int) -> Stop | None:
@@ -831,7 +832,8 @@ class Session:
     # ------------------------------------------------------------------ inspection failures
     def _inspection_error(self, stage: Stage, reason: str, d: int, offset: int | None = None, *,
                           status: str = "400 Bad Request", category: str = "inspection",
-                          signature: str | None = None, stop_reason: str | None = None) -> Stop | None:
+                          signature: str | None = None, stop_reason: str | None = None,
+                          stream_id: int = 0) -> Stop | None:
         """Ask the one exception policy (firewall/exception_policy.py) what a failed stage
         means for this flow; alert either way (stage, reason, action); refuse (HTTP 4xx where
         a request can still be answered, gRPC status for an HTTP/2 request at a frame
@@ -847,6 +849,12 @@ class Session:
         reply = None
         if self.app_proto == "http" and d == TOSERVER:
             reply = _bad_request(status, f"refused by palisade: {stage.value}: {reason}")
+        elif (self.app_proto in ("http2", "grpc") and d == TOSERVER and stream_id
+              and self._parser is not None and self._parser.at_boundary(TOCLIENT)):
+            # an HTTP/2 request we could not read: answer its stream (gRPC status / 403) at a
+            # frame boundary of the server's stream, else the flow is reset
+            reply = _h2_refusal(stream_id, self.app_proto == "grpc", f"inspection:{stage.value}:{reason}",
+                                with_settings=self._seen[TOCLIENT] == 0)
         return Stop(stop_reason or f"inspection-error:{stage.value}:{reason}", reply, cut=offset)
 
     # ------------------------------------------------------------------ outputs

@@ -80,6 +80,7 @@ class Http2Parser(StreamParser):
         # a header block that fails to decode (HPACK error, ambiguous or uncanonical request) is
         # reported at its first frame, so the session cuts the stream before it, not after it
         self._failed_at: int | None = None
+        self._failed_sid = 0
         # pending header block per direction: [stream_id, start, fragments, end_stream, is_push]
         self._block: list[list[Any] | None] = [None, None]
         self._streams: dict[int, dict[str, Any]] = {}
@@ -129,6 +130,7 @@ class Http2Parser(StreamParser):
                 if flags & _END_HEADERS:
                     self._block[d] = None
                     self._failed_at = block[1]
+                    self._failed_sid = sid
                     self._complete(st, block, out)
                     self._failed_at = None
             else:
@@ -136,6 +138,7 @@ class Http2Parser(StreamParser):
                 block = [sid, start, [fragment], bool(flags & _END_STREAM), ftype == _PUSH_PROMISE]
                 if flags & _END_HEADERS:
                     self._failed_at = start
+                    self._failed_sid = sid
                     self._complete(st, block, out)
                     self._failed_at = None
                 else:
@@ -152,7 +155,9 @@ class Http2Parser(StreamParser):
     def _anomaly(self, st: DirState, name: str, **fields: Any) -> L7Event:
         ev = super()._anomaly(st, name, **fields)
         if self._failed_at is not None:
-            ev = dataclasses.replace(ev, offset=self._failed_at)
+            # the stream whose request failed: the session may answer it (403 / gRPC status)
+            fields = {"stream_id": self._failed_sid} if st.direction == TOSERVER else {}
+            ev = dataclasses.replace(ev, offset=self._failed_at, fields=fields)
             self._failed_at = None
         return ev
 

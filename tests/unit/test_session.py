@@ -724,3 +724,24 @@ def test_binary_bulk_is_unknown_not_undecided(insp, first):
     out, stop = s.feed(TOSERVER, first)
     assert stop is None and out == first and s.app_proto == "unknown"
     assert _inspection_alerts(insp) == []
+
+
+def test_h2_request_with_an_uncanonical_path_is_answered_on_its_stream(tmp_path, engine):
+    import h2.config
+    import h2.connection
+
+    p = tmp_path / "g.yaml"
+    p.write_text(GRPC_POLICY.replace("appProto: grpc", "appProto: http2"))
+    insp = Inspection(policy=PolicySet.load([str(p)]), dlp=engine, identities=Peers(), local=LOCAL,
+                      emit=lambda e: None)
+    s = Session(insp, "inbound", ("10.0.0.3", 40000), ("10.0.0.2", 50051))
+    assert s.open()
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.send_headers(1, [(":method", "GET"), (":scheme", "http"), (":authority", "api"),
+                            (":path", "/quotes.Quotes/..%2F..%2Fadmin")], end_stream=True)
+    out, stop = s.feed(TOSERVER, client.data_to_send())
+    assert stop is not None and stop.reply and b"admin" not in out
+    got = {type(e).__name__: e for e in client.receive_data(stop.reply)}
+    headers = dict(got["ResponseReceived"].headers)
+    assert headers[b":status"] == b"403"
