@@ -242,8 +242,13 @@ class Session:
             if not insp.quarantined:
                 try:
                     self._dlp_actions = list(policy.dlp_for(self.flowinfo, mode_override=insp.mode_override))
-                except Exception:  # noqa: BLE001
+                except Exception as exc:  # noqa: BLE001 - which DLP rules apply is unknown: fail closed
                     self._dlp_actions = []
+                    self._governed = True  # a block rule may have applied
+                    stop = self._inspection_error(Stage.INTERNAL, f"dlp-policy:{type(exc).__name__}", TOSERVER)
+                    if stop is not None:
+                        self.close_reason = "inspection-error"
+                        return False
             # hold request heads until complete when a verdict depends on them: an L7/app rule,
             # or a DLP block (a percent-encoded value in the target is only seen decoded)
             blocks = insp.dlp is not None and any(a.action == "block" for a in self._dlp_actions)

@@ -745,3 +745,13 @@ def test_h2_request_with_an_uncanonical_path_is_answered_on_its_stream(tmp_path,
     got = {type(e).__name__: e for e in client.receive_data(stop.reply)}
     headers = dict(got["ResponseReceived"].headers)
     assert headers[b":status"] == b"403"
+
+
+def test_dlp_policy_lookup_failure_refuses_in_protect(insp, monkeypatch):
+    def boom(*a, **kw):
+        raise RuntimeError("policy bug")
+
+    monkeypatch.setattr(insp.policy, "dlp_for", boom)
+    s = Session(insp, "outbound", ("10.0.0.2", 5000), ("10.0.0.4", 9100))
+    assert s.open() is False and s.verdict == "deny"
+    assert [e["inspection"]["stage"] for e in _inspection_alerts(insp)] == ["internal"]
