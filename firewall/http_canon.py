@@ -41,7 +41,7 @@ _PCT = re.compile(r"%([0-9A-Fa-f]{2})")
 _BAD_PCT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 # what may appear raw in an origin-form path (RFC 3986 pchar + "/"), plus the characters
 # real clients send unescaped and every common server accepts
-_RAW_OK = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,=:@/%\"<>\[\]^`{|}]*\Z")
+_RAW_OK = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/%\"<>\[\]^`{|}]*\Z")
 
 
 class CanonError(ValueError):
