@@ -4,9 +4,14 @@ The sink is an :class:`firewall.events.EventSink` consumer: ``sink(event)`` is
 called on whatever thread emitted the event - often the proxy's event loop -
 so it must never wait for the network. It only filters by ``event_type``,
 appends a shallow copy to a bounded in-memory queue and wakes one background
-thread. When the queue is full the event is dropped and counted
-(``palisade_alert_webhook_dropped_total{reason="queue_full"}``): losing an
-alert copy is better than slowing traffic, and stdout still has every event.
+thread. The queue is bounded twice: by count (``queue_size``) and by the bytes
+of the queued events (``queue_bytes``; each event is stored JSON-encoded, so the
+bound is exact - a count bound alone let 10,000 alerts with 60 KB paths hold
+630 MiB behind a slow receiver). When either bound would be exceeded the event
+is dropped and counted (``palisade_alert_webhook_dropped_total{reason=
+"queue_full"}``, or ``"too_large"`` for one event bigger than the whole byte
+budget): losing an alert copy is better than slowing traffic or exhausting the
+pod's memory, and the events file still has every event.
 
 Wire format: ``POST`` with ``Content-Type: application/json``. With
 ``batch > 1`` (default 100) the body is a JSON **array** of up to ``batch``
@@ -39,7 +44,7 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from firewall import __version__
 
@@ -56,6 +61,7 @@ WEBHOOK_DROPPED = Counter("palisade_alert_webhook_dropped", "Events not delivere
                           ["reason"])
 WEBHOOK_SENT = Counter("palisade_alert_webhook_sent", "Events delivered to the alert webhook (2xx)")
 WEBHOOK_RETRIES = Counter("palisade_alert_webhook_retries", "Alert webhook POST attempts that are retried")
+WEBHOOK_QUEUED_BYTES = Gauge("palisade_alert_webhook_queued_bytes", "Bytes of events waiting for the alert webhook")
 
 _RETRY_STATUS = {408, 429}
 
@@ -77,7 +83,8 @@ class _Reject(Exception):
 class WebhookSink:
     """Bounded, non-blocking JSON POST delivery of events on one background thread."""
 
-    def __init__(self, url: str, *, queue_size: int = 10000, timeout_s: float = 2, max_retries: int = 5,
+    def __init__(self, url: str, *, queue_size: int = 10000, queue_bytes: int = 16 << 20,
+                 timeout_s: float = 2, max_retries: int = 5,
                  batch: int = 100, event_types: Iterable[str] | None = DEFAULT_EVENT_TYPES,
                  backoff_s: float = 0.5, max_backoff_s: float = 30.0,
                  headers: dict[str, str] | None = None) -> None:
@@ -88,8 +95,8 @@ class WebhookSink:
             self._port = parts.port
         except ValueError:
             raise WebhookError(f"alert webhook: bad port in {_redact(url)!r}") from None
-        if queue_size < 1 or batch < 1 or max_retries < 0 or timeout_s <= 0:
-            raise WebhookError("alert webhook: queue_size, batch and timeout must be positive, "
+        if queue_size < 1 or queue_bytes < 1 or batch < 1 or max_retries < 0 or timeout_s <= 0:
+            raise WebhookError("alert webhook: queue_size, queue_bytes, batch and timeout must be positive, "
                                "max_retries >= 0")
         self.url = url
         self._scheme = parts.scheme
@@ -102,13 +109,16 @@ class WebhookSink:
         if headers:
             self._headers.update(headers)
         self.queue_size = queue_size
+        self.queue_bytes = queue_bytes
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.batch = batch
         self.event_types = frozenset(event_types) if event_types is not None else None
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
-        self._q: deque[dict[str, Any]] = deque()
+        self._q: deque[bytes] = deque()  # JSON-encoded events
+        self._q_lock = threading.Lock()  # the byte total and the deque change together
+        self._bytes = 0
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._flush_deadline = float("inf")
@@ -125,16 +135,47 @@ class WebhookSink:
     def __call__(self, event: dict[str, Any]) -> None:
         if self.event_types is not None and event.get("event_type") not in self.event_types:
             return
-        if len(self._q) >= self.queue_size or self._stopping.is_set():
-            self._drop(1, "queue_full" if not self._stopping.is_set() else "stopped")
+        if self._stopping.is_set():
+            self._drop(1, "stopped")
             return
-        self._q.append(dict(event))
+        if len(self._q) >= self.queue_size or self._bytes >= self.queue_bytes:
+            self._drop(1, "queue_full")  # checked before encoding: a flood costs no JSON work
+            return
+        data = json.dumps(event, separators=(",", ":"), default=str).encode("utf-8")
+        with self._q_lock:
+            if len(data) > self.queue_bytes:
+                reason = "too_large"
+            elif self._bytes + len(data) > self.queue_bytes or len(self._q) >= self.queue_size:
+                reason = "queue_full"
+            else:
+                reason = ""
+                self._q.append(data)
+                self._bytes += len(data)
+        if reason:
+            self._drop(1, reason)
+            return
+        WEBHOOK_QUEUED_BYTES.inc(len(data))
         if not self._wake.is_set():
             self._wake.set()
 
     @property
     def queued(self) -> int:
         return len(self._q)
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes of JSON waiting to be sent (what the ``queue_bytes`` bound counts)."""
+        return self._bytes
+
+    def _pop(self, n: int) -> list[bytes]:
+        with self._q_lock:
+            items = []
+            while self._q and len(items) < n:
+                items.append(self._q.popleft())
+            size = sum(len(i) for i in items)
+            self._bytes -= size
+        WEBHOOK_QUEUED_BYTES.dec(size)
+        return items
 
     # -- lifecycle
     def start(self) -> WebhookSink:
@@ -155,9 +196,8 @@ class WebhookSink:
         if self._thread is not None:
             self._thread.join(flush_timeout + self.timeout_s + 1)
             self._thread = None
-        left = len(self._q)
+        left = len(self._pop(len(self._q)))
         if left:
-            self._q.clear()
             self._drop(left, "stopped")
         self._close_conn()
         return self.dropped == dropped_before
@@ -174,9 +214,7 @@ class WebhookSink:
             if self._q:
                 if self._stopping.is_set() and time.monotonic() >= self._flush_deadline:
                     break
-                items = []
-                while self._q and len(items) < self.batch:
-                    items.append(self._q.popleft())
+                items = self._pop(self.batch)
                 try:
                     self._deliver(items)
                 except Exception:  # noqa: BLE001 - the thread must survive anything
@@ -187,9 +225,8 @@ class WebhookSink:
                 break
             self._wake.wait(1.0)
 
-    def _deliver(self, items: list[dict[str, Any]]) -> None:
-        body = json.dumps(items[0] if self.batch == 1 else items, separators=(",", ":"),
-                          default=str).encode("utf-8")
+    def _deliver(self, items: list[bytes]) -> None:
+        body = items[0] if self.batch == 1 else b"[" + b",".join(items) + b"]"
         attempt = 0
         while True:
             try:

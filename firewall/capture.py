@@ -60,6 +60,7 @@ import os
 import re
 import secrets
 import socket
+import stat
 import struct
 import threading
 import time
@@ -89,6 +90,7 @@ MAX_ROTATE_FILES = 1000
 MIN_CAPTURE_BYTES = 64 * KiB   # below this a budget-clamped capture is refused instead
 AUTO_MAX_BYTES = 10 * MiB
 STATE_FILE = ".palisade-capture-state.json"
+STATE_MAX_BYTES = 4096
 PCAP_SUFFIX = ".pcap"
 
 CAPTURES_STARTED = Counter("palisade_pcap_captures_started", "Packet captures started")
@@ -451,6 +453,7 @@ class Capture:
         self._prepare = prepare
         self._on_done = on_done
         self.max_bytes = spec.max_bytes
+        self.budget_bytes: int | None = None  # the directory's disk budget (= the retention bound)
         self.prepared = prepare is None  # True once the disk budget has reserved max_bytes
         self.files: list[str] = []
         self.sha256: dict[str, str] = {}
@@ -495,7 +498,12 @@ class Capture:
             "state": state, "id": self.id, "dir": self.pcap_dir, "files": list(self.files),
             "packets": self.packets, "bytes": self.bytes, "sha256": dict(self.sha256),
             "trigger": self.trigger,
+            # pcaps hold raw payloads - full card numbers by nature: the report lists them as
+            # cardholder-data artefacts, with the budget that bounds how long they are kept
+            "cardholder_data": True,
         }
+        if self.budget_bytes is not None:
+            body["budget_bytes"] = self.budget_bytes
         body.update(extra)
         try:
             self._emit({"event_type": "pcap", "pcap": body})
@@ -740,25 +748,45 @@ class CaptureManager:
 
     # -- state
     def _load_state(self) -> dict[str, Any]:
+        """The persisted annotation hash. Opened with O_NOFOLLOW (a symlink planted in the pcap
+        directory must not make the sidecar read another file) and only if it is a small regular file."""
         try:
-            with open(self.state_path, encoding="utf-8") as fh:
-                data = json.load(fh)
-            return data if isinstance(data, dict) else {}
+            fd = os.open(self.state_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             return {}
+        except OSError as exc:  # ELOOP: a symlink
+            log.warning("capture state %s not opened (%s); starting fresh", self.state_path,
+                        "a symlink" if exc.errno == errno.ELOOP else exc.strerror)
+            return {}
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size > STATE_MAX_BYTES:
+                log.warning("capture state %s is not a small regular file; starting fresh", self.state_path)
+                return {}
+            with os.fdopen(os.dup(fd), encoding="utf-8") as fh:
+                data = json.loads(fh.read(STATE_MAX_BYTES))
+            return data if isinstance(data, dict) else {}
         except (OSError, ValueError) as exc:
             log.warning("capture state %s unreadable (%s); starting fresh", self.state_path, exc)
             return {}
+        finally:
+            os.close(fd)
 
     def _save_state(self) -> None:
-        tmp = f"{self.state_path}.tmp"
+        """Written to a fresh temporary (O_EXCL|O_NOFOLLOW, 0600) then renamed over the state file:
+        rename replaces a planted symlink itself, never its target."""
+        tmp = f"{self.state_path}.{secrets.token_hex(4)}.tmp"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 json.dump({"annotation_sha256": self._last_annotation_hash}, fh)
             os.replace(tmp, self.state_path)
         except OSError as exc:  # a full disk must not stop the capture itself
             log.warning("cannot persist capture state %s: %s", self.state_path, exc)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
 
     @staticmethod
     def _new_id(kind: str) -> str:
@@ -839,6 +867,7 @@ class CaptureManager:
             cap = Capture(cid, spec, self.pcap_dir, trigger, self.emit, netns=self.netns,
                           prepare=lambda c, old=replacing: self._prepare(c, old),
                           on_done=self._done)
+            cap.budget_bytes = self.disk_budget_bytes
             self._active[cid] = cap
         return cap.start()
 

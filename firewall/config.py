@@ -8,6 +8,7 @@ sidecar that silently ignores a typo in ``mode`` is a firewall that is not there
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,14 @@ class Config:
     dns_port: int = 15053
     admin_port: int = ADMIN_PORT
     admin_address: str = "0.0.0.0"
+    # admin port bounds (it is outside the policy, so these are what protects the event loop)
+    admin_allow: list[str] = field(default_factory=list)  # CIDRs or "node"; empty: any source
+    admin_max_connections: int = 64
+    admin_max_per_source: int = 8
+    admin_request_timeout: float = 5.0
+    admin_max_request_line: int = 2048
+    admin_max_headers: int = 32
+    admin_max_request_bytes: int = 8192
     inbound: bool = True
     outbound: bool = True
     dns: bool = True
@@ -67,6 +76,12 @@ class Config:
     host_ip: str | None = None
     probe_ports: list[int] = field(default_factory=list)
     reload_interval: float = 2.0
+    # FQDN cache (fqdn egress peers): TTL clamp and bounds (firewall/fqdn.py)
+    fqdn_min_ttl: int = 60
+    fqdn_max_ttl: int = 3600
+    fqdn_max_entries: int = 65536
+    fqdn_max_per_name: int = 64
+    fqdn_resolvers: list[str] = field(default_factory=list)  # empty: any port-53 server policy allows
     # inspection
     l7: bool = True
     l7_events: bool = False
@@ -81,6 +96,9 @@ class Config:
     pcap_dir: str | None = None
     pcap_max_concurrent: int = 2
     pcap_disk_budget: int = 500 << 20
+    # alert webhook queue: bounded by count and by the bytes of the queued events
+    webhook_queue_size: int = 10000
+    webhook_queue_bytes: int = 16 << 20
 
     def validate(self, where: str = "config") -> None:
         for name in ("inbound_port", "outbound_port", "dns_port", "admin_port"):
@@ -88,14 +106,17 @@ class Config:
             if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 65535:
                 raise ConfigError(f"{where}: {name}: expected a port 0-65535, got {v!r}")
         for name in ("idle_timeout", "connect_timeout", "drain_timeout", "header_timeout",
-                     "identify_timeout", "reload_interval"):
+                     "identify_timeout", "reload_interval", "admin_request_timeout"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
                 raise ConfigError(f"{where}: {name}: expected a number > 0, got {v!r}")
         if self.dlp_offload_bytes < 0:
             raise ConfigError(f"{where}: dlp_offload_bytes: expected an integer >= 0")
         for name in ("workers", "read_buffer_limit", "max_connections", "max_connections_per_peer",
-                     "pcap_max_concurrent", "pcap_disk_budget"):
+                     "pcap_max_concurrent", "pcap_disk_budget", "admin_max_connections",
+                     "admin_max_per_source", "admin_max_request_line", "admin_max_headers",
+                     "admin_max_request_bytes", "webhook_queue_size", "webhook_queue_bytes",
+                     "fqdn_min_ttl", "fqdn_max_ttl", "fqdn_max_entries", "fqdn_max_per_name"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{where}: {name}: expected an integer >= 1, got {v!r}")
@@ -108,6 +129,18 @@ class Config:
                 or not 1024 <= up[0] <= up[1] <= 65535 or up[1] - up[0] < 1023):
             raise ConfigError(f"{where}: upstream_ports: expected [low, high] within 1024-65535 "
                               f"spanning at least 1024 ports, got {up!r}")
+        for item in self.admin_allow:
+            if item == "node":
+                continue
+            try:
+                ipaddress.ip_network(str(item), strict=False)
+            except ValueError:
+                raise ConfigError(f"{where}: admin_allow: expected CIDRs or 'node', got {item!r}") from None
+        for r in self.fqdn_resolvers:
+            try:
+                ipaddress.ip_network(str(r), strict=False)
+            except ValueError:
+                raise ConfigError(f"{where}: fqdn_resolvers: not an address or CIDR: {r!r}") from None
         for p in self.probe_ports:
             if not isinstance(p, int) or not 1 <= p <= 65535:
                 raise ConfigError(f"{where}: probe_ports: bad port {p!r}")

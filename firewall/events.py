@@ -23,19 +23,74 @@ Event types and their fields (never remove a field; add only):
 
 Writers are thread-safe (captures and the podinfo watcher emit from their own
 threads) and never raise into the data path: a broken sink is counted and skipped.
+
+Two guarantees live here, at the one place every event passes:
+
+* **redaction** - every event is rewritten by ``firewall.redaction.redact_event``
+  before it is written or handed to a consumer (webhook, learner), so no
+  producer can put a full card number into the output;
+* **evidence loss is visible** - an event that cannot be written (full disk,
+  closed descriptor) is counted in ``palisade_events_dropped_total{reason}``,
+  logged at most once per ``LOG_INTERVAL`` seconds, and reported to the
+  consumers (the alert webhook) as an ``events-dropped`` alert at the same rate.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import sys
 import threading
+import time
+import zlib
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import IO, Any
 
+from prometheus_client import Counter
+
+from firewall.redaction import dlp_scanner, mask_text, redact_event
+
 Event = dict[str, Any]
+
+log = logging.getLogger("palisade.events")
+
+EVENTS_DROPPED = Counter("palisade_events_dropped", "Events that could not be written or delivered",
+                         ["reason"])
+LOG_INTERVAL = 10.0  # seconds between two "events dropped" log lines / alerts
+DROP_SIGNATURE = "palisade:events-dropped"
+
+
+class RedactingFormatter(logging.Formatter):
+    """Log lines get the same card masking as events (a traceback or a warning may quote
+    traffic: a path, a name)."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return mask_text(self.inner.format(record))
+
+
+def redact_logs(logger: logging.Logger | None = None) -> None:
+    """Wrap the formatter of every handler of ``logger`` (default: root) in RedactingFormatter."""
+    for h in (logger or logging.getLogger()).handlers:
+        if not isinstance(h.formatter, RedactingFormatter):
+            h.setFormatter(RedactingFormatter(h.formatter))
+
+
+def drop_reason(exc: BaseException) -> str:
+    """A small, fixed label set for the drop counter."""
+    if isinstance(exc, OSError):
+        return {errno.ENOSPC: "no_space", errno.EDQUOT: "no_space", errno.EBADF: "closed",
+                errno.EPIPE: "closed", errno.EIO: "io_error", errno.EFBIG: "too_large"}.get(
+                    exc.errno or 0, "write_error")
+    if isinstance(exc, ValueError):  # write to a closed Python file object
+        return "closed"
+    return "write_error"
 
 
 def now_iso() -> str:
@@ -57,40 +112,93 @@ class EventSink:
     def __init__(self, stream: IO[str] | None = None, path: str | None = None) -> None:
         self._lock = threading.Lock()
         self._own = False
+        self._fd: int | None = None  # a file we opened: one os.write per line, no buffer to poison
+        self._stream: IO[str] | None = None
         if path:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
-            self._stream: IO[str] | None = os.fdopen(fd, "a", buffering=1)
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
             self._own = True
         else:
             self._stream = stream if stream is not None else sys.stdout
         self._extra: list[Callable[[Event], None]] = []
+        self._scanner: Callable[[list[str]], list[str]] | None = None
         self.errors = 0
         self.count = 0
+        self.dropped: dict[str, int] = {}
+        self._unreported = 0
+        self._last_report = float("-inf")
+        self._partial = False  # the last write may have left a partial line
 
     def add_consumer(self, fn: Callable[[Event], None]) -> None:
         self._extra.append(fn)
 
+    def set_scanner(self, engine: Any) -> None:
+        """Also mask what the DLP engine finds (IBANs, SSNs, keys) in every string field."""
+        self._scanner = dlp_scanner(engine) if engine is not None else None
+
     def emit(self, event: Event) -> None:
         event.setdefault("timestamp", now_iso())
-        line = json.dumps(event, separators=(",", ":"), default=str)
+        try:
+            out = redact_event(event, self._scanner)
+        except Exception:  # noqa: BLE001 - never write what could not be redacted
+            self._drop("redaction_error")
+            return
+        line = json.dumps(out, separators=(",", ":"), default=str) + "\n"
+        failed: str | None = None
         with self._lock:
             self.count += 1
-            if self._stream is not None:
-                try:
-                    self._stream.write(line + "\n")
+            try:
+                if self._fd is not None:
+                    data = line.encode("utf-8", "backslashreplace")
+                    if self._partial:  # a line cut short by a full disk: end it first
+                        data = b"\n" + data
+                    self._partial = True
+                    written = os.write(self._fd, data)
+                    if written != len(data):
+                        raise OSError(errno.ENOSPC, "short write")
+                    self._partial = False
+                elif self._stream is not None:
+                    self._stream.write(line)
                     self._stream.flush()
-                except (OSError, ValueError):
-                    self.errors += 1
+            except (OSError, ValueError) as exc:
+                failed = drop_reason(exc)
+        if failed is not None:
+            self._drop(failed)
         for fn in self._extra:
             try:
-                fn(event)
+                fn(out)
             except Exception:  # noqa: BLE001 - a consumer must never break the data path
-                self.errors += 1
+                self._drop("consumer_error")
+
+    def _drop(self, reason: str) -> None:
+        """Count one lost event; at most once per LOG_INTERVAL log it and tell the consumers."""
+        EVENTS_DROPPED.labels(reason).inc()
+        with self._lock:
+            self.errors += 1
+            self.dropped[reason] = self.dropped.get(reason, 0) + 1
+            self._unreported += 1
+            now = time.monotonic()
+            if now - self._last_report < LOG_INTERVAL:
+                return
+            self._last_report = now
+            n, self._unreported = self._unreported, 0
+            totals = dict(self.dropped)
+        log.error("events dropped: %d since the last report (%s); evidence is missing from the events "
+                  "output", n, ", ".join(f"{k}={v}" for k, v in sorted(totals.items())))
+        alert = {"timestamp": now_iso(), "event_type": "alert",
+                 "alert": {"action": "allowed", "signature": DROP_SIGNATURE,
+                           "signature_id": zlib.crc32(DROP_SIGNATURE.encode()) & 0x7FFFFFFF,
+                           "category": "evidence", "severity": 1},
+                 "events_dropped": {"since_last": n, "total": totals}}
+        for fn in self._extra:
+            try:
+                fn(alert)
+            except Exception:  # noqa: BLE001
+                pass
 
     def close(self) -> None:
-        if self._own and self._stream is not None:
-            self._stream.close()
-            self._stream = None
+        if self._own and self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class MemorySink(EventSink):

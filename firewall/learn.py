@@ -8,12 +8,22 @@ The output must validate and, in protect mode, allow exactly the learned
 traffic - so the same path normalisation as the engine is used, and a learned
 out-of-scope -> cde flow becomes an explicit ``exception: true`` rule rather
 than silently being denied by the built-in segmentation rule.
+
+The traffic learned from is not trusted: a peer chooses its paths, can open
+empty connections and can be one of millions of outside addresses. So learning
+never widens a path below ``min_path_depth`` segments (``GET /1`` is not
+``pathPrefix: /``), does not turn empty or unidentified connections into L4
+rules that would cancel a learned L7 narrowing, bounds the prefixes per rule and
+the outside peers per workload (aggregated into CIDRs, then ``0.0.0.0/0``), runs
+in time linear in the input, and lists everything it refused in the output
+(:class:`LearnSummary`) so a reviewer sees what the policy will deny.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,12 +43,47 @@ VOLATILE_LABELS = frozenset({
 NAME_LABELS = (("app.kubernetes.io/name", "app.kubernetes.io/instance"), ("app",), ("k8s-app",), ("name",))
 _ID_SEGMENT = re.compile(r"^(\d+|[0-9a-fA-F-]{8,}|[A-Za-z0-9_-]{20,})$")
 _MAX_PREFIX_SEGMENTS = 2
+_METHOD = re.compile(r"[A-Z][A-Z-]{0,19}")
 L7_HTTP = ("http", "http2", "grpc")
 _NO_APP = ("", "unknown", "failed", None)
 
 
 class LearnError(Exception):
     """Unusable input (unreadable file, no flow records)."""
+
+
+@dataclass(frozen=True)
+class LearnOptions:
+    """Bounds on what traffic can make ``policy learn`` write."""
+
+    min_path_depth: int = 1          # never a pathPrefix with fewer segments (0 allows "/")
+    max_prefixes_per_rule: int = 32  # above: widen towards min_path_depth, then refuse the rarest
+    max_prefix_length: int = 200     # longer learned prefixes are refused (attacker-chosen paths)
+    max_world_peers: int = 16        # outside addresses per workload before they become CIDRs
+
+
+@dataclass
+class LearnSummary:
+    """What the learner refused or widened, for the reviewer (printed and written as comments)."""
+
+    refused: Counter = field(default_factory=Counter)   # reason -> flows/requests
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    aggregated: list[str] = field(default_factory=list)
+
+    def refuse(self, reason: str, example: str = "", n: int = 1) -> None:
+        self.refused[reason] += n
+        ex = self.examples.setdefault(reason, [])
+        example = "".join(c if c.isprintable() else "?" for c in example[:120])  # written as a comment
+        if example and len(ex) < 3 and example not in ex:
+            ex.append(example)
+
+    def lines(self) -> list[str]:
+        out = []
+        for reason, n in sorted(self.refused.items()):
+            ex = self.examples.get(reason) or []
+            out.append(f"not learned: {n} x {reason}" + (f" (e.g. {', '.join(ex)})" if ex else ""))
+        out.extend(self.aggregated)
+        return out
 
 
 def selector_labels(labels: dict[str, str]) -> dict[str, str]:
@@ -49,15 +94,24 @@ def selector_labels(labels: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in labels.items() if k not in VOLATILE_LABELS and k != LABEL_SCOPE}
 
 
-def path_prefix(path: str) -> str:
-    """Common prefix worth allowing: up to two segments, stopping before an ID-like segment."""
+def path_prefix(path: str, min_depth: int = 0) -> str:
+    """Common prefix worth allowing: up to two segments, stopping before an ID-like segment,
+    but never fewer than ``min_depth`` segments of the path (fewer if the path has fewer)."""
     segs = [s for s in normalize_path(path).split("/") if s]
     keep: list[str] = []
-    for s in segs[:_MAX_PREFIX_SEGMENTS]:
-        if _ID_SEGMENT.match(s) and any(c.isdigit() for c in s):
+    for s in segs[:max(_MAX_PREFIX_SEGMENTS, min_depth)]:
+        if len(keep) >= min_depth and _ID_SEGMENT.match(s) and any(c.isdigit() for c in s):
             break
         keep.append(s)
     return "/" + "/".join(keep)
+
+
+def _depth(prefix: str) -> int:
+    return prefix.count("/") if prefix != "/" else 0
+
+
+def _parent(prefix: str) -> str:
+    return prefix.rsplit("/", 1)[0] or "/"
 
 
 def _slug(text: str) -> str:
@@ -79,6 +133,22 @@ class _Agg:
     first: str = ""
     last: str = ""
     http: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))  # prefix -> methods
+    http_seen: dict[str, int] = field(default_factory=dict)  # prefix -> requests (keeps the frequent ones)
+    extra_peers: list[dict[str, Any]] = field(default_factory=list)  # aggregated outside networks
+    requests: int = 0  # HTTP requests seen (learned or refused)
+
+    def absorb(self, other: _Agg) -> None:
+        self.ports |= other.ports
+        self.flows += other.flows
+        self.pods |= other.pods
+        if other.first:
+            self.first = min(self.first, other.first) if self.first else other.first
+            self.last = max(self.last, other.last)
+        for p, m in other.http.items():
+            self.http[p] |= m
+        for p, n in other.http_seen.items():
+            self.http_seen[p] = self.http_seen.get(p, 0) + n
+        self.requests += other.requests
 
 
 @dataclass
@@ -89,6 +159,7 @@ class LearnedPolicy:
     local_scope: str
     rules: list[_Agg]
     flows: int = 0
+    summary: LearnSummary = field(default_factory=LearnSummary)
 
     def document(self) -> dict[str, Any]:
         spec: dict[str, Any] = {"selector": {"matchLabels": dict(self.selector)}, "mode": "protect",
@@ -128,11 +199,20 @@ def _scope(w: dict[str, Any]) -> str:
     return (w.get("labels") or {}).get(LABEL_SCOPE) or w.get("scope") or "out-of-scope"
 
 
-def learn_from_events(events: list[dict[str, Any]], *, namespace: str | None = None) -> list[LearnedPolicy]:
+def _empty(ev: dict[str, Any]) -> bool:
+    """A connection that carried no client byte (only known when the flow record says so)."""
+    fl = ev.get("flow")
+    return isinstance(fl, dict) and fl.get("bytes_toserver") in (0, "0")
+
+
+def learn_from_events(events: list[dict[str, Any]], *, namespace: str | None = None,
+                      options: LearnOptions | None = None) -> list[LearnedPolicy]:
     """Aggregate flow records into one LearnedPolicy per local workload (sorted, deterministic)."""
+    opts = options or LearnOptions()
     groups: dict[tuple, dict[tuple, _Agg]] = defaultdict(dict)
     meta: dict[tuple, tuple[str, dict[str, str], str]] = {}
     counts: dict[tuple, int] = defaultdict(int)
+    summaries: dict[tuple, LearnSummary] = defaultdict(LearnSummary)
     for ev in events:
         if ev.get("event_type") != "flow":
             continue
@@ -163,6 +243,10 @@ def learn_from_events(events: list[dict[str, Any]], *, namespace: str | None = N
         pkey, pdoc, pname = _peer_key(peer, local["namespace"])
         app = ev.get("app_proto")
         app = None if app in _NO_APP else str(app).lower()
+        if app is None and _empty(ev):
+            summaries[lkey].refuse("empty connection (no client data: nothing to allow)",
+                                   f"{direction} port {port}")
+            continue
         peer_scope = _scope(peer)
         exception = (direction == "ingress" and local_scope == "cde" and peer_scope == "out-of-scope") or (
             direction == "egress" and local_scope == "out-of-scope" and peer_scope == "cde")
@@ -179,17 +263,138 @@ def learn_from_events(events: list[dict[str, Any]], *, namespace: str | None = N
             agg.first = min(agg.first, ts) if agg.first else ts
             agg.last = max(agg.last, ts)
         if app in L7_HTTP:
-            for mp in ((ev.get("l7") or {}).get("methods_paths") or []):
+            l7 = ev.get("l7")
+            mps = l7.get("methods_paths") if isinstance(l7, dict) else None
+            for mp in (mps if isinstance(mps, list) else []):
                 if isinstance(mp, list | tuple) and len(mp) == 2:
-                    agg.http[path_prefix(str(mp[1]))].add(str(mp[0]).upper())
+                    agg.requests += 1
+                    method = str(mp[0]).upper()
+                    prefix = path_prefix(str(mp[1])[:4096], opts.min_path_depth)
+                    if not _METHOD.fullmatch(method):
+                        summaries[lkey].refuse("request with a method that is not an HTTP token", method)
+                    elif _depth(prefix) < opts.min_path_depth:
+                        summaries[lkey].refuse(
+                            f"request whose prefix would be shallower than {opts.min_path_depth} "
+                            "segment(s) (would allow every path)", f"{method} {prefix}")
+                    elif len(prefix) > opts.max_prefix_length:
+                        summaries[lkey].refuse(f"path prefix longer than {opts.max_prefix_length} characters",
+                                               f"{method} {prefix[:40]}...")
+                    else:
+                        agg.http[prefix].add(method)
+                        agg.http_seen[prefix] = agg.http_seen.get(prefix, 0) + 1
     out = []
-    for lkey in sorted(groups):
+    # a workload whose traffic was all refused still gets its (empty, deny-all) policy and summary
+    for lkey in sorted(set(groups) | (set(summaries) & set(meta))):
         ns, lsel, scope = meta[lkey]
+        summary = summaries[lkey]
+        aggs = _bound(list(groups[lkey].values()) if lkey in groups else [], opts, summary)
         main = next((lsel[k[0]] for k in NAME_LABELS if k[0] in lsel), None) or ns
-        rules = sorted(groups[lkey].values(), key=lambda a: (a.direction != "ingress", a.peer_name, a.app or ""))
+        rules = sorted(aggs, key=lambda a: (a.direction != "ingress", a.peer_name, a.app or ""))
         _name_rules(rules)
-        out.append(LearnedPolicy(ns, _slug(f"learned-{main}"), lsel, scope, rules, counts[lkey]))
+        out.append(LearnedPolicy(ns, _slug(f"learned-{main}"), lsel, scope, rules, counts[lkey], summary))
     return out
+
+
+def _bound(aggs: list[_Agg], opts: LearnOptions, summary: LearnSummary) -> list[_Agg]:
+    """Apply the output bounds to one workload's rules (all steps linear in the rules)."""
+    # 1. L4 rules (no identified protocol) must not cancel an L7 rule for the same peer and port.
+    l7_ports = {(a.direction, a.peer, p) for a in aggs if a.app for p in a.ports}
+    kept: list[_Agg] = []
+    for a in aggs:
+        if a.app is None:
+            clash = {p for p in a.ports if (a.direction, a.peer, p) in l7_ports}
+            if clash:
+                summary.refuse("unidentified connection on a port with a learned L7 rule for the same peer "
+                               "(an L4 rule would cancel the L7 narrowing)",
+                               ", ".join(f"{a.direction} port {p}" for p, _t in sorted(clash)), a.flows)
+                a.ports -= clash
+                if not a.ports:
+                    continue
+        if a.app in L7_HTTP and not a.http:
+            summary.refuse("HTTP rule all of whose requests were refused (the rule would allow any request)"
+                           if a.requests else
+                           "HTTP connection without a complete request (the rule would allow any request)",
+                           a.peer_name, a.flows)
+            continue
+        kept.append(a)
+    # 2. Outside addresses: one rule per address up to max_world_peers, then CIDRs.
+    world = [a for a in kept if a.peer[0] == "world"]
+    if len({a.peer for a in world}) > opts.max_world_peers:
+        kept = [a for a in kept if a.peer[0] != "world"] + _aggregate_world(world, opts, summary)
+    # 3. HTTP prefixes per rule
+    for a in kept:
+        if a.http:
+            _bound_prefixes(a, opts, summary)
+    return kept
+
+
+def _aggregate_world(world: list[_Agg], opts: LearnOptions, summary: LearnSummary) -> list[_Agg]:
+    addrs: set[tuple[int, int]] = set()  # (version, address as int): integer maths, not 50k objects
+    for a in world:
+        try:
+            ip = ipaddress.ip_address(str(a.peer[1]).split("/")[0])
+        except ValueError:
+            continue
+        addrs.add((ip.version, int(ip)))
+    nets: list[Any] = []
+    label = ""
+    for v4, v6 in ((24, 64), (16, 48), (8, 32)):
+        blocks = {(ver, i >> ((32 - v4) if ver == 4 else (128 - v6))) for ver, i in addrs}
+        if len(blocks) > 64 * opts.max_world_peers:
+            continue  # collapsing adjacent blocks will not get this many under the bound
+        cand = []
+        for ver, plen, cls in ((4, v4, ipaddress.IPv4Network), (6, v6, ipaddress.IPv6Network)):
+            bits = 32 if ver == 4 else 128
+            mine = [cls(((b << (bits - plen)), plen)) for v, b in blocks if v == ver]
+            cand += list(ipaddress.collapse_addresses(mine))
+        if len(cand) <= opts.max_world_peers:
+            fams = sorted({n.version for n in cand})
+            label = " and ".join(f"/{v4} (IPv4)" if f == 4 else f"/{v6} (IPv6)" for f in fams) + " networks"
+            nets = cand
+            break
+    if not nets:
+        nets = [n for n in (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
+                if any(ver == n.version for ver, _i in addrs)]
+        label = "the whole internet (0.0.0.0/0, ::/0)"
+    n_peers = len({a.peer for a in world})
+    summary.aggregated.append(f"aggregated: {n_peers} outside addresses (more than {opts.max_world_peers}) "
+                              f"into {len(nets)} CIDR(s): {label}; ports and protocols merged per protocol")
+    docs = [{"cidr": str(n)} for n in sorted(nets, key=lambda n: (n.version, n))]
+    merged: dict[tuple, _Agg] = {}
+    for a in world:
+        key = (a.direction, a.app, a.exception)
+        m = merged.get(key)
+        if m is None:
+            m = merged[key] = _Agg(a.direction, ("world-aggregate", a.app), docs[0], "world", a.app, a.exception)
+            m.extra_peers = docs[1:]
+        m.absorb(a)
+    return list(merged.values())
+
+
+def _bound_prefixes(a: _Agg, opts: LearnOptions, summary: LearnSummary) -> None:
+    """Dedupe (linear), widen towards min_path_depth while there are too many, then keep the
+    most used ones."""
+    http = {p: set(m) for p, m in a.http.items()}
+    seen = Counter(a.http_seen)
+    while len(http) > opts.max_prefixes_per_rule:
+        deep = [p for p in http if _depth(p) > max(opts.min_path_depth, 1)]
+        if not deep:
+            break
+        maxd = max(_depth(p) for p in deep)
+        for p in deep:
+            if _depth(p) == maxd:  # widen the deepest level by one segment, then re-check
+                parent = _parent(p)
+                http.setdefault(parent, set()).update(http.pop(p))
+                seen[parent] += seen.pop(p, 0)
+        summary.aggregated.append(f"widened: rule {a.peer_name}: more than {opts.max_prefixes_per_rule} path "
+                                  f"prefixes, depth-{maxd} prefixes merged into their parent")
+    if len(http) > opts.max_prefixes_per_rule:
+        ranked = sorted(http, key=lambda p: (-seen.get(p, 0), p))
+        for p in ranked[opts.max_prefixes_per_rule:]:
+            summary.refuse(f"path prefix beyond the {opts.max_prefixes_per_rule} most used of a rule",
+                           f"{'/'.join(sorted(http[p]))} {p}", seen.get(p, 1))
+            del http[p]
+    a.http = defaultdict(set, http)
 
 
 def _name_rules(rules: list[_Agg]) -> None:
@@ -207,16 +412,18 @@ def _name_rules(rules: list[_Agg]) -> None:
 
 
 def _http_entries(http: dict[str, set[str]]) -> list[dict[str, Any]]:
-    # Drop a prefix when a shorter segment-prefix already allows the same methods.
-    prefixes = sorted(http, key=lambda p: (p.count("/"), p))
+    # Drop a prefix when a shorter segment-prefix already allows the same methods. Only the
+    # prefix's own ancestors are looked up (O(depth) each): comparing every pair was quadratic.
     kept: dict[str, set[str]] = {}
-    for p in prefixes:
+    for p in sorted(http, key=lambda p: (_depth(p), p)):
         methods = set(http[p])
-        for k, km in kept.items():
-            if (k == "/" or p == k or p.startswith(k + "/")) and methods <= km:
-                methods = set()
+        anc, covered = p, False
+        while anc != "/":
+            anc = _parent(anc)
+            if anc in kept and methods <= kept[anc]:
+                covered = True
                 break
-        if methods:
+        if not covered:
             kept[p] = methods
     by_methods: dict[tuple[str, ...], list[str]] = defaultdict(list)
     for p, m in kept.items():
@@ -235,7 +442,7 @@ def _rule_doc(r: _Agg) -> dict[str, Any]:
                               "replace with the business justification or delete")
     else:
         doc["description"] = "learned from traffic: replace with the business justification"
-    doc["from" if r.direction == "ingress" else "to"] = [dict(r.peer_doc)]
+    doc["from" if r.direction == "ingress" else "to"] = [dict(r.peer_doc)] + [dict(p) for p in r.extra_peers]
     doc["ports"] = [{"port": p, "protocol": t} for p, t in sorted(r.ports)]
     if r.app:
         doc["appProto"] = r.app
@@ -285,8 +492,9 @@ def render_policy(p: LearnedPolicy) -> str:
     head = yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)
     body = _dump({"spec": spec})
     lines = [f"# Learned from {p.flows} flow records by `python -m firewall policy learn`.",
-             f"# Workload scope: {p.local_scope}. Review every rule before deploying in protect mode.",
-             head.rstrip("\n"), body.rstrip("\n")]
+             f"# Workload scope: {p.local_scope}. Review every rule before deploying in protect mode."]
+    lines += [f"# {ln}" for ln in p.summary.lines()]
+    lines += [head.rstrip("\n"), body.rstrip("\n")]
     by_name = {r.peer_name: r for r in p.rules}
     for direction in ("ingress", "egress"):
         if not rules[direction]:
@@ -305,7 +513,8 @@ def render_policies(policies: list[LearnedPolicy]) -> str:
     return "---\n".join(render_policy(p) for p in policies)
 
 
-def learn_policies(paths: list[str], *, namespace: str | None = None) -> list[LearnedPolicy]:
+def learn_policies(paths: list[str], *, namespace: str | None = None,
+                   options: LearnOptions | None = None) -> list[LearnedPolicy]:
     events: list[dict[str, Any]] = []
     for path in paths:
         try:
@@ -314,4 +523,4 @@ def learn_policies(paths: list[str], *, namespace: str | None = None) -> list[Le
             raise LearnError(f"{path}: {exc.strerror or exc}") from None
     if not any(e.get("event_type") == "flow" for e in events):
         raise LearnError(f"no flow records in {', '.join(paths)}")
-    return learn_from_events(events, namespace=namespace)
+    return learn_from_events(events, namespace=namespace, options=options)

@@ -36,7 +36,7 @@ from typing import Literal
 from firewall.fqdn import FqdnCache
 from firewall.identity import Identity
 from firewall.policy_loader import LoadedDocument, PolicyError, load_policy_files
-from firewall.policy_match import L7Matcher, PeerMatcher
+from firewall.policy_match import F_AUTHORITY, F_HOST, F_METHOD, F_PATH, L7Matcher, PeerMatcher
 from firewall.policy_model import (
     L7_SECTIONS,
     MODES,
@@ -73,10 +73,10 @@ def _l7_key(event: L7Event) -> tuple | None:
     if event.app_proto not in _CACHED_L7:
         return None
     f = event.fields
-    path = f.get("path")
+    path = f.get(F_PATH)
     if path is not None and (type(path) is not str or len(path) > _CACHED_PATH_MAX):
         return None
-    return (event.app_proto, event.kind, f.get("method"), path, f.get("host"), f.get(":authority"))
+    return (event.app_proto, event.kind, f.get(F_METHOD), path, f.get(F_HOST), f.get(F_AUTHORITY))
 _WIDE_RANGE = 1024  # port ranges wider than this are checked per port instead of tabulated
 
 

@@ -50,6 +50,13 @@ def register(subparsers) -> None:
                        help="EVE JSON-lines files with flow records (repeatable)")
     learn.add_argument("--namespace", help="only workloads of this namespace")
     learn.add_argument("-o", "--output", default="-", help="output file (default stdout)")
+    learn.add_argument("--min-path-depth", type=int, default=1, metavar="N",
+                       help="never learn an HTTP pathPrefix with fewer than N segments (default 1: "
+                            "no 'pathPrefix: /' from a request like GET /1; 0 allows it)")
+    learn.add_argument("--max-prefixes", type=int, default=32, metavar="N",
+                       help="HTTP path prefixes per rule before they are widened, then the rarest refused")
+    learn.add_argument("--max-world-peers", type=int, default=16, metavar="N",
+                       help="outside addresses per workload before they are aggregated into CIDRs")
     learn.set_defaults(func=cmd_learn)
 
     s = sub.add_parser("schema", help="print the JSON Schema of policy documents")
@@ -155,13 +162,21 @@ def cmd_explain(args) -> int:
 
 
 def cmd_learn(args) -> int:
-    from firewall.learn import LearnError, learn_policies, render_policies
+    from firewall.learn import LearnError, LearnOptions, learn_policies, render_policies
 
+    if args.min_path_depth < 0 or args.max_prefixes < 1 or args.max_world_peers < 1:
+        print("error: --min-path-depth must be >= 0, --max-prefixes and --max-world-peers >= 1", file=sys.stderr)
+        return 2
+    opts = LearnOptions(min_path_depth=args.min_path_depth, max_prefixes_per_rule=args.max_prefixes,
+                        max_world_peers=args.max_world_peers)
     try:
-        policies = learn_policies(args.events, namespace=args.namespace)
+        policies = learn_policies(args.events, namespace=args.namespace, options=opts)
     except LearnError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for p in policies:  # what traffic could not make the learner write, for the reviewer
+        for line in p.summary.lines():
+            print(f"{p.namespace}/{p.name}: {line}", file=sys.stderr)
     text = render_policies(policies)
     if args.output == "-":
         sys.stdout.write(text)

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+import firewall.protocols  # noqa: F401 - registers every parser's field set in SCHEMAS
 from firewall.fqdn import fqdn_matches
 from firewall.identity import Identity
 from firewall.policy_model import DnsMatch, HttpMatch, Peer, RedisMatch, SqlMatch, TlsMatch
-from firewall.protocols.base import L7Event
+from firewall.protocols.base import SCHEMAS, L7Event
 
 IPNet = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddr = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -80,6 +81,37 @@ class PeerMatcher:
 
 # --- L7 -------------------------------------------------------------------------------------
 
+#: every (apps, kind, field) a matcher reads; checked against the parsers' declared field sets
+READS: list[tuple[tuple[str, ...], str, str]] = []
+
+
+def field_name(apps: tuple[str, ...], kind: str, name: str) -> str:
+    """The name of a field the matchers read, checked at import against ``SCHEMAS``: a matcher
+    cannot read a field no parser of ``apps`` writes for ``kind`` (issue 15: tls.minVersion
+    read ``supported_versions``/``versions``, the parser writes ``offered_versions``, so the
+    README's ``minVersion: "1.2"`` rule denied TLS 1.3 too)."""
+    for app in apps:
+        if name not in SCHEMAS.get((app, kind), frozenset()):
+            raise RuntimeError(f"matcher reads {app}/{kind}.{name}, which no parser writes")
+    READS.append((apps, kind, name))
+    return name
+
+
+_HTTP_FAMILY = ("http", "http2", "grpc")
+_TLS_CARRIERS = ("tls", "pgsql", "mysql")  # TLS hellos also arrive inside a pgsql/mysql switch
+F_METHOD = field_name(_HTTP_FAMILY, "request", "method")
+F_PATH = field_name(_HTTP_FAMILY, "request", "path")
+F_HOST = field_name(("http",), "request", "host")
+F_AUTHORITY = field_name(("http2", "grpc"), "request", "authority")
+F_SNI = field_name(_TLS_CARRIERS, "hello", "sni")
+F_OFFERED = field_name(_TLS_CARRIERS, "hello", "offered_versions")
+F_NEGOTIATED = field_name(_TLS_CARRIERS, "server_hello", "version")
+F_QNAME = field_name(("dns",), "query", "qname")
+F_REDIS_COMMAND = field_name(("redis",), "command", "command")
+F_VERB = field_name(("pgsql", "mysql"), "statement", "verb")
+F_VERBS = field_name(("pgsql", "mysql"), "statement", "verbs")
+F_VERBS_COMPLETE = field_name(("pgsql", "mysql"), "statement", "verbs_complete")
+
 _UNRESERVED_PCT = re.compile(r"%(2[DdEe]|3[0-9]|[46][1-9A-Fa-f]|[57][0-9Aa]|5[Ff]|7[Ee])")
 
 
@@ -127,6 +159,8 @@ def host_matches(pattern: str, host: Any) -> bool:
 
 
 _TLS_RANK = {"0.3": 0, "1.0": 1, "1.1": 2, "1.2": 3, "1.3": 4}
+#: what the TLS parser writes (tls.version_name) -> rank; SSL 2.0 ranks below everything
+_TLS_NAMES = {"ssl2": -1, "ssl3": 0, **_TLS_RANK}
 _TLS_NUM = {0x0300: 0, 0x0301: 1, 0x0302: 2, 0x0303: 3, 0x0304: 4}
 
 
@@ -136,6 +170,8 @@ def tls_rank(value: Any) -> int | None:
         return None
     if isinstance(value, int):
         return _TLS_NUM.get(value)
+    if value in _TLS_NAMES:
+        return _TLS_NAMES[value]
     s = str(value).strip().lower().replace("tlsv", "").replace("tls", "").replace("_", ".").strip(" v")
     if s in ("ssl3", "sslv3", "ssl 3", "ssl3.0"):
         return 0
@@ -148,13 +184,13 @@ def tls_rank(value: Any) -> int | None:
 
 
 def _offered_max(fields: dict[str, Any]) -> int | None:
-    for key in ("supported_versions", "versions"):
-        vals = fields.get(key)
-        if isinstance(vals, list | tuple) and vals:
-            ranks = [r for r in (tls_rank(v) for v in vals) if r is not None]
-            if ranks:
-                return max(ranks)
-    return tls_rank(fields.get("version"))
+    """The best version a ClientHello offers (``offered_versions``: supported_versions
+    without GREASE, else the legacy version); None when it names none we know."""
+    vals = fields.get(F_OFFERED)
+    if not isinstance(vals, list | tuple):
+        return None
+    ranks = [r for r in (tls_rank(v) for v in vals) if r is not None]
+    return max(ranks) if ranks else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,9 +230,9 @@ class L7Matcher:
         if sec == "http":
             if event.kind != "request":
                 return None
-            method = str(f.get("method") or "").upper()
-            path = normalize_path(f.get("path"))
-            host = f.get("host") or f.get(":authority")
+            method = str(f.get(F_METHOD) or "").upper()
+            path = normalize_path(f.get(F_PATH))
+            host = f.get(F_HOST) or f.get(F_AUTHORITY)
             for methods, prefix, hpat in self.http:
                 if methods is not None and method not in methods:
                     continue
@@ -209,7 +245,7 @@ class L7Matcher:
         if sec == "tls":
             if event.kind == "hello":
                 if self.sni is not None:
-                    sni = str(f.get("sni") or "").lower().rstrip(".")
+                    sni = str(f.get(F_SNI) or "").lower().rstrip(".")
                     if not sni or not any(fqdn_matches(p, sni) for p in self.sni):
                         return False
                 if self.min_rank is not None:
@@ -220,22 +256,28 @@ class L7Matcher:
             if event.kind == "server_hello":
                 if self.min_rank is None:
                     return None
-                negotiated = tls_rank(f.get("version"))
+                negotiated = tls_rank(f.get(F_NEGOTIATED))
                 return negotiated is not None and negotiated >= self.min_rank
             return None
         if sec == "dns":
             if event.kind != "query":
                 return None
-            q = str(f.get("qname") or "").lower().rstrip(".")
+            q = str(f.get(F_QNAME) or "").lower().rstrip(".")
             return any(q == s or q.endswith("." + s) for s in self.suffixes)
         if sec == "redis":
             if event.kind != "command":
                 return None
-            return str(f.get("command") or "").upper() in self.tokens
-        verb = f.get("verb")
+            return str(f.get(F_REDIS_COMMAND) or "").upper() in self.tokens
+        if event.kind != "statement":
+            return None
+        if f.get(F_VERBS_COMPLETE) is False:
+            return False  # statements the parser could not list: no verbs rule can allow them
+        verb = f.get(F_VERB)
         if not verb:
             return None
-        return str(verb).upper() in self.tokens
+        # every statement of a simple Query must be allowed: "SELECT 1; DELETE FROM t"
+        verbs = f.get(F_VERBS) or [verb]
+        return all(str(v).upper() in self.tokens for v in verbs)
 
     def describe(self) -> str:
         if self.section == "http":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
 import os
 import random
@@ -92,6 +93,26 @@ def listen_socket(host: str, port: int, *, transparent: bool, udp: bool = False,
         s.listen(4096)
     s.setblocking(False)
     return s
+
+
+def is_local_address(ip: str) -> bool:
+    """Whether ``ip`` is an address of this network namespace (loopback, unspecified, or one
+    a socket can bind without IP_TRANSPARENT).  Only asked for flows to a listener port."""
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    if addr.is_loopback or addr.is_unspecified:
+        return True
+    family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((str(addr), 0))
+        except OSError:
+            return False
+    return True
 
 
 def _reset(transport: asyncio.BaseTransport | None) -> None:
@@ -680,6 +701,9 @@ class Proxy:
         session = Session(self.inspection, direction, peer, dst)
         flow = Flow(self, session, client)
         client.flow = flow
+        if self.self_connection(kind, dst):
+            self._refuse_self(flow, transport, dst)
+            return
         transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
         # connection limits (per peer address; the pod itself for outbound)
         key = peer[0]
@@ -702,6 +726,36 @@ class Proxy:
         self.flows.add(flow)
         metrics.CONNECTIONS_ACTIVE.labels(direction).inc()
         self.loop.create_task(self._connect(flow, dst, peer, kind))
+
+    @property
+    def own_ports(self) -> frozenset[int]:
+        """The sidecar's own listener ports (inbound, outbound, DNS, admin), from config."""
+        cfg = self.cfg
+        return frozenset(p for p in (getattr(cfg, "inbound_port", 0), getattr(cfg, "outbound_port", 0),
+                                     getattr(cfg, "dns_port", 0), getattr(cfg, "admin_port", 0)) if p)
+
+    def self_connection(self, kind: str, dst: tuple[str, int]) -> bool:
+        """A flow whose original destination is one of our own listeners on this pod.
+
+        Relaying it would make the sidecar connect to itself: its upstream socket (UID 1337,
+        not redirected) reaches the outbound listener, whose "original destination" is the
+        same port again - a loop that used ~8,000 descriptors a second (issue 15, item 7).
+        Inbound flows are addressed to this pod by construction (TPROXY); outbound ones are
+        ours when the address is local (loopback or the pod's own)."""
+        if dst[1] not in self.own_ports:
+            return False
+        return kind == "inbound" or is_local_address(dst[0])
+
+    def _refuse_self(self, flow: Flow, transport: asyncio.Transport, dst: tuple[str, int]) -> None:
+        s = flow.session
+        metrics.RELAY_ERRORS.labels("self-connection").inc()
+        s.verdict, s.rule, s.close_reason = "deny", "self-connection", "self-connection"
+        try:
+            s._alert("policy", "self-connection", blocked=True, severity=1,
+                     extra={"reason": f"destination {dst[0]}:{dst[1]} is the sidecar's own listener"})
+        except Exception:  # noqa: BLE001 - the refusal must happen even if the alert cannot be written
+            log.exception("self-connection alert failed")
+        self._refuse(flow, transport)
 
     def _refuse(self, flow: Flow, transport: asyncio.Transport) -> None:
         flow.closed = True

@@ -41,6 +41,7 @@ from firewall.report_data import (
     E_SAMPLES,
     OUT_OF_SCOPE,
     WORLD_ANY,
+    WORLD_LEVEL_NAMES,
     EventStats,
     ReportError,
     Workload,
@@ -56,6 +57,7 @@ SEGTEST_MONTHS = 12  # PCI DSS 11.4.5
 CDE = "cde"
 POLICY_KINDS = ("FirewallPolicy", "ClusterFirewallPolicy")
 ANN_LAST_REVIEWED = "palisade.dev/last-reviewed"
+MAX_EVIDENCE_ROWS = 1000
 
 # Rule names the sidecar's policy engine uses for its built-in decisions (they are in no policy
 # file); the report explains them instead of listing them as unknown.
@@ -392,6 +394,7 @@ def build_report(policy_paths: list[str], event_paths: list[str], identity_path:
         "encryption": _encryption(flows),
         "review": {},
         "segtest": _segtest(segtest_paths or [], as_of),
+        "evidence": _evidence(stats),
         "findings": [],
         "notes": notes,
     }
@@ -427,6 +430,49 @@ def _inventory(workloads: dict[str, Workload]) -> dict[str, Any]:
             "ips": sorted(w.ips)[:20], "labels": dict(sorted(w.labels.items())), "source": sorted(w.sources),
         } for w in wls],
         "external_addresses": len(world),
+    }
+
+
+def _evidence(stats: EventStats) -> dict[str, Any]:
+    """What the auditor must know about the evidence itself: which artefacts hold cardholder data
+    (capture files), which CDE pods were not enforcing, and what evidence is missing."""
+    pc = stats.pcap
+    retained = {k: v for k, v in pc.files.items() if k not in pc.removed}
+    sizes = [v[0] for v in retained.values() if v[0] is not None]
+    ends = [v[2] for v in retained.values() if v[2] is not None]
+    files = [{"file": k, "capture": v[3], "bytes": v[0], "sha256": v[1], "written": iso(v[2])}
+             for k, v in sorted(retained.items(), key=lambda kv: (kv[1][2] or 0, kv[0]))]
+    pods = []
+    for (wid, ns, pod, mode), (flows, first, last) in sorted(stats.modes.pods.items(),
+                                                            key=lambda kv: (kv[0][1], kv[0][2], kv[0][3])):
+        pods.append({"workload": wid, "namespace": ns, "pod": pod, "mode": mode, "flows": flows,
+                     "first": iso(first), "last": iso(last),
+                     "seconds": round(last - first, 3) if first is not None and last is not None else None})
+    return {
+        "capture_files": {
+            "cardholder_data": True,
+            "note": ("packet captures hold raw payloads, full card numbers included: they are cardholder "
+                     "data (PCI DSS 3.2.1 retention, 3.5 protection) wherever they are kept or copied"),
+            "count": len(retained), "bytes": sum(sizes), "dirs": sorted(pc.dirs),
+            "captures_started": pc.started, "captures_failed": pc.failed,
+            "removed_by_budget": len(pc.removed),
+            "retention": {"disk_budget_bytes": pc.budget_bytes,
+                          "policy": "oldest files deleted when a new capture needs room in the disk budget",
+                          "oldest": iso(min(ends)) if ends else None, "newest": iso(max(ends)) if ends else None},
+            "files": files[:MAX_EVIDENCE_ROWS],
+            "files_not_listed": max(0, len(files) - MAX_EVIDENCE_ROWS) + pc.overflow,
+        },
+        "unenforced_cde_pods": pods[:MAX_EVIDENCE_ROWS],
+        "unenforced_cde_pods_not_listed": max(0, len(pods) - MAX_EVIDENCE_ROWS),
+        "events_dropped": {
+            "events": stats.dropped["events"], "alerts": stats.dropped["alerts"],
+            "reasons": list(stats.dropped["reasons"]),
+            "source": "alert events with events_dropped (category evidence), palisade_events_dropped_total",
+        },
+        "outside_addresses": {
+            "granularity": WORLD_LEVEL_NAMES[min(stats.world_level, len(WORLD_LEVEL_NAMES) - 1)],
+            "aggregated": stats.world_level > 0, "max_listed": stats.max_world_units,
+        },
     }
 
 
@@ -697,6 +743,27 @@ def _findings(rep: dict[str, Any]) -> list[dict[str, str]]:
         add("high", "11.4.5", f"segmentation test FAILED: {len(seg['violations'])} out-of-scope probes reached the CDE")
     elif seg["overdue"]:
         add("high", "11.4.5", f"last segmentation test {seg['last_run']} is older than {SEGTEST_MONTHS} months")
+    ev = rep["evidence"]
+    cap = ev["capture_files"]
+    if cap["count"]:
+        budget = cap["retention"]["disk_budget_bytes"]
+        add("high", "3.2.1", f"{cap['count']} packet capture file(s) ({cap['bytes']} bytes) in "
+            f"{', '.join(cap['dirs']) or 'the pcap directory'} hold raw traffic, full card numbers included: "
+            "cardholder data to protect, retain only as long as needed and delete"
+            + (f" (kept within a {budget}-byte disk budget)" if budget else ""))
+    pods = ev["unenforced_cde_pods"]
+    for p in pods[:10]:
+        add("high", "1.3.1", f"CDE pod {p['namespace']}/{p['pod']} ran in {p['mode']} mode (not enforced) from "
+            f"{p['first']} to {p['last']} ({p['seconds']} s, {p['flows']} flows)")
+    if len(pods) > 10:
+        add("high", "1.3.1", f"{len(pods) - 10 + ev['unenforced_cde_pods_not_listed']} more CDE pods ran in "
+            "learn or monitor mode (see the evidence section)")
+    if ev["events_dropped"]["events"] or ev["events_dropped"]["alerts"]:
+        add("high", "10.2.1", f"{ev['events_dropped']['events']} events were dropped by the sidecars "
+            f"({', '.join(ev['events_dropped']['reasons']) or 'reason not given'}): the evidence is incomplete")
+    if ev["outside_addresses"]["aggregated"]:
+        add("info", "1.2.4", f"more than {ev['outside_addresses']['max_listed']} outside addresses talked to "
+            f"the CDE: they are listed per {ev['outside_addresses']['granularity']}")
     if rep["time_range"]["bad_lines"]:
         add("info", "10.2", f"{rep['time_range']['bad_lines']} event lines were not valid JSON and were skipped")
     order = {"high": 0, "medium": 1, "info": 2}

@@ -16,6 +16,7 @@ fallback and counts what it could not use instead of failing.
 from __future__ import annotations
 
 import gzip
+import ipaddress
 import json
 import os
 import re
@@ -36,6 +37,17 @@ WORLD_ANY = "world:*"  # every outside address, for flows that do not touch the 
 OUT_OF_SCOPE = "out-of-scope"
 
 # Deployment pods are "<name>-<replicaset hash>-<5 chars>"; jobs/daemonsets "<name>-<5 chars>".
+# Outside addresses next to the CDE are kept individually ("who" is the auditor's question) up
+# to MAX_WORLD_UNITS distinct ones; above that they are counted per network, coarser and coarser
+# (level 1: IPv4 /24 + IPv6 /48, level 2: /16 + /32, level 3: one "world:*"), so 100k scanning
+# addresses cannot make the report hundreds of MB. The level is the smallest one at which the
+# *whole input* fits, whatever way it was split between workers (re-keying to a coarser level
+# is exact: counts add), so the result stays independent of the split.
+MAX_WORLD_UNITS = 1000
+WORLD_LEVELS = ((32, 128), (24, 48), (16, 32))  # prefix lengths per level (IPv4, IPv6); then "*"
+WORLD_LEVEL_NAMES = ("address", "IPv4 /24 and IPv6 /48 network", "IPv4 /16 and IPv6 /32 network",
+                     "all outside addresses together")
+
 _POD_SUFFIX = re.compile(r"-[a-z0-9]{6,10}-[a-z0-9]{5}$|-[a-z0-9]{5}$")
 
 
@@ -180,6 +192,94 @@ class Workload:
             self.labels.setdefault(k, v)
 
 
+class PcapStats:
+    """Capture files from ``pcap`` events: cardholder-data artefacts (raw payloads hold full PANs).
+
+    Mergeable in any order: a file is retained when a ``finished`` (or ``failed``) event names it
+    and no ``removed`` event does, whichever chunk of the input each came from.
+    """
+
+    MAX_FILES = 100_000  # detail kept per file; beyond, only counted
+
+    def __init__(self) -> None:
+        self.files: dict[str, list[Any]] = {}  # "dir/name" -> [bytes, sha256, end, capture id]
+        self.removed: set[str] = set()
+        self.dirs: set[str] = set()
+        self.started = 0
+        self.failed = 0
+        self.budget_bytes: int | None = None
+        self.overflow = 0
+
+    def feed(self, body: dict[str, Any], t: float | None) -> None:
+        state = body.get("state")
+        d = str(body.get("dir") or "")
+        files = body.get("files") if isinstance(body.get("files"), list) else []
+        budget = body.get("budget_bytes")
+        if isinstance(budget, int) and not isinstance(budget, bool):
+            self.budget_bytes = max(self.budget_bytes or 0, budget)
+        if d:
+            self.dirs.add(d)
+        if state == "started":
+            self.started += 1
+        elif state == "removed":
+            self.removed.update(f"{d}/{f}" for f in files)
+        elif state in ("finished", "failed"):
+            if state == "failed":
+                self.failed += 1
+            sha = body.get("sha256") if isinstance(body.get("sha256"), dict) else {}
+            total = _int(body.get("bytes"))
+            for f in files:
+                key = f"{d}/{f}"
+                if key not in self.files and len(self.files) >= self.MAX_FILES:
+                    self.overflow += 1
+                    continue
+                # per-file sizes are not in the event: a capture's bytes go to its (first) file
+                size = total if len(files) == 1 else None
+                self.files[key] = [size, str(sha.get(f) or ""), t, str(body.get("id") or "")]
+
+    def merge(self, other: PcapStats) -> None:
+        for k, v in other.files.items():
+            self.files.setdefault(k, v)
+        self.removed |= other.removed
+        self.dirs |= other.dirs
+        self.started += other.started
+        self.failed += other.failed
+        self.overflow += other.overflow
+        if other.budget_bytes is not None:
+            self.budget_bytes = max(self.budget_bytes or 0, other.budget_bytes)
+
+
+class ModeStats:
+    """CDE pods seen deciding in learn or monitor mode (not enforced), and for how long."""
+
+    def __init__(self) -> None:
+        self.pods: dict[tuple[str, str, str, str], list[Any]] = {}  # (wid, ns, pod, mode) -> [flows, first, last]
+
+    def feed(self, wid: str, ns: str, pod: str, mode: str, t: float | None) -> None:
+        key = (wid, ns, pod, mode)
+        rec = self.pods.get(key)
+        if rec is None:
+            rec = self.pods[key] = [0, t, t]
+        rec[0] += 1
+        rec[1] = _min(rec[1], t)
+        rec[2] = _max(rec[2], t)
+
+    def merge(self, other: ModeStats) -> None:
+        for k, rec in other.pods.items():
+            mine = self.pods.get(k)
+            if mine is None:
+                self.pods[k] = rec
+            else:
+                mine[0] += rec[0]
+                mine[1] = _min(mine[1], rec[1])
+                mine[2] = _max(mine[2], rec[2])
+
+
+def _merge_dropped(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    return {"alerts": a["alerts"] + b["alerts"], "events": a["events"] + b["events"],
+            "reasons": sorted(set(a["reasons"]) | set(b["reasons"]))}
+
+
 _DECODER = json.JSONDecoder()
 
 # Per-edge counters (a list, mutated in place on the hot path):
@@ -230,6 +330,13 @@ class EventStats:
         self.last: float | None = None
         self._cache: dict[tuple[Any, ...], str] = {}
         self._cde: set[str] = set()
+        self.pcap = PcapStats()
+        self.modes = ModeStats()
+        # "events dropped" evidence alerts (the sink could not write events): what is missing
+        self.dropped: dict[str, Any] = {"alerts": 0, "events": 0, "reasons": []}
+        self.world_level = 0
+        self.world_units: set[str] = set()  # distinct outside ids at world_level (bounded)
+        self.max_world_units = MAX_WORLD_UNITS
 
     # ---- workload resolution (cached: the same few pods appear millions of times)
 
@@ -250,14 +357,8 @@ class EventStats:
         addr = str(w.get("ip") or ip or "?")
         ident = self.identity.get(addr)
         if ident is None or not ident.get("namespace"):
-            key = (WORLD, addr)
-            wid = self._cache.get(key)
-            if wid is None:
-                wid = f"{WORLD}:{addr}"
-                wl = self._register(wid, None, WORLD, OUT_OF_SCOPE, {}, None, "events")
-                wl.ips.add(addr)
-                self._cache[key] = wid
-            return wid
+            # Not registered here: most outside peers fold into world:* (see _use_world).
+            return f"{WORLD}:{addr}"
         key = (ident["namespace"], ident.get("pod"), ident["scope"], addr)
         wid = self._cache.get(key)
         if wid is not None:
@@ -296,6 +397,89 @@ class EventStats:
         if WORLD_ANY not in self.workloads:
             self._register(WORLD_ANY, None, WORLD, OUT_OF_SCOPE, {}, None, "events")
         return WORLD_ANY
+
+    # ---- outside addresses: bounded (see MAX_WORLD_UNITS)
+
+    def _use_world(self, wid: str) -> str:
+        """The id an outside peer is recorded under at the current level (registered, counted)."""
+        if wid == WORLD_ANY:
+            return self._world_any()
+        key = (WORLD, wid)
+        unit = self._cache.get(key)
+        if unit is None:
+            unit = coarsen_world(wid, self.world_level)
+            self._cache[key] = unit
+        if unit not in self.world_units:
+            if unit == WORLD_ANY:
+                return self._world_any()
+            self.world_units.add(unit)
+            wl = self._register(unit, None, WORLD, OUT_OF_SCOPE, {}, None, "events")
+            wl.ips.add(unit[len(WORLD_PREFIX):])
+            if len(self.world_units) > self.max_world_units:
+                self._escalate(self.world_level + 1)
+                return self._use_world(wid)
+        return unit
+
+    def _escalate(self, level: int) -> None:
+        """Re-key every outside id to ``level`` (and further while over the bound); exact."""
+        while True:
+            if level <= self.world_level:
+                return
+            self.world_level = level
+            mapping = {u: coarsen_world(u, level) for u in self.world_units}
+            self.world_units = {v for v in mapping.values() if v != WORLD_ANY}
+            self._cache = {k: v for k, v in self._cache.items() if k[0] != WORLD}
+            self._rekey(mapping)
+            if len(self.world_units) <= self.max_world_units:
+                return
+            level += 1
+
+    def _rekey(self, mapping: dict[str, str]) -> None:
+        if not mapping:
+            return
+        if any(v == WORLD_ANY for v in mapping.values()):
+            self._world_any()
+        for old, new in mapping.items():
+            wl = self.workloads.pop(old, None)
+            if wl is None or old == new:
+                if wl is not None:
+                    self.workloads[old] = wl
+                continue
+            target = self.workloads.get(new)
+            if target is None:
+                target = self.workloads[new] = Workload(new, None, WORLD, OUT_OF_SCOPE)
+                target.scopes_seen.add(OUT_OF_SCOPE)
+                target.sources.add("events")
+            target.merge(wl)
+            target.ips = {new[len(WORLD_PREFIX):]}
+
+        def m(x: str) -> str:
+            return mapping.get(x, x)
+
+        edges, self.edges = self.edges, {}
+        for k, rec in edges.items():
+            nk = (m(k[0]), m(k[1]), *k[2:])
+            mine = self.edges.get(nk)  # type: ignore[arg-type]
+            if mine is None:
+                self.edges[nk] = rec  # type: ignore[index]
+            else:
+                _merge_edge(mine, rec)
+        dlp, self.dlp = self.dlp, {}
+        for k, rec in dlp.items():
+            nk = (*k[:7], m(k[7]), m(k[8]))
+            mine = self.dlp.get(nk)  # type: ignore[arg-type]
+            if mine is None:
+                self.dlp[nk] = rec  # type: ignore[index]
+            else:
+                _merge_dlp(mine, rec)
+        alerts, self.alerts = self.alerts, {}
+        for k, rec in alerts.items():
+            nk = (k[0], m(k[1]), m(k[2]), k[3], k[4])
+            mine = self.alerts.get(nk)
+            if mine is None:
+                self.alerts[nk] = rec
+            else:
+                _merge_alert(mine, rec)
 
     def add_identity_inventory(self) -> None:
         """Workloads known only from ``--identity`` still belong in the scope inventory."""
@@ -340,6 +524,8 @@ class EventStats:
                     self._flow(ev, t)
                 elif et == "alert":
                     self._alert(ev, t)
+                elif et == "pcap" and isinstance(ev.get("pcap"), dict):
+                    self.pcap.feed(ev["pcap"], t)
             except (TypeError, AttributeError, ValueError):
                 self.bad_events += 1  # a field of an impossible type (e.g. a list as a rule name)
 
@@ -352,10 +538,17 @@ class EventStats:
         dst = self.workload_id(get("dest_workload"), get("dest_ip"))
         # Outside addresses stay individual only next to the CDE (the auditor asks "who"); elsewhere
         # they fold into one peer, so memory does not grow with every CDN address a pod talks to.
-        if src.startswith(WORLD_PREFIX) and dst not in self._cde:
-            src = self._world_any()
-        elif dst.startswith(WORLD_PREFIX) and src not in self._cde:
-            dst = self._world_any()
+        if src.startswith(WORLD_PREFIX):
+            src = self._world_any() if dst not in self._cde else self._use_world(src)
+        if dst.startswith(WORLD_PREFIX):
+            dst = self._world_any() if src not in self._cde else self._use_world(dst)
+        mode = get("mode")
+        if mode in ("learn", "monitor"):
+            local_id, local_w = (dst, get("dest_workload")) if get("direction") == "inbound" \
+                else (src, get("src_workload"))
+            if local_id in self._cde and isinstance(local_w, dict):
+                self.modes.feed(local_id, str(local_w.get("namespace") or ""), str(local_w.get("pod") or ""),
+                                mode, t)
         verdict = get("verdict") or "allow"
         port = get("dest_port")
         key = (src, dst, get("direction") or "", port if port.__class__ is int else _int(port),
@@ -397,8 +590,18 @@ class EventStats:
         al = ev.get("alert")
         if not isinstance(al, dict):
             al = {}
+        lost = ev.get("events_dropped")
+        if isinstance(lost, dict):  # the sink's "events dropped" evidence alert
+            self.dropped["alerts"] += 1
+            self.dropped["events"] += _int(lost.get("since_last"))
+            reasons = lost.get("total") if isinstance(lost.get("total"), dict) else {}
+            self.dropped["reasons"] = sorted(set(self.dropped["reasons"]) | {str(r) for r in reasons})
         src = self.workload_id(ev.get("src_workload"), ev.get("src_ip"))
         dst = self.workload_id(ev.get("dest_workload"), ev.get("dest_ip"))
+        if src.startswith(WORLD_PREFIX):
+            src = self._use_world(src)
+        if dst.startswith(WORLD_PREFIX):
+            dst = self._use_world(dst)
         sig = str(al.get("signature") or "")
         action = str(al.get("action") or "")
         direction = str(ev.get("direction") or "")
@@ -434,6 +637,9 @@ class EventStats:
     # ---- merge (exact, order independent)
 
     def merge(self, other: EventStats) -> None:
+        level = max(self.world_level, other.world_level)
+        self._escalate(level)
+        other._escalate(level)
         self.lines += other.lines
         self.bad_lines += other.bad_lines
         self.bad_events += other.bad_events
@@ -451,30 +657,26 @@ class EventStats:
             mine = self.edges.get(key)
             if mine is None:
                 self.edges[key] = rec
-                continue
-            for i in (E_COUNT, E_BTS, E_BTC, E_ENC, E_ENCB):
-                mine[i] += rec[i]
-            mine[E_FIRST] = _min(mine[E_FIRST], rec[E_FIRST])
-            mine[E_LAST] = _max(mine[E_LAST], rec[E_LAST])
-            if mine[E_SAMPLES] is not None and rec[E_SAMPLES]:
-                mine[E_SAMPLES] |= set(sorted(rec[E_SAMPLES])[: max(0, MAX_SAMPLES - len(mine[E_SAMPLES]))])
+            else:
+                _merge_edge(mine, rec)
         for key, rec in other.dlp.items():
             mine = self.dlp.get(key)
             if mine is None:
                 self.dlp[key] = rec
-                continue
-            mine[0] += rec[0]
-            mine[1] = _min(mine[1], rec[1])
-            mine[2] = _max(mine[2], rec[2])
-            mine[3] |= set(sorted(rec[3])[: max(0, MAX_SAMPLES - len(mine[3]))])
+            else:
+                _merge_dlp(mine, rec)
         for key, rec in other.alerts.items():
             mine = self.alerts.get(key)
             if mine is None:
                 self.alerts[key] = rec
-                continue
-            mine[0] += rec[0]
-            mine[1] = _min(mine[1], rec[1])
-            mine[2] = _max(mine[2], rec[2])
+            else:
+                _merge_alert(mine, rec)
+        self.pcap.merge(other.pcap)
+        self.modes.merge(other.modes)
+        self.dropped = _merge_dropped(self.dropped, other.dropped)
+        self.world_units |= other.world_units
+        if len(self.world_units) > self.max_world_units:
+            self._escalate(self.world_level + 1)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -485,6 +687,44 @@ class EventStats:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+
+
+def coarsen_world(wid: str, level: int) -> str:
+    """``world:<address or network>`` at ``level`` (0: as is; see WORLD_LEVELS; beyond: world:*)."""
+    if level <= 0 or wid in (WORLD_ANY, f"{WORLD}:?"):
+        return wid
+    if level >= len(WORLD_LEVELS):
+        return WORLD_ANY
+    try:
+        net = ipaddress.ip_network(wid[len(WORLD_PREFIX):], strict=False)
+    except ValueError:
+        return WORLD_ANY  # not an address: cannot be placed in a network
+    plen = WORLD_LEVELS[level][0 if net.version == 4 else 1]
+    if net.prefixlen <= plen:
+        return wid
+    return f"{WORLD_PREFIX}{net.supernet(new_prefix=plen)}"
+
+
+def _merge_edge(mine: list[Any], rec: list[Any]) -> None:
+    for i in (E_COUNT, E_BTS, E_BTC, E_ENC, E_ENCB):
+        mine[i] += rec[i]
+    mine[E_FIRST] = _min(mine[E_FIRST], rec[E_FIRST])
+    mine[E_LAST] = _max(mine[E_LAST], rec[E_LAST])
+    if mine[E_SAMPLES] is not None and rec[E_SAMPLES]:
+        mine[E_SAMPLES] |= set(sorted(rec[E_SAMPLES])[: max(0, MAX_SAMPLES - len(mine[E_SAMPLES]))])
+
+
+def _merge_dlp(mine: list[Any], rec: list[Any]) -> None:
+    mine[0] += rec[0]
+    mine[1] = _min(mine[1], rec[1])
+    mine[2] = _max(mine[2], rec[2])
+    mine[3] |= set(sorted(rec[3])[: max(0, MAX_SAMPLES - len(mine[3]))])
+
+
+def _merge_alert(mine: list[Any], rec: list[Any]) -> None:
+    mine[0] += rec[0]
+    mine[1] = _min(mine[1], rec[1])
+    mine[2] = _max(mine[2], rec[2])
 
 
 def _stamp(rec: list[Any], t: float | None) -> None:

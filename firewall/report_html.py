@@ -274,8 +274,44 @@ def _evidence(rep: dict[str, Any]) -> str:
     notes = "".join(f"<li>{e(n)}</li>" for n in rep["notes"])
     return (f"<p>Events cover <b>{e(tr['start'] or 'n/a')}</b> to <b>{e(tr['end'] or 'n/a')}</b>: "
             f"{e(tr['events'])} events from {e(tr['lines'])} lines ({e(tr['bad_lines'])} unreadable). "
-            f"By type: {types or 'none'}.</p>" + files + ev + ident_html
+            f"By type: {types or 'none'}.</p>" + _dropped(rep) + files + ev + ident_html
+            + _captures(rep) + _unenforced(rep)
             + (f"<ul>{notes}</ul>" if notes else ""))
+
+
+def _dropped(rep: dict[str, Any]) -> str:
+    d = rep["evidence"]["events_dropped"]
+    if not d["events"] and not d["alerts"]:
+        return ("<p>Dropped events: <b>0</b> reported (no <code>events dropped</code> evidence alert in the "
+                "input; the sidecars count losses in <code>palisade_events_dropped_total</code>).</p>")
+    return (f'<p class="bad">Dropped events: <b>{e(d["events"])}</b> events could not be written by the '
+            f'sidecars ({e(", ".join(d["reasons"]) or "reason not given")}; {e(d["alerts"])} evidence alerts): '
+            "the events above are incomplete.</p>")
+
+
+def _captures(rep: dict[str, Any]) -> str:
+    c = rep["evidence"]["capture_files"]
+    r = c["retention"]
+    head = (f"<h3>Packet captures: cardholder-data artefacts</h3><p><b>{e(c['count'])}</b> capture file(s), "
+            f"<b>{e(c['bytes'])}</b> bytes, in {e(', '.join(c['dirs']) or 'no pcap directory')}. "
+            f"{e(c['note'])}. Retention: {e(r['policy'])}"
+            + (f" (disk budget {e(r['disk_budget_bytes'])} bytes)" if r["disk_budget_bytes"] else "")
+            + f"; oldest {e(r['oldest'] or 'n/a')}, newest {e(r['newest'] or 'n/a')}; "
+            f"{e(c['removed_by_budget'])} removed by the budget, {e(c['captures_failed'])} failed.</p>")
+    return head + table(["file", "capture", "bytes#", "sha256", "written"],
+                        [[e(f["file"]), e(f["capture"]), e(f["bytes"]), f"<code>{e(f['sha256'])}</code>",
+                          e(f["written"])] for f in c["files"]],
+                        total=len(c["files"]) + c["files_not_listed"], empty="no capture files retained")
+
+
+def _unenforced(rep: dict[str, Any]) -> str:
+    pods = rep["evidence"]["unenforced_cde_pods"]
+    return ("<h3>CDE pods that ran in learn or monitor mode (not enforced)</h3>"
+            + table(["pod", "mode", "from", "to", "seconds#", "flows#"],
+                    [[e(f"{p['namespace']}/{p['pod']}"), e(p["mode"]), e(p["first"]), e(p["last"]),
+                      e(p["seconds"]), e(p["flows"])] for p in pods],
+                    [True] * len(pods), total=len(pods) + rep["evidence"]["unenforced_cde_pods_not_listed"],
+                    empty="none: every CDE flow was decided in protect mode"))
 
 
 def _flows_appendix(rep: dict[str, Any]) -> str:

@@ -163,7 +163,10 @@ class Sidecar:
         try:
             from firewall.fqdn import FqdnCache
 
-            self.fqdn = FqdnCache()
+            c = self.cfg
+            self.fqdn = FqdnCache(max_entries=c.fqdn_max_entries, min_ttl=c.fqdn_min_ttl,
+                                  max_ttl=c.fqdn_max_ttl, max_per_name=c.fqdn_max_per_name)
+            self.fqdn.set_resolvers(c.fqdn_resolvers)
         except ImportError:
             self.fqdn = None
         if self.cfg.podinfo:
@@ -192,6 +195,7 @@ class Sidecar:
             self.identities = self.kube
         self.identity_digest = _files_digest([self.cfg.identity] if self.cfg.identity else [])
         self.dlp = self.load_dlp()
+        self.sink.set_scanner(self.dlp)  # event redaction also masks what the DLP packs find
         self._dlp_digest = _files_digest(self.cfg.dlp_rules) if self.cfg.dlp_rules else ""
         self.sink.emit({"event_type": "policy", "policy": {
             "action": "loaded", "files": self.cfg.policy,
@@ -367,7 +371,9 @@ def _start_side_threads(side: Sidecar, worker: int) -> None:
 
         try:
             # webhook_flows: every event type, flow records included; else the default set
-            wh = WebhookSink(cfg.alert_webhook, **({"event_types": None} if cfg.webhook_flows else {}))
+            wh = WebhookSink(cfg.alert_webhook, queue_size=cfg.webhook_queue_size,
+                             queue_bytes=cfg.webhook_queue_bytes,
+                             **({"event_types": None} if cfg.webhook_flows else {}))
             wh.start()
             side.sink.add_consumer(wh)
         except Exception as exc:  # noqa: BLE001
@@ -385,7 +391,13 @@ async def _serve_with(side: Sidecar, proxy: Any, worker: int, admin: bool) -> in
     await proxy.start()
     admin_srv = None
     if admin and cfg.admin_port:
-        admin_srv = metrics.AdminServer(cfg.admin_address, cfg.admin_port, lambda: proxy.ready)
+        limits = metrics.AdminLimits(
+            max_connections=cfg.admin_max_connections, max_per_source=cfg.admin_max_per_source,
+            request_timeout=cfg.admin_request_timeout, max_request_line=cfg.admin_max_request_line,
+            max_headers=cfg.admin_max_headers, max_request_bytes=cfg.admin_max_request_bytes,
+            allow=tuple(cfg.admin_allow))
+        admin_srv = metrics.AdminServer(cfg.admin_address, cfg.admin_port, lambda: proxy.ready, limits,
+                                        node_ip=cfg.host_ip)
         await admin_srv.start()
     log.info("worker %d ready (inbound :%d, outbound :%d)", worker, cfg.inbound_port, cfg.outbound_port)
     stop = asyncio.Event()
@@ -416,6 +428,9 @@ async def _serve_with(side: Sidecar, proxy: Any, worker: int, admin: bool) -> in
 def _cmd(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s palisade %(levelname)s %(message)s")
+    from firewall.events import redact_logs
+
+    redact_logs()  # log lines get the events' card masking
     try:
         cfg = _apply_flags(load_config(args.config), args)
     except ConfigError as exc:

@@ -142,7 +142,7 @@ class Session:
         "close_reason", "encrypted", "passthrough", "_ident", "_ident_buf", "_parser", "_hold",
         "_pending", "_sent", "_seen", "_dlp", "_dlp_actions", "_enforced", "_stopped", "source_preserved",
         "_alerts", "_l7_summary", "_capture_done", "_bodies", "_governed", "_on_error",
-        "_digit_hold", "_tail", "_shift", "_switch",
+        "_digit_hold", "_tail", "_shift", "_switch", "_dns_queries",
     )
 
     def __init__(self, insp: Inspection, direction: str, src: tuple, dst: tuple, proto: str = "TCP") -> None:
@@ -187,6 +187,7 @@ class Session:
         self._tail = [b"", b""]  # last bytes forwarded per direction (digit-run hold-back)
         self._shift: tuple[int, int] | None = None  # where a tunnel's inner stream starts
         self._switch: tuple[int, int, int] | None = None  # a protocol switch the parser accepted
+        self._dns_queries: list[tuple] | None = None  # (id, qname, qtype) forwarded, not yet answered
 
     # ------------------------------------------------------------------ identities
     def _workloads(self) -> tuple[Identity, Identity]:
@@ -499,8 +500,11 @@ class Session:
         if not self._hold:
             return None
         if self._ident is not None:
-            # hold everything while identifying (bounded by max depth); inside a tunnel only
-            # what follows the switch (the 200 / 101 itself must reach the client)
+            # hold client bytes while identifying (bounded by the identifier's depth); server
+            # bytes pass, so a server-first banner reaches its client (Identifier.holds);
+            # inside a tunnel only what follows the switch (the 200 / 101 must reach the client)
+            if not self._ident.holds(d):
+                return None
             return self._sent[d] if self._shift is None else max(self._sent[d], self._shift[d])
         if self._parser is not None:
             try:
@@ -530,52 +534,26 @@ class Session:
 
     def _identify(self, d: int, data: bytes) -> Stop | None:
         self._ident_buf[d].append(data)
-        ident = self._ident
-        candidates = list(getattr(ident, "_alive", ()))  # the protocols still possible before these bytes
         try:
-            proto = ident.feed(data, d)
-        except Exception as exc:  # noqa: BLE001 - an identifier bug must not kill the relay
-            proto = "unknown"
-            stop = self._inspection_error(Stage.INTERNAL, f"identifier-error:{type(exc).__name__}", d,
-                                          self._sent[d])
-            if stop is not None:
-                return stop
+            proto = self._ident.feed(data, d)
+            undecided = self._ident.undecided
+        except Exception:  # noqa: BLE001 - an identifier bug must not kill the relay
+            proto, undecided = "unknown", ("identifier-error",)
         if proto is None:
             return None
-        if proto == "unknown" and candidates and self._governed and self._undecided_at_depth(d, candidates):
-            # a protocol was still possible when max depth ran out: undecided, not "unknown"
-            stop = self._inspection_error(Stage.IDENTIFY, "undecided-at-max-depth", d, self._sent[d])
+        if undecided:
+            # a probe still wanted bytes at its depth (a ClientHello longer than 16 KiB, a
+            # CONNECT line that never ends): not an ordinary unknown protocol
+            stop = self._inspection_error(Stage.IDENTIFY, "undecided:" + "+".join(undecided), d, 0)
             if stop is not None:
+                self._ident = None
                 return stop
         return self._decide_proto(proto)
-
-    def _undecided_at_depth(self, d: int, candidates: list) -> bool:
-        """Whether some protocol's probe still asked for more bytes when its depth ran out
-        (the identifier then rules it out silently: "unknown" would be a guess)."""
-        from firewall.protocols.base import Probe
-
-        limit = getattr(self._ident, "max_depth", 2048) if self._ident is not None else 2048
-        view = b"".join(self._ident_buf[d])[:limit]
-        for spec in candidates:
-            probe = spec.probe(d)
-            if probe is None:
-                continue
-            depth = min(spec.max_depth, limit)
-            if len(view) < depth:
-                continue
-            try:
-                if probe(view[:depth]) is Probe.NEED_MORE:
-                    return True
-            except Exception:  # noqa: BLE001 - a probe bug is the identifier's to report
-                continue
-        return False
 
     def _decide_proto(self, proto: str) -> Stop | None:
         self._ident = None
         self.app_proto = proto
         bufs, self._ident_buf = self._ident_buf, [[], []]
-        if proto == "tls":
-            self.encrypted = True
         policy = self.insp.policy
         if policy is not None and self.flowinfo is not None:
             d = policy.decide_app(self.flowinfo, proto, mode_override=self.insp.mode_override,
@@ -636,20 +614,29 @@ class Session:
         app, kind = ev.app_proto, ev.kind
         if app == "grpc" and self.app_proto != "grpc":
             self.app_proto = "grpc"
-        if kind == "server_hello" or app == "tls":
-            self.encrypted = True
+        if kind == "established":
+            self.encrypted = True  # a TLS handshake completed in both directions (tls.TlsParser)
         if insp.l7_events and kind != "anomaly":
             e = self._base_event(app or self.app_proto)
             e[app or self.app_proto] = {"kind": kind, "direction": DIR_NAMES[ev.direction],
                                         **{k: v for k, v in ev.fields.items() if k not in _PRIVATE_FIELDS}}
             insp.emit(e)
-        if kind == "answer" and insp.fqdn is not None and app == "dns":
-            self._learn_dns(ev)
+        if app == "dns":
+            stop = self._on_dns(ev)
+            if stop is not None or (kind == "anomaly" and ev.direction == TOSERVER):
+                return stop
+        if kind == "anomaly" and (app == "tls" or (ev.anomaly or "").startswith("tls:")):
+            # the flow claimed TLS (a complete ClientHello, or a switch) and broke the record layer
+            return self._inspection_error(Stage.PARSE, f"{app}:{ev.anomaly}", ev.direction, ev.offset)
         if kind == "anomaly":
             return self._on_anomaly(ev)
         if kind == "response" and ev.fields.get("tunnel_at") is not None:
             # the server accepted CONNECT / Upgrade: what follows is another protocol
             self._switch = (self._seen[TOSERVER], int(ev.fields["tunnel_at"]), int(ev.fields.get("tunnel_port") or 0))
+        if kind == "switch":
+            stop = self._on_switch(ev)
+            if stop is not None:
+                return stop
         if kind == "request" and app == "http" and ev.direction == TOSERVER and self._dlp_on():
             stop = self._decoded_request(ev)
             if stop is not None:
@@ -700,13 +687,56 @@ class Session:
                 return Stop(f"denied:{d.rule}", _forbidden(d.rule, "CONNECT target denied"), cut=ev.offset)
         return None
 
-    def _learn_dns(self, ev: L7Event) -> None:
+    def _on_switch(self, ev: L7Event) -> Stop | None:
+        """A protocol switch (PostgreSQL SSLRequest/GSSENCRequest, MySQL SSL): the inner stream
+        is TLS (parsed on: hellos, record layer, ``established``) or GSSAPI (opaque).  Where an
+        L7 rule of this flow reads the plaintext (SQL verbs), the switch hides what it needs:
+        the exception policy decides (refuse in protect)."""
+        policy = self.insp.policy
+        if policy is None or self.flowinfo is None:
+            return None
+        try:
+            needs_plaintext = bool(policy.needs_l7(self.flowinfo))
+        except Exception:  # noqa: BLE001 - cannot tell: assume it does
+            needs_plaintext = True
+        if not needs_plaintext:
+            return None
         f = ev.fields
-        addrs = [a.get("data") for a in f.get("answers") or [] if a.get("type") in ("A", "AAAA")]
-        if addrs and f.get("qname"):
-            ttl = min((int(a.get("ttl") or 0) for a in f["answers"]), default=0)
+        return self._inspection_error(Stage.TUNNEL, f"{ev.app_proto}:{f.get('via')}->{f.get('to')}",
+                                      ev.direction, ev.offset)
+
+    def _on_dns(self, ev: L7Event) -> Stop | None:
+        """DNS under the exception policy (``dns.query_problem``: what is not one plain query
+        is refused in protect mode on a governed flow); queries remembered per flow so only
+        the answer to one of them may teach the FQDN cache."""
+        from firewall.protocols import dns
+
+        if ev.direction == TOSERVER:
+            problem = dns.query_problem(ev)
+            if problem is not None:
+                return self._inspection_error(Stage.PARSE, problem, TOSERVER, ev.offset)
+            q = self._dns_queries = (self._dns_queries or [])[-63:]  # bounded per flow
+            q.append(dns.query_key(ev.fields))
+        elif ev.kind == "answer" and self.insp.fqdn is not None:
+            self._learn_dns(ev)
+        return None
+
+    def _learn_dns(self, ev: L7Event) -> None:
+        """Learn only from an answer the pod asked for (docs/policy.md, "How FQDN peers are
+        learned"): an outbound, not denied flow to a resolver (port 53, ``fqdn_resolvers``),
+        server to client, ID and question of a query forwarded on this flow."""
+        from firewall.protocols import dns
+
+        key = dns.query_key(ev.fields)
+        if (self.direction != "outbound" or ev.direction != TOCLIENT or self.verdict == "deny"
+                or self._stopped is not None or key not in (self._dns_queries or ())
+                or not self.insp.fqdn.trusts(self.dest_ip, self.dest_port)):
+            return
+        self._dns_queries.remove(key)  # type: ignore[union-attr]
+        addrs, ttl = dns.answer_addresses(ev.fields)
+        if addrs:
             try:
-                self.insp.fqdn.learn(f["qname"], addrs, ttl)
+                self.insp.fqdn.learn(ev.fields["qname"], addrs, ttl)
             except Exception:  # noqa: BLE001
                 pass
 

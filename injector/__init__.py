@@ -12,8 +12,11 @@ around it**.
   (a JSON Patch computed as the diff of original and mutated pod). The HTTPS
   server (``server.py``) and the offline ``python -m injector mutate`` both call
   it, so what the tests see offline is what the API server gets.
-* ``cde.py`` is the validating side: pods in the PCI cardholder-data environment
-  may not run without the sidecar.
+* ``protection.py`` decides whether a pod is protected (re-render the sidecar
+  and compare; the pod's own annotations are never trusted), for both
+  endpoints; ``guard.py`` holds the admission guard's other rules (CDE
+  exceptions, fields that could dismantle the firewall, the capture volume,
+  namespace grants). ``review.validate`` is the validating side.
 * ``certs.py`` and ``manifests.py`` produce what a platform team installs.
 """
 

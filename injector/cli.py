@@ -95,7 +95,7 @@ def _run_review(args: argparse.Namespace, endpoint: str) -> int:
     else:
         body = sys.stdin.buffer.read()
     try:
-        result = review.handle(endpoint, body, config)
+        result = review.handle(endpoint, body, config, frozenset(getattr(args, "grant", None) or ()))
     except review.ReviewError as exc:
         raise UsageError(f"bad AdmissionReview: {exc}") from None
     if getattr(args, "print_pod", False):
@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=fmt)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("serve", help="run the HTTPS webhook (/mutate, /validate, /healthz, /readyz, /metrics)",
+    p = sub.add_parser("serve", help="run the HTTPS webhook (/mutate, /validate[/GRANTS], /healthz, /readyz, /metrics)",
                        formatter_class=fmt, epilog="example:\n  python -m injector serve --cert tls.crt "
                        "--key tls.key --port 8443 --config config.yaml\n\nThe certificate files are re-read "
                        "every --reload-interval seconds; a changed pair is used for new connections.")
@@ -214,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, func, help_text in (
         ("mutate", cmd_mutate, "answer one AdmissionReview from stdin offline (same code as /mutate)"),
-        ("validate", cmd_validate, "answer one AdmissionReview from stdin offline (same code as /validate)"),
+        ("validate", cmd_validate, "answer one AdmissionReview from stdin offline (same code as /validate): "
+                                   "the admission guard for CDE pods, dangerous fields and ephemeral containers"),
     ):
         p = sub.add_parser(name, help=help_text, formatter_class=fmt, epilog=(
             f"examples:\n  python -m injector {name} < review.json > response.json\n"
@@ -226,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--pod", metavar="FILE", help="read a bare Pod manifest (YAML/JSON, '-' = stdin) "
                        "instead of an AdmissionReview and wrap it in a CREATE review")
         p.add_argument("--namespace", help="namespace for --pod (default: the pod's, else 'default')")
+        if name == "validate":
+            p.add_argument("--grant", action="append", choices=["mode", "debug"],
+                           help="act as if the namespace carried the admin label granting this to CDE pods: "
+                                "mode = palisade.dev/cde-allow-mode-override=true (learn/monitor allowed), "
+                                "debug = palisade.dev/cde-allow-debug=true (ephemeral containers allowed); "
+                                "repeatable. In the cluster the webhook path carries them (/validate/mode-debug)")
         if name == "mutate":
             p.add_argument("--print-pod", action="store_true",
                            help="print the patched pod instead of the AdmissionReview response")

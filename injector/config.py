@@ -8,6 +8,7 @@ path: a typo such as ``nativeSideCar`` must not silently fall back to a default.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -17,6 +18,13 @@ import yaml
 
 DEFAULT_IMAGE = "palisade:0.1.0"
 FAILURE_POLICIES = ("Fail", "Ignore")
+DANGEROUS_ACTIONS = ("warn", "refuse")
+# Networks no exclusion may ever name, whatever the allow-list says: "everything" in each family,
+# the IPv4-mapped range (an IPv6 socket reaching every IPv4 address) and the NAT64 well-known
+# prefix (every IPv4 address, through a NAT64 gateway).
+NEVER_EXCLUDED = tuple(ipaddress.ip_network(n) for n in ("0.0.0.0/0", "::/0", "::ffff:0:0/96", "64:ff9b::/96"))
+# Shorter prefixes than these are "most of the internet" and are refused in an allow-list too.
+MIN_PREFIX = {4: 8, 6: 16}
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 
 # Kubernetes resource.Quantity grammar (decimal SI, binary SI, or exponent suffix).
@@ -76,6 +84,100 @@ class Resources:
         )
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _port_range(value: Any, where: str) -> tuple[int, int]:
+    """``5432`` or ``"6000-6010"`` -> an inclusive (low, high) pair."""
+    text = str(value).strip() if isinstance(value, (int, str)) and not isinstance(value, bool) else ""
+    low, _, high = text.partition("-")
+    high = high or low
+    if not (low.isdigit() and high.isdigit() and 1 <= int(low) <= int(high) <= 65535):
+        raise ConfigError(f"{where}: {value!r} is not a port or port range (e.g. 5432 or 6000-6010)")
+    return int(low), int(high)
+
+
+def check_excludable(net: Network, cluster: tuple[Network, ...]) -> str | None:
+    """Why ``net`` may never be excluded from the proxy (None when it may).
+
+    Excluding a network sends that traffic around the firewall entirely. "Everything" (``/0``
+    in either family, the IPv4-mapped IPv6 range) and any prefix that covers the cluster's own
+    pod or service ranges would turn the firewall off for east-west traffic, so no allow-list
+    may grant them."""
+    for never in NEVER_EXCLUDED:
+        if net.version == never.version and net.supernet_of(never):
+            return f"{net} covers {never} (all traffic)"
+    if net.prefixlen < MIN_PREFIX[net.version]:
+        return f"{net} is shorter than /{MIN_PREFIX[net.version]} (most of the address space)"
+    for c in cluster:
+        if net.version == c.version and net.supernet_of(c):
+            return f"{net} covers the cluster range {c}"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class ExclusionGrant:
+    """One entry of ``cdeExclusions``: what CDE pods in these namespaces may exclude from the proxy.
+
+    Owned by the platform team (it lives in the injector's ConfigMap, not on the pod); the pod's
+    labels can only narrow an entry (``podLabels``), never widen it, because the pod writes them."""
+
+    namespaces: tuple[str, ...]
+    pod_labels: tuple[tuple[str, str], ...] = ()
+    outbound_cidrs: tuple[Network, ...] = ()
+    outbound_ports: tuple[tuple[int, int], ...] = ()
+    inbound_ports: tuple[tuple[int, int], ...] = ()
+
+    _KEYS = ("namespaces", "podLabels", "outboundCidrs", "outboundPorts", "inboundPorts")
+
+    def applies(self, namespace: str, labels: dict[str, str]) -> bool:
+        return namespace in self.namespaces and all(labels.get(k) == v for k, v in self.pod_labels)
+
+    @staticmethod
+    def from_dict(data: Any, where: str, cluster: tuple[Network, ...]) -> ExclusionGrant:
+        data = _mapping(data, where)
+        _only(data, set(ExclusionGrant._KEYS), where)
+        ns = data.get("namespaces")
+        if not isinstance(ns, list) or not ns:
+            raise ConfigError(f"{where}.namespaces: expected a non-empty list of namespace names")
+        labels = _mapping(data.get("podLabels") or {}, f"{where}.podLabels")
+        cidrs: list[Network] = []
+        for i, item in enumerate(_list(data.get("outboundCidrs"), f"{where}.outboundCidrs")):
+            path = f"{where}.outboundCidrs[{i}]"
+            try:
+                net = ipaddress.ip_network(str(item), strict=True)
+            except ValueError as exc:
+                raise ConfigError(f"{path}: {item!r} is not an IP network: {exc}") from None
+            why = check_excludable(net, cluster)
+            if why:
+                raise ConfigError(f"{path}: may not be excluded: {why}")
+            cidrs.append(net)
+
+        def ranges(key: str) -> tuple[tuple[int, int], ...]:
+            return tuple(_port_range(v, f"{where}.{key}[{i}]")
+                         for i, v in enumerate(_list(data.get(key), f"{where}.{key}")))
+
+        return ExclusionGrant(
+            namespaces=tuple(_string(v, f"{where}.namespaces[{i}]") for i, v in enumerate(ns)),
+            pod_labels=tuple(sorted((_string(k, f"{where}.podLabels"), _string(v, f"{where}.podLabels.{k}"))
+                                    for k, v in labels.items())),
+            outbound_cidrs=tuple(cidrs),
+            outbound_ports=ranges("outboundPorts"),
+            inbound_ports=ranges("inboundPorts"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"namespaces": list(self.namespaces)}
+        if self.pod_labels:
+            out["podLabels"] = dict(self.pod_labels)
+        if self.outbound_cidrs:
+            out["outboundCidrs"] = [str(n) for n in self.outbound_cidrs]
+        for key, value in (("outboundPorts", self.outbound_ports), ("inboundPorts", self.inbound_ports)):
+            if value:
+                out[key] = [str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in value]
+        return out
+
+
 @dataclass(frozen=True, slots=True)
 class InjectorConfig:
     """Everything the injector renders from. Defaults are the documented production defaults."""
@@ -97,6 +199,16 @@ class InjectorConfig:
     dlp_config_map: str = "palisade-dlp-rules"
     # Seconds the sidecar may take to become ready before the kubelet restarts it.
     startup_timeout_seconds: int = 60
+    # Sidecar images accepted in an already injected pod besides ``image`` (a rollout of a new
+    # version keeps the previous one here until every pod is recreated). Exact strings.
+    allowed_images: tuple[str, ...] = ()
+    # The cluster's pod and service ranges: no exclusion may cover them.
+    cluster_cidrs: tuple[Network, ...] = ()
+    # The only exclusions CDE pods may carry (admin-owned allow-list).
+    cde_exclusions: tuple[ExclusionGrant, ...] = ()
+    # Containers that could dismantle the firewall, outside the CDE: warn (default) or refuse.
+    # In the CDE they are always refused.
+    dangerous_outside_cde: str = "warn"
 
     _KEYS = {
         "image": "image",
@@ -110,13 +222,32 @@ class InjectorConfig:
         "policyConfigMap": "policy_config_map",
         "dlpConfigMap": "dlp_config_map",
         "startupTimeoutSeconds": "startup_timeout_seconds",
+        "allowedImages": "allowed_images",
+        "clusterCidrs": "cluster_cidrs",
+        "cdeExclusions": "cde_exclusions",
+        "dangerousOutsideCde": "dangerous_outside_cde",
     }
+
+    @property
+    def images(self) -> tuple[str, ...]:
+        """Every sidecar image a protected pod may run."""
+        return (self.image, *(i for i in self.allowed_images if i != self.image))
 
     @staticmethod
     def from_dict(data: Any, where: str = "config") -> InjectorConfig:
         data = _mapping(data if data is not None else {}, where)
         _only(data, set(InjectorConfig._KEYS), where)
         kw: dict[str, Any] = {}
+        cluster: tuple[Network, ...] = ()
+        if "clusterCidrs" in data:
+            path = f"{where}.clusterCidrs"
+            nets = []
+            for i, item in enumerate(_list(data["clusterCidrs"], path)):
+                try:
+                    nets.append(ipaddress.ip_network(str(item), strict=True))
+                except ValueError as exc:
+                    raise ConfigError(f"{path}[{i}]: {item!r} is not an IP network: {exc}") from None
+            cluster = tuple(nets)
         for key, value in data.items():
             attr = InjectorConfig._KEYS[key]
             path = f"{where}.{key}"
@@ -136,6 +267,15 @@ class InjectorConfig:
                 kw[attr] = Resources.from_k8s(value, path)
             elif attr == "pcap_size_limit":
                 kw[attr] = check_quantity(value, path)
+            elif attr == "allowed_images":
+                kw[attr] = tuple(_string(v, f"{path}[{i}]") for i, v in enumerate(_list(value, path)))
+            elif attr == "cluster_cidrs":
+                kw[attr] = cluster
+            elif attr == "cde_exclusions":
+                kw[attr] = tuple(ExclusionGrant.from_dict(v, f"{path}[{i}]", cluster)
+                                 for i, v in enumerate(_list(value, path)))
+            elif attr == "dangerous_outside_cde":
+                kw[attr] = _choice(value, DANGEROUS_ACTIONS, path)
             elif attr == "startup_timeout_seconds":
                 if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 3600:
                     raise ConfigError(f"{path}: expected an integer between 1 and 3600, got {value!r}")
@@ -149,8 +289,10 @@ class InjectorConfig:
             value = getattr(self, attr)
             if isinstance(value, Resources):
                 value = value.to_k8s()
+            elif attr == "cde_exclusions":
+                value = [g.to_dict() for g in value]
             elif isinstance(value, tuple):
-                value = list(value)
+                value = [str(v) for v in value]
             out[key] = value
         return out
 
@@ -180,6 +322,14 @@ assert set(InjectorConfig._KEYS.values()) == {f.name for f in fields(InjectorCon
 def _mapping(value: Any, where: str) -> dict:
     if not isinstance(value, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def _list(value: Any, where: str) -> list:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
     return value
 
 

@@ -9,7 +9,9 @@ The first matching row wins:
 row   condition                                     result    note
 ====  ============================================  ========  ===========================
 1     namespace is kube-system or ignored           skip      never inject system pods
-2     annotation ``palisade.dev/status`` present    skip      idempotent re-admission
+2     (removed) ``palisade.dev/status`` is            -         informational only; whether the
+      never trusted: review.py asks                             sidecar is there is decided by
+      ``protection.inspect`` before this table                  re-rendering (protection.py)
 3     ``hostNetwork: true``                         skip      + warning; rules would hit the node
 3b    ``spec.os.name: windows``                     skip      + warning; no nftables on Windows
 4     ``palisade.dev/inject`` label/annotation      reject    only "true"/"false" are valid
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from injector import ANN_STATUS, OTHER_MESH_PROXIES
+from injector import OTHER_MESH_PROXIES
 from injector.annotations import inject_flag
 from injector.config import InjectorConfig
 
@@ -48,13 +50,11 @@ def decide(pod: dict, namespace: str, config: InjectorConfig) -> Decision:
     """Apply the truth table. Raises ``AnnotationError`` for row 4."""
     meta = pod.get("metadata") or {}
     spec = pod.get("spec") or {}
-    annotations = meta.get("annotations") or {}
+    annotations = meta.get("annotations") or {}  # palisade.dev/status deliberately not consulted
     labels = meta.get("labels") or {}
 
     if namespace in ALWAYS_IGNORED_NAMESPACES or namespace in config.ignored_namespaces:
         return Decision(False, f"namespace {namespace} is never injected")
-    if ANN_STATUS in annotations:
-        return Decision(False, f"already injected ({ANN_STATUS}={annotations[ANN_STATUS]})")
     if spec.get("hostNetwork") is True:
         return Decision(False, "hostNetwork pod", (
             "palisade: hostNetwork pods are not injected (the redirect rules would apply to the "

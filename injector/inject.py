@@ -17,13 +17,13 @@ What is added and why (docs/injector.md explains each at length):
   one for /tmp (the root filesystem is read-only), and the policy and DLP rule
   ConfigMaps (optional, so a namespace without them still starts).
 * ``palisade.dev/status: injected`` plus ``palisade.dev/injected-resources`` (JSON
-  naming every container, volume, label and annotation added) so re-admission is
-  a no-op and a later version can strip exactly what an earlier one added.
+  naming every container, volume, label and annotation added) so people and a
+  later version can see exactly what an earlier one added. Informational only:
+  whether a pod is protected is decided by ``protection.inspect``, never by these.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass
 
@@ -296,29 +296,4 @@ def render(pod: dict, config: InjectorConfig) -> Rendered:
     return Rendered(out, tuple(warnings))
 
 
-def repair_order(pod: dict) -> dict | None:
-    """For an already injected pod: move Palisade's init containers back to the front.
-
-    With ``reinvocationPolicy: IfNeeded`` we are called again after later webhooks ran;
-    if one of them prepended an init container, it would run before the redirect rules
-    and the proxy exist. Returns the fixed copy, or ``None`` when nothing needs fixing.
-    """
-    meta = pod.get("metadata") or {}
-    try:
-        record = json.loads((meta.get("annotations") or {}).get(ANN_INJECTED_RESOURCES, ""))
-        ours = [n for n in record.get("initContainers", []) if isinstance(n, str)]
-    except (ValueError, AttributeError):
-        return None
-    inits = (pod.get("spec") or {}).get("initContainers") or []
-    names = [c.get("name") for c in inits]
-    present = [n for n in ours if n in names]
-    if not present or names[: len(present)] == present:
-        return None
-    out = copy.deepcopy(pod)
-    by_name = {c.get("name"): c for c in out["spec"]["initContainers"]}
-    rest = [c for c in out["spec"]["initContainers"] if c.get("name") not in present]
-    out["spec"]["initContainers"] = [by_name[n] for n in present] + rest
-    return out
-
-
-__all__ = ["AnnotationError", "InjectError", "Rendered", "render", "repair_order"]
+__all__ = ["AnnotationError", "InjectError", "Rendered", "render"]

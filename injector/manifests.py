@@ -22,6 +22,7 @@ import yaml
 
 from injector import ANN_INJECT, LABEL_INJECTION, LABEL_SCOPE, __version__
 from injector.config import FAILURE_POLICIES, InjectorConfig
+from injector.guard import GRANT_LABELS, GRANTS, grants_path
 
 APP = "palisade-injector"
 TLS_SECRET = "palisade-injector-tls"
@@ -177,31 +178,102 @@ def mutating_webhook(opts: ManifestOptions) -> dict[str, Any]:
     }
 
 
+GUARD_NAME = "guard.palisade.dev"
+
+
+def _cde_webhook(opts: ManifestOptions, grants: tuple[str, ...]) -> dict[str, Any]:
+    """One CDE webhook for one combination of the namespace's admin grant labels.
+
+    AdmissionReview does not carry namespace labels; the API server evaluates the
+    ``namespaceSelector`` and calls exactly one of these webhooks, whose path names the grants
+    (guard.py). The selectors are mutually exclusive, so each CDE pod is judged once."""
+    exprs = [{"key": "kubernetes.io/metadata.name", "operator": "NotIn",
+              "values": sorted({"kube-system", opts.namespace})}]
+    for grant in GRANTS:
+        exprs.append({"key": GRANT_LABELS[grant], "operator": "In" if grant in grants else "NotIn",
+                      "values": ["true"]})
+    suffix = "-".join(grants)
+    return {
+        "name": f"cde-{suffix}.palisade.dev" if grants else VALIDATING_NAME,
+        "clientConfig": _client_config(opts, grants_path(grants)),
+        # pods/ephemeralcontainers: `kubectl debug` adds containers to a running pod through it.
+        "rules": [{"operations": ["CREATE", "UPDATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                   "resources": ["pods", "pods/ephemeralcontainers"], "scope": "Namespaced"}],
+        # Every namespace, opted in or not: a CDE pod in a namespace nobody labelled is
+        # exactly the one that must be refused.
+        "namespaceSelector": {"matchExpressions": exprs},
+        # On UPDATE the API server matches old or new object: a label change into (or out of)
+        # the CDE is seen here.
+        "objectSelector": {"matchExpressions": [
+            {"key": LABEL_SCOPE, "operator": "In", "values": ["cde"]},
+        ]},
+        "sideEffects": "None",
+        "admissionReviewVersions": ["v1"],
+        "timeoutSeconds": opts.timeout_seconds,
+        "failurePolicy": "Fail",
+        "matchPolicy": "Equivalent",
+    }
+
+
+def _guard_webhook(opts: ManifestOptions) -> dict[str, Any]:
+    """Pods outside the CDE in opted-in namespaces: dangerous fields warned (or refused by config),
+    the sidecar's capture volume never mounted by another container (also by ephemeral ones)."""
+    return {
+        "name": GUARD_NAME,
+        "clientConfig": _client_config(opts, "/validate"),
+        "rules": [
+            {"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
+             "resources": ["pods"], "scope": "Namespaced"},
+            {"operations": ["UPDATE"], "apiGroups": [""], "apiVersions": ["v1"],
+             "resources": ["pods/ephemeralcontainers"], "scope": "Namespaced"},
+        ],
+        "namespaceSelector": {"matchExpressions": [
+            {"key": LABEL_INJECTION, "operator": "In", "values": ["enabled"]},
+            {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": _system_namespaces(opts)},
+        ]},
+        "objectSelector": {"matchExpressions": [
+            {"key": LABEL_SCOPE, "operator": "NotIn", "values": ["cde"]},
+        ]},
+        "sideEffects": "None",
+        "admissionReviewVersions": ["v1"],
+        "timeoutSeconds": opts.timeout_seconds,
+        # Same trade-off as the injector itself (the capture volume exists only where it injects).
+        "failurePolicy": opts.failure_policy,
+        "matchPolicy": "Equivalent",
+    }
+
+
+EXEC_NAME = "exec.palisade.dev"
+
+
+def _exec_webhook(opts: ManifestOptions) -> dict[str, Any]:
+    """``kubectl exec``/``attach`` into Palisade's containers, in every opted-in namespace.
+
+    No ``objectSelector``: the API server matches it against the request's object, a
+    PodExecOptions without metadata, which never matches a non-empty selector (the webhook
+    would silently never be called)."""
+    hook = _guard_webhook(opts)
+    hook.pop("objectSelector")
+    hook["name"] = EXEC_NAME
+    hook["rules"] = [{"operations": ["CONNECT"], "apiGroups": [""], "apiVersions": ["v1"],
+                      "resources": ["pods/exec", "pods/attach"], "scope": "Namespaced"}]
+    return hook
+
+
 def validating_webhook(opts: ManifestOptions) -> dict[str, Any]:
+    """The admission guard: four CDE webhooks (one per grant combination, failurePolicy Fail) and
+    the guard for the rest of the opted-in namespaces.
+
+    No ``matchConditions``: the selectors and rules above express the scope exactly, and a CEL
+    pre-filter would restate the guard's rules in a second language where a mistake fails open."""
+    combos: list[tuple[str, ...]] = [()]
+    for grant in GRANTS:
+        combos += [(*c, grant) for c in combos]
     return {
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "ValidatingWebhookConfiguration",
         "metadata": _meta("palisade-cde-guard"),
-        "webhooks": [{
-            "name": VALIDATING_NAME,
-            "clientConfig": _client_config(opts, "/validate"),
-            "rules": [{"operations": ["CREATE", "UPDATE"], "apiGroups": [""], "apiVersions": ["v1"],
-                       "resources": ["pods"], "scope": "Namespaced"}],
-            # Every namespace, opted in or not: a CDE pod in a namespace nobody labelled is
-            # exactly the one that must be refused.
-            "namespaceSelector": {"matchExpressions": [
-                {"key": "kubernetes.io/metadata.name", "operator": "NotIn",
-                 "values": sorted({"kube-system", opts.namespace})},
-            ]},
-            "objectSelector": {"matchExpressions": [
-                {"key": LABEL_SCOPE, "operator": "In", "values": ["cde"]},
-            ]},
-            "sideEffects": "None",
-            "admissionReviewVersions": ["v1"],
-            "timeoutSeconds": opts.timeout_seconds,
-            "failurePolicy": "Fail",
-            "matchPolicy": "Equivalent",
-        }],
+        "webhooks": [*(_cde_webhook(opts, c) for c in combos), _guard_webhook(opts), _exec_webhook(opts)],
     }
 
 

@@ -16,11 +16,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from injector import ANN_STATUS, INIT_NAME, LABEL_SCOPE, SIDECAR_NAME
+from injector import ANN_STATUS, INIT_NAME, LABEL_SCOPE, OTHER_MESH_PROXIES, SIDECAR_NAME, guard, protection
 from injector.annotations import AnnotationError, inject_flag
 from injector.config import InjectorConfig
-from injector.decision import decide
-from injector.inject import InjectError, render, repair_order
+from injector.decision import ALWAYS_IGNORED_NAMESPACES, decide
+from injector.inject import InjectError, render
 from injector.patch import make_patch
 
 API_VERSION = "admission.k8s.io/v1"
@@ -103,7 +103,7 @@ def _check_pod(pod: Any, where: str) -> dict:
     spec = pod.get("spec")
     if not isinstance(spec, dict):
         raise ReviewError(f"{where}.spec: missing or not an object")
-    for key in ("containers", "initContainers", "volumes"):
+    for key in ("containers", "initContainers", "ephemeralContainers", "volumes"):
         items = spec.get(key)
         if items is None:
             continue
@@ -160,22 +160,48 @@ def _without_managed_fields(pod: dict) -> dict:
     return pod
 
 
+def _reject(uid: str, pod: dict, problems: list[str], *, code: int = 400, reason: str = "BadRequest",
+            outcome: str = "rejected", lead: str = "") -> Result:
+    message = f"palisade: pod {_pod_name(pod)}: {lead}{'; '.join(problems)}"
+    return Result(_respond(uid, False, code=code, reason=reason, message=message), outcome, reason=message)
+
+
+def _ignored(namespace: str, config: InjectorConfig) -> bool:
+    return namespace in ALWAYS_IGNORED_NAMESPACES or namespace in config.ignored_namespaces
+
+
 def mutate(review: Any, config: InjectorConfig) -> Result:
-    """The ``/mutate`` endpoint: inject the sidecar when the truth table says so."""
+    """The ``/mutate`` endpoint: inject the sidecar into every pod that is not already protected.
+
+    Whether a pod is protected is decided by ``protection.inspect`` (re-render and compare),
+    never by the ``palisade.dev/status`` annotation. Containers under the reserved names that
+    are not exactly what the injector renders are refused, naming the differing field.
+    """
     req = _request(review)
     uid = req["uid"]
     if not _is_pod(req) or req["operation"] != "CREATE":
         return Result(_respond(uid, True), "skipped", reason="not a pod CREATE")
     pod = _without_managed_fields(_check_pod(req.get("object"), "request.object"))
     namespace = _namespace(req, pod)
+    if _ignored(namespace, config):
+        return Result(_respond(uid, True), "skipped", reason=f"namespace {namespace} is never injected")
+    mounts = guard.reserved_mounts(pod)
+    if mounts:
+        return _reject(uid, pod, mounts)
     try:
+        if protection.reserved_present(pod["spec"]):
+            fixed = protection.repair(pod, config)
+            verdict = protection.inspect(fixed if fixed is not None else pod, config)
+            if not verdict.protected:
+                return _reject(uid, pod, [verdict.summary()], lead=(
+                    f"containers named {INIT_NAME}/{SIDECAR_NAME} are reserved for the Palisade sidecar and "
+                    "these are not what the injector renders (remove them and let the injector add its own): "))
+            if fixed is None:
+                return Result(_respond(uid, True), "skipped", reason="already protected")
+            patch = make_patch(pod, fixed)
+            return Result(_respond(uid, True, patch=patch), "repaired", patch, "repaired order/probe ports")
         decision = decide(pod, namespace, config)
         if not decision.inject:
-            if ANN_STATUS in ((pod.get("metadata") or {}).get("annotations") or {}):
-                fixed = repair_order(pod)
-                if fixed is not None:
-                    patch = make_patch(pod, fixed)
-                    return Result(_respond(uid, True, patch=patch), "repaired", patch, "init order repaired")
             return Result(_respond(uid, True, warnings=decision.warnings), "skipped", reason=decision.reason)
         rendered = render(pod, config)
     except (AnnotationError, InjectError) as exc:
@@ -186,19 +212,12 @@ def mutate(review: Any, config: InjectorConfig) -> Result:
                   "injected", patch, decision.reason)
 
 
-def is_protected(pod: dict) -> bool:
-    """The sidecar is really there: status annotation *and* both containers in place."""
-    meta = pod.get("metadata") or {}
-    spec = pod.get("spec") or {}
-    if ANN_STATUS not in (meta.get("annotations") or {}):
-        return False
-    inits = {c.get("name"): c for c in spec.get("initContainers") or []}
-    apps = {c.get("name") for c in spec.get("containers") or []}
-    sidecar_ok = (inits.get(SIDECAR_NAME, {}).get("restartPolicy") == "Always") or SIDECAR_NAME in apps
-    return INIT_NAME in inits and sidecar_ok and spec.get("hostNetwork") is not True
+def is_protected(pod: dict, config: InjectorConfig | None = None) -> bool:
+    """The exact sidecar is there (``protection.inspect``); the status annotation is not consulted."""
+    return protection.inspect(pod, config or InjectorConfig()).protected
 
 
-def _why_unprotected(pod: dict, namespace: str) -> str:
+def _why_unprotected(pod: dict, namespace: str, verdict: protection.Protection) -> str:
     meta = pod.get("metadata") or {}
     spec = pod.get("spec") or {}
     if spec.get("hostNetwork") is True:
@@ -212,6 +231,14 @@ def _why_unprotected(pod: dict, namespace: str) -> str:
         return f"has an invalid opt-out setting ({exc})"
     if flag is False:
         return 'opts out of the sidecar (palisade.dev/inject: "false"); remove the opt-out'
+    if verdict.present:
+        return ("carries containers under the reserved names that are not the sidecar the injector renders: "
+                f"{verdict.summary()}; remove them and let the injector add its own")
+    meshes = sorted({c.get("name") for key in ("initContainers", "containers") for c in spec.get(key) or []
+                     if isinstance(c, dict) and c.get("name") in OTHER_MESH_PROXIES})
+    if meshes:
+        return (f"runs {', '.join(meshes)} and was therefore not injected; set injectAlongsideOtherMeshes in the "
+                "injector config or remove the other mesh's proxy")
     if ANN_STATUS in (meta.get("annotations") or {}):
         return (f"carries the {ANN_STATUS} annotation but the {INIT_NAME} and {SIDECAR_NAME} containers "
                 "are not both present; remove the annotation so the injector adds them")
@@ -219,38 +246,154 @@ def _why_unprotected(pod: dict, namespace: str) -> str:
             "and check that the palisade-injector webhook is running")
 
 
-def validate(review: Any) -> Result:
-    """The ``/validate`` endpoint: no pod labelled ``pci.palisade.dev/scope: cde`` runs unprotected."""
+def _guarded_view(pod: Any) -> Any:
+    """What the guard judges: the spec, Palisade's annotations and labels, the CDE label."""
+    if not isinstance(pod, dict):
+        return None
+    meta = pod.get("metadata") if isinstance(pod.get("metadata"), dict) else {}
+    pick = {}
+    for key in ("annotations", "labels"):
+        values = meta.get(key) if isinstance(meta.get(key), dict) else {}
+        pick[key] = {k: v for k, v in values.items() if "palisade.dev/" in k}
+    return pod.get("spec"), pick
+
+
+def _is_cde(pod: Any) -> bool:
+    if not isinstance(pod, dict) or not isinstance(pod.get("metadata"), dict):
+        return False
+    labels = pod["metadata"].get("labels")
+    return isinstance(labels, dict) and labels.get(LABEL_SCOPE) == "cde"
+
+
+def _ephemeral(uid: str, req: dict, config: InjectorConfig, grants: frozenset[str]) -> Result:
+    """``pods/ephemeralcontainers``: ``kubectl debug`` into a running pod."""
+    pod = _check_pod(req.get("object"), "request.object")
+    old = req.get("oldObject")
+    old_spec = old.get("spec") if isinstance(old, dict) and isinstance(old.get("spec"), dict) else {}
+    old_names = {c.get("name") for c in old_spec.get("ephemeralContainers") or [] if isinstance(c, dict)}
+    new = [c for c in pod["spec"].get("ephemeralContainers") or [] if c["name"] not in old_names]
+    names = [c["name"] for c in new]
+    refusals = guard.reserved_mounts(pod, only=names)
+    refusals += [f"ephemeral container {c['name']}: the name is reserved for Palisade"
+                 for c in new if c["name"] in guard.OURS]
+    dangerous = guard.dangerous_fields(pod, only=names, pod_level=False)
+    cde = _is_cde(pod) or _is_cde(old)
+    warnings: list[str] = []
+    if cde:
+        namespace = _namespace(req, pod)
+        if guard.GRANT_DEBUG not in grants and new:
+            refusals.insert(0, f"ephemeral containers are refused in CDE pods unless namespace {namespace} "
+                               f"carries the label {guard.GRANT_LABELS[guard.GRANT_DEBUG]}=true (set by a "
+                               "cluster admin)")
+        refusals += dangerous + guard.undropped_net_raw(pod, only=names)
+        refusals += [f"ephemeral container {c['name']}: targetContainerName {c['targetContainerName']} is "
+                     "Palisade's own container" for c in new if c.get("targetContainerName") in guard.OURS]
+    elif config.dangerous_outside_cde == "refuse":
+        refusals += dangerous
+    else:
+        warnings += [f"palisade: {d}" for d in dangerous]
+    if refusals:
+        return _reject(uid, pod, refusals, code=403, reason="Forbidden", outcome="denied")
+    return Result(_respond(uid, True, warnings=warnings), "allowed", reason="ephemeral containers allowed")
+
+
+def _connect(uid: str, req: dict) -> Result:
+    """``kubectl exec``/``attach`` (CONNECT): never into Palisade's own containers.
+
+    The sidecar's interpreter carries NET_ADMIN as a file capability (docs/injector.md), so a
+    shell exec'd into it could flush the pod's nft table. The request names the container in
+    its PodExecOptions/PodAttachOptions object; the pod itself is not part of the request.
+    The runbook's read-only commands (``guard.SIDECAR_EXEC_ALLOWED``, ``cat`` of a capture
+    file) stay allowed, matched on the exact argv."""
+    options = req.get("object")
+    container = options.get("container") if isinstance(options, dict) else None
+    read_only = (req["subResource"] == "exec" and container == SIDECAR_NAME
+                 and guard.sidecar_exec_allowed(options.get("command")))
+    if container in guard.OURS and not read_only:
+        message = (f"palisade: pod {req.get('name') or '<unnamed>'}: {req['subResource']} into the Palisade "
+                   f"container {container} is refused (it holds NET_ADMIN and could dismantle the firewall); "
+                   "use its logs and admin port (15020), or a read-only command: python -m firewall redirect "
+                   "show, cat /var/run/palisade/pcap/FILE")
+        return Result(_respond(uid, False, code=403, reason="Forbidden", message=message), "denied",
+                      reason=message)
+    return Result(_respond(uid, True), "allowed", reason=f"{req['subResource']} into an app container")
+
+
+def validate(review: Any, config: InjectorConfig | None = None, grants: frozenset[str] = frozenset()) -> Result:
+    """The ``/validate`` endpoint: the admission guard.
+
+    CDE pods (``pci.palisade.dev/scope: cde``) must be protected (``protection.inspect``),
+    carry no exception the platform team did not grant, and no field that could dismantle
+    the firewall; every pod is refused a mount of the sidecar's capture volume; outside the
+    CDE dangerous fields are warnings (or refusals, by config). ``grants`` are the namespace's
+    admin grants, which the API server conveys through the webhook path (see guard.py).
+    """
+    config = config or InjectorConfig()
     req = _request(review)
     uid = req["uid"]
-    if not _is_pod(req) or req["operation"] not in ("CREATE", "UPDATE"):
+    resource = req.get("resource") or {}
+    if resource.get("group", "") == "" and resource.get("resource") == "pods" and \
+            req.get("subResource") in ("exec", "attach"):
+        return _connect(uid, req)
+    kind = req.get("kind") or {}
+    if kind.get("group", "") != "" or kind.get("kind") != "Pod":
+        return Result(_respond(uid, True), "allowed", reason="not a pod")
+    if req.get("subResource") == "ephemeralcontainers":
+        return _ephemeral(uid, req, config, grants)
+
+    if req.get("subResource") or req["operation"] not in ("CREATE", "UPDATE"):
         return Result(_respond(uid, True), "allowed", reason="not a pod CREATE/UPDATE")
     pod = _check_pod(req.get("object"), "request.object")
-    labels = (pod.get("metadata") or {}).get("labels") or {}
-    if labels.get(LABEL_SCOPE) != "cde" or is_protected(pod):
-        return Result(_respond(uid, True), "allowed", reason="protected or not in the CDE")
     namespace = _namespace(req, pod)
-    if req["operation"] == "UPDATE":
-        old = req.get("oldObject")
-        old_labels = ((old or {}).get("metadata") or {}).get("labels") or {} if isinstance(old, dict) else {}
-        if old_labels.get(LABEL_SCOPE) == "cde":
-            # Already running (created before the webhook existed, say): refusing its updates
-            # would only block finalizers and graceful deletion. Warn instead.
-            warning = (f"palisade: CDE pod {_pod_name(pod)} runs without the Palisade sidecar "
-                       f"({_why_unprotected(pod, namespace)}); recreate it")
-            return Result(_respond(uid, True, warnings=[warning]), "allowed", reason="existing CDE pod")
-    message = (f"palisade: pod {_pod_name(pod)} in namespace {namespace} is labelled "
-               f"{LABEL_SCOPE}=cde but {_why_unprotected(pod, namespace)}. CDE workloads must run "
-               "behind the Palisade firewall (PCI DSS 1.3)")
-    return Result(_respond(uid, False, code=403, reason="Forbidden", message=message), "denied",
-                  reason=message)
+    old = req.get("oldObject") if req["operation"] == "UPDATE" else None
+    cde = _is_cde(pod)
+    if old is not None and _is_cde(old) and not cde:
+        return _reject(uid, pod, [f"the label {LABEL_SCOPE}=cde cannot be removed from a running pod; delete "
+                                  "the pod and create it without the label"],
+                       code=403, reason="Forbidden", outcome="denied")
+    verdict = protection.inspect(pod, config) if cde else None
+    if old is not None and _is_cde(old) and _guarded_view(old) == _guarded_view(pod):
+        # Nothing the guard judges changed (finalizers, status-ish metadata, graceful deletion):
+        # refusing would only leave the pod stuck. It cannot have become less protected.
+        warnings = []
+        if verdict is not None and not verdict.protected:
+            warnings.append(f"palisade: CDE pod {_pod_name(pod)} runs without the Palisade sidecar "
+                            f"({_why_unprotected(pod, namespace, verdict)}); recreate it")
+        return Result(_respond(uid, True, warnings=warnings), "allowed", reason="existing CDE pod unchanged")
+    refusals = guard.reserved_mounts(pod)
+    dangerous = guard.dangerous_fields(pod)
+    warnings = []
+    if cde:
+        assert verdict is not None
+        if not verdict.protected:
+            refusals.insert(0, f"it is labelled {LABEL_SCOPE}=cde but {_why_unprotected(pod, namespace, verdict)}")
+        refusals += guard.cde_exceptions(pod, namespace, config, grants)
+        refusals += dangerous + guard.undropped_net_raw(pod)
+        if old is not None and not _is_cde(old) and not verdict.protected:
+            refusals.append("the sidecar cannot be added to a running pod: delete it and create it with the label")
+    elif config.dangerous_outside_cde == "refuse":
+        refusals += dangerous
+    else:
+        warnings = [f"palisade: {d}" for d in dangerous]
+    if refusals:
+        lead = f"refused in namespace {namespace}: " if cde else ""
+        result = _reject(uid, pod, refusals, code=403, reason="Forbidden", outcome="denied", lead=lead)
+        if cde:
+            message = result.review["response"]["status"]["message"] + (
+                ". CDE workloads must run behind the Palisade firewall (PCI DSS 1.3)")
+            result.review["response"]["status"]["message"] = message
+            result.reason = message
+        return result
+    return Result(_respond(uid, True, warnings=warnings), "allowed",
+                  reason="protected CDE pod" if cde else "not in the CDE")
 
 
-def handle(endpoint: str, body: bytes | str, config: InjectorConfig) -> Result:
+def handle(endpoint: str, body: bytes | str, config: InjectorConfig,
+           grants: frozenset[str] = frozenset()) -> Result:
     """Decode and answer one review for ``endpoint`` ("mutate" or "validate")."""
     review = decode(body)
     if endpoint == "mutate":
         return mutate(review, config)
     if endpoint == "validate":
-        return validate(review)
+        return validate(review, config, grants)
     raise ValueError(f"unknown endpoint {endpoint!r}")

@@ -40,6 +40,7 @@ from prometheus_client import (
 from injector import review as reviews
 from injector.certs import not_after
 from injector.config import InjectorConfig
+from injector.guard import parse_grants
 
 log = logging.getLogger("palisade.injector")
 
@@ -179,6 +180,7 @@ class WebhookApp:
         self.app.add_routes([
             web.post("/mutate", self._mutate),
             web.post("/validate", self._validate),
+            web.post("/validate/{grants}", self._validate),
             web.get("/healthz", self._healthz),
             web.get("/readyz", self._readyz),
             web.get("/metrics", self._metrics),
@@ -203,8 +205,11 @@ class WebhookApp:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             return self._error(endpoint, 413, "invalid", f"body larger than {MAX_BODY} bytes")
+        # Namespace grants arrive in the path the webhook configuration registered (one CDE webhook
+        # per combination of admin namespace labels, selected by the API server): guard.py.
+        grants = parse_grants(request.match_info.get("grants"))
         try:
-            result = reviews.handle(endpoint, body, self.config)
+            result = reviews.handle(endpoint, body, self.config, grants)
         except reviews.ReviewError as exc:
             return self._error(endpoint, 400, "invalid", f"bad AdmissionReview: {exc}")
         except Exception as exc:  # never let one review take the server down

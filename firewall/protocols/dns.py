@@ -1,5 +1,9 @@
 """DNS over UDP (one message per datagram) and TCP (2-byte length framing).
 
+On TCP a malformed message is one ``anomaly`` event and parsing goes on with the
+next message (the length prefix still frames the stream), so nothing after a bad
+message is relayed unparsed; the session decides what the anomaly means.
+
 ``parse_message`` turns one message into a ``query`` or ``answer`` event with
 the question, the response code and the answer records, so policy can match
 query names and the FQDN cache can learn which addresses a name resolved to.
@@ -132,11 +136,65 @@ def parse(msg: bytes) -> dict[str, Any]:
         "id": ident,
         "qname": qname,
         "qtype": qtype,
+        "qdcount": qd,
+        "ancount": an,
+        "nscount": _u16(msg, 8),
+        "arcount": _u16(msg, 10),
         "opcode": (flags >> 11) & 0x0F,
         "rcode": RCODES.get(rcode, str(rcode)),
         "answers": answers,
         "response": bool(flags & 0x8000),
     }
+
+
+def query_key(f: dict[str, Any]) -> tuple:
+    """What ties an answer to its query: ID and question (case-insensitive name, type)."""
+    return (f.get("id"), str(f.get("qname") or "").lower().rstrip("."), f.get("qtype"))
+
+
+def query_problem(ev: L7Event) -> str | None:
+    """Why a client-to-server message is not one plain query (None: it is).
+
+    Only a standard query (opcode QUERY) with one question and no answer/authority records is
+    DNS as a ``qnameSuffix`` rule understands it; anything else - a reply-shaped message, an
+    UPDATE or NOTIFY, garbage, several questions, names in other sections - could carry a
+    name the check never read."""
+    f = ev.fields
+    if ev.kind == "anomaly":
+        return ev.anomaly or "malformed-dns"
+    if ev.kind != "query" or f.get("opcode") != 0:
+        return "dns-not-a-query"
+    if f.get("qdcount") != 1:
+        return "dns-question-count"
+    if f.get("ancount") or f.get("nscount"):
+        return "dns-records-in-query"
+    return None
+
+
+def answer_addresses(f: dict[str, Any]) -> tuple[list[str], int]:
+    """The addresses an answer gives for its own question, and their TTL (the smallest on the
+    way): A/AAAA records of the asked name or of a CNAME chain starting at it inside this
+    answer.  Records for any other name are ignored (they are how a cache gets poisoned)."""
+    if f.get("qdcount") != 1 or f.get("rcode") != "NOERROR" or not f.get("qname"):
+        return [], 0
+    answers = [a for a in f.get("answers") or [] if isinstance(a, dict)]
+    chain = {query_key(f)[1]}
+    ttls: list[int] = []
+    for _ in range(len(answers)):
+        grew = False
+        for a in answers:
+            if a.get("type") == "CNAME" and str(a.get("name", "")).lower() in chain:
+                target = str(a.get("data", "")).lower()
+                if target not in chain:
+                    chain.add(target)
+                    ttls.append(int(a.get("ttl") or 0))
+                    grew = True
+        if not grew:
+            break
+    hits = [a for a in answers if a.get("type") in ("A", "AAAA") and str(a.get("name", "")).lower() in chain]
+    if not hits:
+        return [], 0
+    return [str(a["data"]) for a in hits], min([int(a.get("ttl") or 0) for a in hits] + ttls)
 
 
 def parse_message(datagram: bytes, direction: int, offset: int = 0) -> L7Event:
@@ -191,9 +249,12 @@ class DnsTcpParser(StreamParser):
                 break
             ev = parse_message(bytes(st.buf[2 : 2 + n]), st.direction, st.pos)
             ev = L7Event(ev.app_proto, ev.kind, ev.direction, ev.offset, ev.fields, st.pos + 2 + n, ev.anomaly)
+            # the length prefix still frames the stream after a malformed message: report it
+            # and go on with the next one (never stop parsing and relay the rest unseen)
             if ev.anomaly:
-                raise ParseError(ev.anomaly)
-            self.note(ev)
+                self.anomalies.append(ev.anomaly)
+            else:
+                self.note(ev)
             out.append(ev)
             st.advance(2 + n)
         st.hold = st.pos if st.direction == TOSERVER and st.buf else None
@@ -228,4 +289,5 @@ class DnsUdpParser(DnsTcpParser):
         return None
 
 
-__all__ = ["parse_message", "parse", "DnsTcpParser", "DnsUdpParser", "probe_toserver"]
+__all__ = ["parse_message", "parse", "DnsTcpParser", "DnsUdpParser", "probe_toserver", "query_key",
+           "query_problem", "answer_addresses"]

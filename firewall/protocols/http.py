@@ -26,11 +26,16 @@ from collections import deque
 from typing import Any
 
 from firewall.http_canon import CanonError, canonical_target
-from firewall.protocols.base import TOCLIENT, TOSERVER, L7Event, ParseError, Probe
+from firewall.protocols.base import TOCLIENT, TOSERVER, L7Event, ParseError, Probe, declare_fields
 from firewall.protocols.redact import redact_path
 from firewall.protocols.stream import DirState, StreamParser, find_line
 
 APP_PROTO = "http"
+# fields this parser adds to those declared in firewall/protocols/__init__.py: the raw target
+# (for the percent-decoded DLP scan; never copied into events) and, on a response accepting
+# CONNECT / Upgrade, where the inner stream starts and the CONNECT port
+declare_fields(APP_PROTO, "request", ("raw_target",))
+declare_fields(APP_PROTO, "response", ("tunnel_at", "tunnel_port"))
 DEFAULT_PORTS = frozenset({80, 8000, 8080, 8888, 3000, 5000, 9000})
 
 #: longest method token the identifier waits for (any token is a method: RFC 9110 section 9.1)

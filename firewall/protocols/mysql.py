@@ -7,18 +7,33 @@ new packet sequence (sequence id 0), which is how commands are told apart from
 authentication round-trips and ``LOAD DATA LOCAL`` file packets without
 needing the other direction. Packets are length-prefixed: only a bounded
 prefix of a query is buffered, result rows are skipped by counting.
-``CLIENT_SSL`` (TLS) and ``CLIENT_COMPRESS`` switch the stream to a format we
-do not read: parsing stops there.
+``CLIENT_COMPRESS`` switches the stream to a format we do not read: parsing
+stops there.  ``CLIENT_SSL`` (the 32-byte SSL request) switches both streams to
+TLS right after that packet: a ``switch`` event, then the TLS is parsed
+(``tls.InnerTls``: hellos, record layer, ``established``) - a client that keeps
+talking plaintext breaks the record layer and is not passed unread.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from firewall.protocols.base import TOCLIENT, TOSERVER, L7Event, ParseError, Probe
-from firewall.protocols.pgsql import STATEMENT_CHARS, split_verbs
+from firewall.protocols.base import (
+    TOCLIENT,
+    TOSERVER,
+    EventFields,
+    L7Event,
+    ParseError,
+    Probe,
+    SwitchFields,
+    declare_fields,
+    event_fields,
+)
+from firewall.protocols.pgsql import STATEMENT_CHARS, statement_verbs
 from firewall.protocols.redact import redact_sql
 from firewall.protocols.stream import DirState, StreamParser, sql_verb
+from firewall.protocols.tls import InnerTls
 
 APP_PROTO = "mysql"
 DEFAULT_PORTS = frozenset({3306, 3307, 33060})
@@ -28,6 +43,7 @@ CLIENT_COMPRESS = 0x20
 CLIENT_PROTOCOL_41 = 0x200
 CLIENT_SSL = 0x800
 CLIENT_SECURE_CONNECTION = 0x8000
+CLIENT_MULTI_STATEMENTS = 0x10000
 CLIENT_PLUGIN_AUTH_LENENC = 0x200000
 CLIENT_QUERY_ATTRIBUTES = 1 << 27
 
@@ -52,6 +68,37 @@ def probe_toclient(buf: bytes) -> Probe:
     if nul < 0:
         return Probe.NO_MATCH if len(version) >= 64 else Probe.NEED_MORE
     return Probe.MATCH if nul > 0 else Probe.NO_MATCH
+
+
+@event_fields(APP_PROTO, "greeting")
+@dataclass(frozen=True, slots=True)
+class MysqlGreeting(EventFields):
+    server_version: str
+    connection_id: int
+
+
+@event_fields(APP_PROTO, "login")
+@dataclass(frozen=True, slots=True)
+class MysqlLogin(EventFields):
+    user: str
+    database: str | None
+
+
+@event_fields(APP_PROTO, "statement")
+@dataclass(frozen=True, slots=True)
+class MysqlStatement(EventFields):
+    """``verbs_complete``: see ``pgsql.PgStatement`` (several statements per COM_QUERY only
+    with CLIENT_MULTI_STATEMENTS; query attributes hide the text: incomplete)."""
+
+    verb: str
+    verbs: list[str]
+    statement: str
+    command: str
+    truncated: bool
+    verbs_complete: bool = True
+
+
+declare_fields(APP_PROTO, "response", ("error", "sqlstate"))
 
 
 def _lenenc(data: bytes, i: int) -> tuple[int, int]:
@@ -87,6 +134,7 @@ class MysqlParser(StreamParser):
         self._logged_in = False
         self.caps = 0
         self.encrypted = False
+        self._inner: InnerTls | None = None
         self.compressed = False
         self.server_version: str | None = None
         self.user: str | None = None
@@ -94,7 +142,33 @@ class MysqlParser(StreamParser):
         self.verbs: dict[str, int] = {}
         self.errors = 0
 
+    def hold_from(self, direction: int) -> int | None:
+        if self._inner is not None:
+            return self._inner.hold_from(direction)
+        return super().hold_from(direction)
+
+    def _to_inner(self, st: DirState, out: list[L7Event]) -> None:
+        data = bytes(st.buf)
+        st.pos += len(data)
+        st.buf.clear()
+        st.hold = None
+        if data and self._inner is not None:
+            events = self._inner.feed(data, st.direction)
+            self.anomalies.extend(e.anomaly for e in events if e.anomaly)
+            out.extend(events)
+
+    def _switch(self, st: DirState, start: int, out: list[L7Event]) -> None:
+        """The client's SSL request: both streams are TLS from the next byte."""
+        self.encrypted = True
+        out.append(L7Event(APP_PROTO, "switch", TOSERVER, start, SwitchFields("tls", "client_ssl"), st.pos))
+        self._inner = InnerTls(APP_PROTO, (self._dirs[TOSERVER].pos, self._dirs[TOCLIENT].pos))
+        for d in self._dirs:
+            self._to_inner(d, out)
+
     def _parse(self, st: DirState, out: list[L7Event]) -> None:
+        if self._inner is not None:
+            self._to_inner(st, out)
+            return
         while not st.stopped and not st.skip and len(st.buf) >= 4:
             if self.encrypted or (self.compressed and (st.direction == TOSERVER or self._greeted)):
                 st.stop()
@@ -127,7 +201,7 @@ class MysqlParser(StreamParser):
             version, i = _cstring(payload, 1)
             conn_id = int.from_bytes(payload[i : i + 4], "little")
             self.server_version = version
-            fields = {"server_version": version, "connection_id": conn_id}
+            fields = MysqlGreeting(version, conn_id)
             out.append(L7Event(APP_PROTO, "greeting", TOCLIENT, start, fields, st.pos))
             return True
         want = min(n, 16)
@@ -156,6 +230,9 @@ class MysqlParser(StreamParser):
             start = st.pos
             st.advance(4 + n)
             self._login(payload, start, st.pos, out)
+            if self._inner is not None:
+                self._to_inner(st, out)
+                return False
             return True
         if seq != 0 or n == 0:
             st.advance(4 + n)
@@ -167,7 +244,7 @@ class MysqlParser(StreamParser):
         fields = self._command(payload, n)
         if fields is not None:
             out.append(L7Event(APP_PROTO, "statement", TOSERVER, st.pos, fields, st.pos + 4 + n))
-            for v in fields["verbs"] or [fields["verb"]]:
+            for v in fields.verbs or [fields.verb]:
                 self.verbs[v] = self.verbs.get(v, 0) + 1
         st.advance(4 + n)
         return True
@@ -178,9 +255,7 @@ class MysqlParser(StreamParser):
         caps = int.from_bytes(payload[:4], "little")
         if caps & CLIENT_PROTOCOL_41:
             if caps & CLIENT_SSL and len(payload) == 32:
-                self.encrypted = True
-                for d in self._dirs:
-                    d.stop()
+                self._switch(self._dirs[TOSERVER], start, out)
                 return
             user, i = _cstring(payload, 32)
             if caps & CLIENT_PLUGIN_AUTH_LENENC:
@@ -196,9 +271,7 @@ class MysqlParser(StreamParser):
         else:  # HandshakeResponse320
             caps = int.from_bytes(payload[:2], "little")
             if caps & CLIENT_SSL and len(payload) == 5:
-                self.encrypted = True
-                for d in self._dirs:
-                    d.stop()
+                self._switch(self._dirs[TOSERVER], start, out)
                 return
             user, i = _cstring(payload, 5)
             database = None
@@ -208,33 +281,29 @@ class MysqlParser(StreamParser):
         self.database = database or None
         if caps & CLIENT_COMPRESS:
             self.compressed = True
-        out.append(L7Event(APP_PROTO, "login", TOSERVER, start, {"user": user, "database": self.database}, end))
+        out.append(L7Event(APP_PROTO, "login", TOSERVER, start, MysqlLogin(user, self.database), end))
 
-    def _command(self, payload: bytes, total: int) -> dict[str, Any] | None:
+    def _command(self, payload: bytes, total: int) -> MysqlStatement | None:
         cmd = payload[0]
         if cmd == _COM_INIT_DB:
             db = payload[1:].decode("utf-8", "replace")
             self.database = db
-            return {"verb": "USE", "verbs": ["USE"], "statement": f"USE {db}"[:STATEMENT_CHARS],
-                    "command": "init_db", "truncated": total > _PREFIX}
+            return MysqlStatement("USE", ["USE"], f"USE {db}"[:STATEMENT_CHARS], "init_db", total > _PREFIX)
         if cmd not in (_COM_QUERY, _COM_STMT_PREPARE):
             return None
         body = payload[1:]
         if cmd == _COM_QUERY and self.caps & CLIENT_QUERY_ATTRIBUTES:
             count, i = _lenenc(body, 0)
             if count:
-                return {"verb": "", "verbs": [], "statement": "", "command": "query", "truncated": True}
+                return MysqlStatement("", [], "", "query", True, False)
             _, i = _lenenc(body, i)
             body = body[i:]
         text = body.decode("utf-8", "replace")
-        verbs = split_verbs(text)
-        return {
-            "verb": verbs[0] if verbs else sql_verb(text),
-            "verbs": verbs,
-            "statement": redact_sql(text.strip())[:STATEMENT_CHARS],
-            "command": "query" if cmd == _COM_QUERY else "prepare",
-            "truncated": total > _PREFIX,
-        }
+        multi = cmd == _COM_QUERY and bool(self.caps & CLIENT_MULTI_STATEMENTS)
+        verbs, complete = statement_verbs(text, truncated=total > _PREFIX, multi=multi)
+        return MysqlStatement(verbs[0] if verbs else sql_verb(text), verbs,
+                              redact_sql(text.strip())[:STATEMENT_CHARS],
+                              "query" if cmd == _COM_QUERY else "prepare", total > _PREFIX, complete)
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -242,7 +311,8 @@ class MysqlParser(StreamParser):
             "database": self.database,
             "server_version": self.server_version,
             "verbs": dict(self.verbs),
-            "encrypted": self.encrypted,
+            "encrypted": self._inner.established if self._inner is not None else False,
+            "switched_to": "tls" if self._inner is not None else None,
             "errors": self.errors,
         }
         out.update(self._base_summary())

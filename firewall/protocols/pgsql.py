@@ -5,18 +5,37 @@ The client's StartupMessage names the user and database; each simple Query
 the verb policy rules match (``SELECT``, ``INSERT``, ``DROP`` ...). Messages are
 length-prefixed, so only a bounded prefix of a statement (2 KiB) is buffered and
 the rest - bulk ``INSERT``s, ``COPY`` data, result rows - is skipped by
-counting. ``SSLRequest``/``GSSENCRequest`` answered with ``S``/``G`` means the
-rest of the connection is encrypted: both directions then only count.
-Passwords (``p`` messages) are skipped unread.
+counting. Passwords (``p`` messages) are skipped unread.
+
+Protocol switches: an ``SSLRequest`` answered ``S`` turns both streams into TLS
+from the byte after the answer; a ``switch`` event says so (the session hands it to
+the exception policy when a rule needed the plaintext statements) and the rest is
+parsed as TLS (``tls.InnerTls``): hellos, record layer, ``established`` - a client
+that sends plaintext after ``S`` breaks the record layer, it is not passed unread.
+A ``GSSENCRequest`` answered ``G`` switches to GSSAPI encryption, which is not
+parsed: the ``switch`` event (``to: gssapi``) is all the session gets, and both
+directions then only count.  An ``N`` answer keeps the connection plaintext.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from firewall.protocols.base import TOCLIENT, TOSERVER, L7Event, ParseError, Probe
+from firewall.protocols.base import (
+    TOCLIENT,
+    TOSERVER,
+    EventFields,
+    L7Event,
+    ParseError,
+    Probe,
+    SwitchFields,
+    declare_fields,
+    event_fields,
+)
 from firewall.protocols.redact import redact_sql
 from firewall.protocols.stream import DirState, StreamParser, sql_verb
+from firewall.protocols.tls import InnerTls
 
 APP_PROTO = "pgsql"
 DEFAULT_PORTS = frozenset({5432, 5433, 6432})
@@ -44,6 +63,35 @@ def probe_toserver(buf: bytes) -> Probe:
     if code == _CANCEL:
         return Probe.MATCH if n >= 16 else Probe.NO_MATCH
     return Probe.MATCH if code >> 16 == 3 and n > 8 else Probe.NO_MATCH
+
+
+@event_fields(APP_PROTO, "startup")
+@dataclass(frozen=True, slots=True)
+class PgStartup(EventFields):
+    user: str | None
+    database: str | None
+    application_name: str | None
+    protocol: str
+
+
+@event_fields(APP_PROTO, "statement")
+@dataclass(frozen=True, slots=True)
+class PgStatement(EventFields):
+    """``verbs``: every statement's verb in a simple Query (``SELECT 1; DELETE ...``).
+    ``verbs_complete`` is false when statements may exist that ``verbs`` does not name: a
+    simple Query longer than the 2 KiB prefix, or more than ``MAX_VERBS`` statements - a
+    verbs rule then cannot allow it (policy_match)."""
+
+    verb: str
+    verbs: list[str]
+    statement: str
+    message: str
+    truncated: bool
+    verbs_complete: bool = True
+
+
+# server responses come in three shapes (auth ok, command complete, error)
+declare_fields(APP_PROTO, "response", ("auth", "tag", "command_tag", "error", "severity"))
 
 
 def split_verbs(text: str, limit: int = 16) -> list[str]:
@@ -81,19 +129,27 @@ def split_verbs(text: str, limit: int = 16) -> list[str]:
     return verbs
 
 
-def _statement_fields(raw: bytes, message: str, total: int) -> dict[str, Any]:
+MAX_VERBS = 16
+
+
+def statement_verbs(text: str, *, truncated: bool, multi: bool) -> tuple[list[str], bool]:
+    """(verbs, complete): the verbs of ``text`` (at most ``MAX_VERBS``) and whether they are
+    all the statements the server will run.  A message that may carry several statements
+    (``multi``) and was cut at the prefix, or holds more statements than listed, is incomplete:
+    ``SELECT ...2 KiB...; DROP TABLE t`` must not pass a SELECT-only rule."""
+    verbs = split_verbs(text, MAX_VERBS + 1)
+    complete = len(verbs) <= MAX_VERBS and not (truncated and multi)
+    return verbs[:MAX_VERBS], complete
+
+
+def _statement_fields(raw: bytes, message: str, total: int) -> PgStatement:
     if message == "parse":
         _name, _, raw = raw.partition(b"\0")
     query = raw.split(b"\0", 1)[0]
     text = query.decode("utf-8", "replace")
-    verbs = split_verbs(text)
-    return {
-        "verb": verbs[0] if verbs else sql_verb(text),
-        "verbs": verbs,
-        "statement": redact_sql(text.strip())[:STATEMENT_CHARS],
-        "message": message,
-        "truncated": total > _PREFIX,
-    }
+    verbs, complete = statement_verbs(text, truncated=total > _PREFIX, multi=message == "query")
+    return PgStatement(verbs[0] if verbs else sql_verb(text), verbs,
+                       redact_sql(text.strip())[:STATEMENT_CHARS], message, total > _PREFIX, complete)
 
 
 class PgsqlParser(StreamParser):
@@ -105,7 +161,8 @@ class PgsqlParser(StreamParser):
     def __init__(self) -> None:
         super().__init__()
         self._startup = True  # client side still before its StartupMessage
-        self._answers_due = 0  # SSL/GSS requests the server has not answered yet
+        self._answers_due: list[int] = []  # SSL/GSS request codes the server has not answered yet
+        self._inner: InnerTls | None = None  # the TLS stream after an accepted SSLRequest
         self.encrypted = False
         self.user: str | None = None
         self.database: str | None = None
@@ -113,12 +170,41 @@ class PgsqlParser(StreamParser):
         self.verbs: dict[str, int] = {}
         self.errors = 0
 
-    def _go_opaque(self) -> None:
+    def _switch(self, code: int, out: list[L7Event]) -> None:
+        """The server accepted an encryption request: from here both streams are TLS (or
+        GSSAPI).  Bytes already buffered after the switch point belong to the new stream."""
+        client, server = self._dirs
+        to, via = ("tls", "sslrequest") if code == _SSL else ("gssapi", "gssencrequest")
+        out.append(L7Event(APP_PROTO, "switch", TOCLIENT, server.pos, SwitchFields(to, via), server.pos + 1))
+        server.advance(1)
         self.encrypted = True
+        if code != _SSL:
+            for st in self._dirs:
+                st.stop()
+            return
+        self._inner = InnerTls(APP_PROTO, (client.pos, server.pos))
         for st in self._dirs:
-            st.stop()
+            self._to_inner(st, out)
+
+    def _to_inner(self, st: DirState, out: list[L7Event]) -> None:
+        data = bytes(st.buf)
+        st.pos += len(data)
+        st.buf.clear()
+        st.hold = None
+        if data and self._inner is not None:
+            events = self._inner.feed(data, st.direction)
+            self.anomalies.extend(e.anomaly for e in events if e.anomaly)
+            out.extend(events)
+
+    def hold_from(self, direction: int) -> int | None:
+        if self._inner is not None:
+            return self._inner.hold_from(direction)
+        return super().hold_from(direction)
 
     def _parse(self, st: DirState, out: list[L7Event]) -> None:
+        if self._inner is not None:
+            self._to_inner(st, out)
+            return
         if self.encrypted:
             st.stop()
             return
@@ -132,9 +218,8 @@ class PgsqlParser(StreamParser):
         while st.buf and not st.stopped and not st.skip:
             st.hold = st.pos
             if self._startup:
-                if st.buf[0] == 0x16:  # TLS ClientHello after an accepted SSLRequest
-                    self._go_opaque()
-                    return
+                if self._answers_due:
+                    return  # the client must wait for the answer; held until it comes
                 if len(st.buf) < 8:
                     return
                 n, code = int.from_bytes(st.buf[:4], "big"), int.from_bytes(st.buf[4:8], "big")
@@ -146,7 +231,9 @@ class PgsqlParser(StreamParser):
                 start = st.pos
                 st.advance(n)
                 if code in (_SSL, _GSS):
-                    self._answers_due += 1
+                    if n != 8:
+                        raise ParseError("bad-startup")
+                    self._answers_due.append(code)
                 elif code == _CANCEL:
                     st.stop()
                 elif code >> 16 == 3:
@@ -168,10 +255,20 @@ class PgsqlParser(StreamParser):
                 message = "query" if mtype == 0x51 else "parse"
                 fields = _statement_fields(bytes(st.buf[5 : 5 + want]), message, n - 4)
                 out.append(L7Event(APP_PROTO, "statement", TOSERVER, st.pos, fields, st.pos + 1 + n))
-                for v in fields["verbs"] or [fields["verb"]]:
+                for v in fields.verbs or [fields.verb]:
                     self.verbs[v] = self.verbs.get(v, 0) + 1
             st.advance(1 + n)
         st.hold = None
+
+    def _drain_client(self, out: list[L7Event]) -> None:
+        """The client's bytes held while it waited for an answer are parsed now."""
+        st = self._dirs[TOSERVER]
+        if st.buf and not st.stopped:
+            try:
+                self._client(st, out)
+            except ParseError as exc:
+                out.append(self._anomaly(st, str(exc)))
+                st.stop()
 
     def _login(self, body: bytes, code: int, start: int, out: list[L7Event]) -> None:
         parts = body.split(b"\0")
@@ -183,12 +280,7 @@ class PgsqlParser(StreamParser):
         self.user = params.get("user")
         self.database = params.get("database") or self.user
         self.application = params.get("application_name")
-        fields = {
-            "user": self.user,
-            "database": self.database,
-            "application_name": self.application,
-            "protocol": f"{code >> 16}.{code & 0xFFFF}",
-        }
+        fields = PgStartup(self.user, self.database, self.application, f"{code >> 16}.{code & 0xFFFF}")
         out.append(L7Event(APP_PROTO, "startup", TOSERVER, start, fields, start + 8 + len(body)))
 
     # -- server ---------------------------------------------------------------
@@ -196,14 +288,17 @@ class PgsqlParser(StreamParser):
         while st.buf and not st.stopped and not st.skip:
             if self._answers_due:
                 answer = st.buf[0]
-                if answer in (0x53, 0x47):  # 'S', 'G': encryption accepted
-                    self._go_opaque()
+                code = self._answers_due.pop(0)
+                if answer == (0x53 if code == _SSL else 0x47):  # 'S' / 'G': encryption accepted
+                    self._switch(code, out)
                     return
                 if answer == 0x4E:  # 'N'
-                    self._answers_due -= 1
                     st.advance(1)
+                    self._drain_client(out)
                     continue
-                self._answers_due = 0  # an old server answering with an error message
+                if answer in (0x53, 0x47):
+                    raise ParseError("bad-encryption-answer")  # 'G' to an SSLRequest or vice versa
+                self._answers_due.clear()  # an old server answering with an error message
             if len(st.buf) < 5:
                 return
             mtype = st.buf[0]
@@ -240,7 +335,8 @@ class PgsqlParser(StreamParser):
             "user": self.user,
             "database": self.database,
             "verbs": dict(self.verbs),
-            "encrypted": self.encrypted,
+            "encrypted": self._inner.established if self._inner is not None else False,
+            "switched_to": ("tls" if self._inner is not None else "gssapi") if self.encrypted else None,
             "errors": self.errors,
         }
         if self.application:

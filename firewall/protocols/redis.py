@@ -12,9 +12,10 @@ Server replies are not parsed.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from firewall.protocols.base import TOSERVER, L7Event, ParseError, Probe
+from firewall.protocols.base import TOSERVER, EventFields, L7Event, ParseError, Probe, event_fields
 from firewall.protocols.stream import DirState, StreamParser, find_line
 
 APP_PROTO = "redis"
@@ -61,6 +62,14 @@ def _int_line(line: bytes, limit: int) -> int:
     return n
 
 
+@event_fields(APP_PROTO, "command")
+@dataclass(frozen=True, slots=True)
+class RedisCommand(EventFields):
+    command: str
+    keys: int  # argument count after the command name (values are never kept)
+    subcommand: str | None
+
+
 class RedisParser(StreamParser):
     """Command names from the client side; the server side is only counted."""
 
@@ -85,7 +94,7 @@ class RedisParser(StreamParser):
 
     def _emit(self, st: DirState, out: list[L7Event], sub: str | None, nargs: int) -> None:
         name = self._name or ""
-        fields = {"command": name, "keys": nargs, "subcommand": sub}
+        fields = RedisCommand(name, nargs, sub)
         out.append(L7Event(APP_PROTO, "command", TOSERVER, self._start, fields, -1))
         key = f"{name} {sub}" if sub else name
         self.commands[key] = self.commands.get(key, 0) + 1

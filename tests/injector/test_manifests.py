@@ -181,7 +181,11 @@ def test_chart_templates_only_use_defined_values():
 def test_chart_webhooks_match_generator():
     """Same webhook names, paths, selectors keys and essentials as the generated manifest."""
     text = (CHART / "templates" / "webhooks.yaml").read_text()
-    for needle in ("name: inject.palisade.dev", "name: cde.palisade.dev", "path: /mutate", "path: /validate",
+    for needle in ("name: inject.palisade.dev", "cde.palisade.dev", "name: guard.palisade.dev",
+                   "cde-{{ join \"-\" $combo }}.palisade.dev", "path: /mutate", "path: /validate",
+                   "resources: [pods, pods/ephemeralcontainers]", "key: palisade.dev/cde-allow-mode-override",
+                   "key: palisade.dev/cde-allow-debug", "key: pci.palisade.dev/scope, operator: NotIn, values: [cde]",
+                   "failurePolicy: Fail", "name: exec.palisade.dev", "resources: [pods/exec, pods/attach]",
                    "sideEffects: None", "admissionReviewVersions: [v1]", "reinvocationPolicy: IfNeeded",
                    "key: palisade.dev/injection, operator: In, values: [enabled]",
                    'key: palisade.dev/inject, operator: NotIn, values: ["false"]',

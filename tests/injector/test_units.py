@@ -16,6 +16,7 @@ from injector.decision import decide
 from injector.patch import make_patch
 from injector.probes import probe_ports
 from injector.review import ReviewError, mutate, validate
+from tests.injector.guard_cases import hardened
 from tests.injector.test_golden import TESTDATA, apply_response, make_review
 
 # --- annotations ------------------------------------------------------------------------------
@@ -111,7 +112,8 @@ def _pod(annotations=None, labels=None, host_network=None, containers=("app",)):
     (_pod(), "shop", True, "inject"),
     (_pod(), "kube-system", False, "never injected"),
     (_pod(), "kube-public", False, "never injected"),
-    (_pod(annotations={"palisade.dev/status": "injected"}), "shop", False, "already injected"),
+    # The status annotation is informational only (issue 17): it no longer skips injection.
+    (_pod(annotations={"palisade.dev/status": "injected"}), "shop", True, "inject"),
     (_pod(host_network=True), "shop", False, "hostNetwork"),
     (_pod(host_network=True, annotations={"palisade.dev/inject": "true"}), "shop", False, "hostNetwork"),
     (_pod(host_network=False), "shop", True, "inject"),
@@ -127,10 +129,13 @@ def test_truth_table(pod, namespace, inject, reason_fragment):
     assert reason_fragment in d.reason
 
 
-def test_truth_table_order_status_beats_everything_but_namespace():
+def test_truth_table_status_annotation_is_not_trusted():
     pod = _pod(annotations={"palisade.dev/status": "injected", "palisade.dev/inject": "bogus"}, host_network=True)
-    assert decide(pod, "shop", InjectorConfig()).reason.startswith("already injected")
+    assert decide(pod, "shop", InjectorConfig()).reason == "hostNetwork pod"
     assert "never injected" in decide(pod, "kube-system", InjectorConfig()).reason
+    with pytest.raises(AnnotationError):
+        decide(_pod(annotations={"palisade.dev/status": "injected", "palisade.dev/inject": "bogus"}), "shop",
+               InjectorConfig())
 
 
 def test_ignored_namespaces_from_config_but_kube_system_always():
@@ -180,7 +185,13 @@ def test_validate_allows_protected_and_non_cde_pods():
     assert validate(make_review(injected)).review["response"]["allowed"] is True
     legacy = yaml.safe_load((TESTDATA / "non-native-sidecar" / "expected.yaml").read_text())
     legacy["metadata"]["labels"]["pci.palisade.dev/scope"] = "cde"
-    assert validate(make_review(legacy)).review["response"]["allowed"] is True
+    for key in ("containers", "initContainers"):
+        legacy["spec"][key] = [c if c["name"].startswith("palisade") else hardened(c) for c in legacy["spec"][key]]
+    # Protected means "as rendered under the current config": the non-native layout passes under
+    # nativeSidecar: false and not under the default (native) config.
+    legacy_cfg = InjectorConfig.load(TESTDATA / "non-native-sidecar" / "config.yaml")
+    assert validate(make_review(legacy), legacy_cfg).review["response"]["allowed"] is True
+    assert validate(make_review(legacy)).review["response"]["allowed"] is False
     assert validate(make_review(_pod(labels={"pci.palisade.dev/scope": "connected"}))).review[
         "response"]["allowed"] is True
 
@@ -203,11 +214,19 @@ def test_mutate_then_validate_agree_for_every_injected_golden():
             continue
         pod = yaml.safe_load((case / "input.yaml").read_text())
         pod["metadata"].setdefault("labels", {})["pci.palisade.dev/scope"] = "cde"
+        # CDE containers must drop NET_RAW (issue 17): harden the golden inputs as a CDE team would.
+        for key in ("containers", "initContainers"):
+            pod["spec"][key] = [hardened(c) for c in pod["spec"].get(key) or []]
         result = mutate(make_review(copy.deepcopy(pod)), InjectorConfig())
         if result.outcome != "injected":
             continue
         patched = apply_response(pod, result.review["response"])
-        assert validate(make_review(patched)).review["response"]["allowed"] is True, case.name
+        response = validate(make_review(patched)).review["response"]
+        if case.name == "exclusion-annotations":
+            # Exclusions on a CDE pod need the platform team's allow-list (issue 17).
+            assert response["allowed"] is False and "cdeExclusions" in response["status"]["message"]
+            continue
+        assert response["allowed"] is True, case.name
 
 
 def test_review_errors():

@@ -376,6 +376,10 @@ def test_reload_under_load_keeps_every_allowed_flow_byte_exact(relay, octet):
                           f"--client-bytes 400000 --server-bytes 400000 --seed $RANDOM; done"])
         for d in drips:
             assert d.stdout.readline().strip() == b"connected"
+        # readiness, not timing: at least one short transfer has completed before the first change
+        # (the assertion below that new connections were accepted before the reloads depends on it)
+        sc.wait_event(lambda e: e.get("event_type") == "flow" and e.get("dest_port") == 9000,
+                      timeout=30, what="a short transfer finished before the first reload")
 
         reloads, rejects = [], []
         for content, valid in _policy_versions():

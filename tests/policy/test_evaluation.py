@@ -192,10 +192,10 @@ def test_fqdn_peer_from_dns_answers(table_ps: PolicySet) -> None:
     cache.learn("api.eu.card-network.example.", [CARDNET.ip], 30)
     d = table_ps.decide(flow, fqdn=cache)
     assert (d.verdict, d.rule) == ("allow", "card-network") and table_ps.needs_l7(flow, fqdn=cache)
-    ok = table_ps.decide_l7(flow, _tls("hello", sni="api.eu.card-network.example", versions=[0x0304, 0x0303]),
+    ok = table_ps.decide_l7(flow, _tls("hello", sni="api.eu.card-network.example", offered_versions=["1.3", "1.2"]),
                             fqdn=cache)
     assert ok is not None and (ok.verdict, ok.rule) == ("allow", "card-network")
-    old = table_ps.decide_l7(flow, _tls("hello", sni="api.eu.card-network.example", version="TLSv1.1"), fqdn=cache)
+    old = table_ps.decide_l7(flow, _tls("hello", sni="api.eu.card-network.example", offered_versions=["1.1"]), fqdn=cache)
     assert old is not None and (old.verdict, old.rule) == ("deny", "default-deny")
 
 

@@ -97,7 +97,8 @@ def test_h2c_nghttp():
 ])
 def test_tls_openssl(name, offered, negotiated, alpn):
     events, summary = _events(name)
-    hello, server = events
+    hello, server, done = events  # done: the handshake completed in both directions
+    assert done.kind == "established" and done.fields["version"] == negotiated and summary["established"]
     assert hello.kind == "hello" and hello.fields["sni"] == "api.card-network.example"
     assert hello.fields["offered_versions"] == offered and hello.fields["alpn"] == alpn
     assert server.kind == "server_hello" and server.fields["version"] == negotiated

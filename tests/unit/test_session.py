@@ -712,7 +712,7 @@ def test_identification_undecided_at_max_depth_is_refused_on_a_governed_flow(ins
     # a method token and an authority-form target whose line never ends: HTTP stays possible
     out, stop = _feed_all(s, TOSERVER, b"GET " + b"x" * 4000, 512)
     assert stop is not None and out == b""
-    assert [e["inspection"]["reason"] for e in _inspection_alerts(insp)] == ["undecided-at-max-depth"]
+    assert [e["inspection"]["reason"] for e in _inspection_alerts(insp)] == ["undecided:http"]
 
 
 @pytest.mark.parametrize("first", [bytes(range(256)) * 64, b"\x00\x01" * 40000, b"A" * 100 + b"\x00" * 9000])
