@@ -217,6 +217,9 @@ def _response_facts(text: str) -> tuple:
     lenient = tuple(h.pop("", ()))
     code = int(start[1])
     te = _tokens(h["transfer-encoding"]) if "transfer-encoding" in h else None
+    if te is not None and "content-length" in h:
+        # clients differ on which wins (RFC 9112 says TE; some read CL): desynchronising
+        raise ParseError("smuggling:cl-te")
     chunked = bool(te) and te[-1] == "chunked"
     length = None if te else _content_length(h.get("content-length"), "")
     enc = ",".join(_tokens(h["content-encoding"])) if "content-encoding" in h else None

@@ -159,6 +159,11 @@ def handle(c):
     elif b"upgrade:" in head.lower():
         c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n" + rest)
         pipe(c, c)
+    elif b"/v1/charge/old-server" in line[1]:  # an old server's legal-but-odd response head
+        c.sendall(b"HTTP/1.1 200 OK\r\nX-Old: a\r\n b\r\nServer : old\r\nX@y: 1\r\nContent-Length: 3\r\n\r\nok\n")
+    elif b"/v1/charge/desync" in line[1]:  # framing a client could read two ways
+        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  b"0\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nsmuggled\n")
     else:
         c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
     c.close()

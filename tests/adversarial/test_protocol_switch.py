@@ -53,3 +53,18 @@ def test_websocket_upgrade_on_a_governed_flow_is_not_passed_uninspected(env):
     assert "Hello" not in res["response"]  # the echo never came back: the frame was not forwarded
     assert refused(res) or res["reset"] or res["closed"]
     assert env.flow(res["port"])["verdict"] == "deny"
+
+
+def test_response_oddities_pass_with_an_alert_but_desynchronising_framing_is_refused(env):
+    odd = b"GET /v1/charge/old-server HTTP/1.1\r\nHost: payments\r\nConnection: close\r\n\r\n"
+    bad = b"GET /v1/charge/desync HTTP/1.1\r\nHost: payments\r\nConnection: close\r\n\r\n"
+    res_odd, res_bad = env.http([odd, bad], port=9003)
+    # obs-fold, space before a colon, a non-token name: a client reads them one way only
+    assert res_odd["response"].startswith("HTTP/1.1 200") and res_odd["response"].endswith("ok\n"), res_odd
+    flow = env.flow(res_odd["port"])
+    assert flow["verdict"] == "allow"
+    sigs = {e["alert"]["signature"] for e in env.sc.events("alert") if e.get("src_port") == res_odd["port"]}
+    assert {"http:lenient:obs-fold", "http:lenient:space-before-colon", "http:lenient:bad-header-name"} <= sigs
+    # Content-Length with Transfer-Encoding: refused (reset), nothing of it reaches the client
+    assert "smuggled" not in res_bad["response"] and not res_bad["response"].startswith("HTTP/1.1 200"), res_bad
+    assert env.flow(res_bad["port"])["verdict"] == "deny"

@@ -318,3 +318,10 @@ def test_canonical_path_is_a_fixed_point_of_the_matchers_normalisation(pieces):
 def test_uncanonical_paths_are_named(target, reason):
     with pytest.raises(CanonError, match=reason):
         canonical_target(target)
+
+
+def test_response_with_content_length_and_transfer_encoding_is_an_anomaly():
+    p = make_parser("http")
+    p.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", TOSERVER)
+    (ev,) = p.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", TOCLIENT)
+    assert ev.kind == "anomaly" and ev.anomaly == "smuggling:cl-te"
