@@ -755,3 +755,30 @@ def test_dlp_policy_lookup_failure_refuses_in_protect(insp, monkeypatch):
     s = Session(insp, "outbound", ("10.0.0.2", 5000), ("10.0.0.4", 9100))
     assert s.open() is False and s.verdict == "deny"
     assert [e["inspection"]["stage"] for e in _inspection_alerts(insp)] == ["internal"]
+
+
+def test_h2c_upgrade_inner_requests_are_reidentified_and_meet_the_rules(tmp_path, engine):
+    import h2.config
+    import h2.connection
+
+    p = tmp_path / "p.yaml"
+    p.write_text(POLICY.replace("      appProto: http\n", ""))  # the http match covers HTTP/2 too
+    insp = Inspection(policy=PolicySet.load([str(p)]), dlp=engine, identities=Peers(), local=LOCAL,
+                      emit=lambda e: None)
+    s = Session(insp, "inbound", ("10.0.0.3", 40000), ("10.0.0.2", 80))
+    assert s.open()
+    up = (b"POST /v1/charge HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+          b"HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\nContent-Length: 0\r\n\r\n")
+    out, stop = s.feed(TOSERVER, up)
+    assert stop is None and out == up
+    switched = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+    out, stop = s.feed(TOCLIENT, switched)
+    assert stop is None and out == switched
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.send_headers(3, [(":method", "GET"), (":scheme", "http"), (":authority", "a"), (":path", "/admin")],
+                        end_stream=True)
+    data = client.data_to_send()
+    out, stop = _feed_all(s, TOSERVER, data, 7)
+    assert stop is not None and b"/admin" not in out and s.app_proto == "http2"
+    assert s.summary()["methods_paths"] == [["GET", "/admin"]]
