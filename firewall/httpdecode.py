@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import urllib.parse
 import zlib
+from typing import Any
 
 MAX_DECODED = 8 << 20
+#: stacked content codings decoded (``Content-Encoding: gzip, gzip``); more is an error
+MAX_LAYERS = 3
 
 _SIZE, _DATA, _CRLF, _DONE = range(4)
 
@@ -45,15 +48,16 @@ class BodyDecoder:
         self.out_total = 0
         self.done = False
         self.error: str | None = None
-        enc = (encoding or "").lower()
-        if enc in ("gzip", "x-gzip"):
-            self.z = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        elif enc == "deflate":
-            self.z = zlib.decompressobj()
-        else:
-            self.z = None
-            if enc and enc != "identity":
-                self.error = f"unsupported content-encoding {enc}"
+        codings = [c.strip() for c in (encoding or "").lower().split(",") if c.strip() not in ("", "identity")]
+        self.layers: list[_Inflate] = []
+        if len(codings) > MAX_LAYERS:
+            self.error = f"more than {MAX_LAYERS} content-encoding layers"
+        for c in reversed(codings):  # the last coding listed was applied last: undone first
+            if c in ("gzip", "x-gzip", "deflate"):
+                self.layers.append(_Inflate(c != "deflate"))
+            else:
+                self.error = self.error or f"unsupported content-encoding {c}"
+        self.z = self.layers or None
         self.form = form
         self.pct_tail = b""
 
@@ -124,17 +128,18 @@ class BodyDecoder:
         return bytes(out), i
 
     def _decompress(self, payload: bytes) -> bytes:
-        if self.z is None or not payload:
-            return payload
+        if not self.layers or not payload or self.error:
+            return b"" if self.error and self.layers else payload
+        room = max(0, self.limit - self.out_total) + 1
         try:
-            room = max(0, self.limit - self.out_total) + 1
-            out = self.z.decompress(payload, room)
-            if self.z.unconsumed_tail:
-                self.error, self.done = "decoded body over the limit", True
-            return out
-        except zlib.error as exc:
-            self.error, self.done = f"undecodable body ({exc})", True
+            for layer in self.layers:
+                payload = layer.feed(payload, room)
+                if not payload:
+                    break
+        except _DecodeError as exc:
+            self.error, self.done = str(exc), True
             return b""
+        return payload
 
     def _percent(self, data: bytes, final: bool) -> bytes:
         data = self.pct_tail + data
@@ -144,3 +149,41 @@ class BodyDecoder:
             if k >= 0:
                 data, self.pct_tail = data[:k], data[k:]
         return urllib.parse.unquote_to_bytes(data.replace(b"+", b" "))
+
+
+class _DecodeError(Exception):
+    pass
+
+
+class _Inflate:
+    """One content-coding layer: every gzip member (a body may be several, RFC 1952 section 2.2:
+    a server gunzips them all), or one deflate stream; bounded output per call."""
+
+    def __init__(self, gzip: bool) -> None:
+        self.gzip = gzip
+        self.z = self._new()
+        self.ended = False
+
+    def _new(self) -> Any:
+        return zlib.decompressobj(16 + zlib.MAX_WBITS if self.gzip else zlib.MAX_WBITS)
+
+    def feed(self, data: bytes, room: int) -> bytes:
+        out = bytearray()
+        while data:
+            if self.ended:
+                if not self.gzip or not data.strip(b"\0"):
+                    return bytes(out)  # trailing padding after the last member: ignored
+                self.z, self.ended = self._new(), False  # the next gzip member
+            try:
+                chunk = self.z.decompress(data, room - len(out))
+            except zlib.error as exc:
+                raise _DecodeError(f"undecodable body ({exc})") from None
+            out += chunk
+            if self.z.unconsumed_tail or len(out) >= room:
+                raise _DecodeError("decoded body over the limit")
+            if self.z.eof:
+                self.ended = True
+                data = self.z.unused_data
+            else:
+                data = b""
+        return bytes(out)

@@ -455,10 +455,18 @@ class PolicySet:
                 dlp.append(_DlpCompiled(r, r.directions, _peers(r.to if r.to is not None else r.from_),
                                         p.spec.mode if isinstance(p, ClusterFirewallPolicy) else mode,
                                         frozenset(r.packs)))
-        return _Table(mode, {k: tuple(v) for k, v in rules.items()}, defaults, seg,
-                      "out-of-scope" if local.is_world else local.scope, tuple(dlp), selected)
+        table = _Table(mode, {k: tuple(v) for k, v in rules.items()}, defaults, seg,
+                       "out-of-scope" if local.is_world else local.scope, tuple(dlp), selected)
+        # onInspectionError: "allow" only when every selecting policy says so (strictest wins)
+        overrides = [getattr(d.policy.spec, "on_inspection_error", None) for d in selected]
+        table.on_error = "allow" if overrides and all(o == "allow" for o in overrides) else None
+        return table
 
     # --- evaluation ---------------------------------------------------------------------
+    def on_inspection_error(self, local: Identity) -> str | None:
+        """The workload's ``spec.onInspectionError`` override (None: the default, deny)."""
+        return getattr(self._table(local), "on_error", None)
+
     def mode_for(self, local: Identity) -> str:
         """The workload's mode from its policies (before any per-pod annotation override)."""
         return self._table(local).mode

@@ -419,6 +419,8 @@ class FirewallPolicySpec:
     ingress: list[IngressRule] = field(default_factory=list)
     egress: list[EgressRule] = field(default_factory=list)
     dlp: list[DlpRule] = field(default_factory=list)
+    #: protect mode, a governed flow whose inspection failed: refuse (deny) or forward (allow)
+    on_inspection_error: str | None = None
 
 
 @_record
@@ -868,6 +870,7 @@ _SPECS: dict[type, _Spec] = {
         _Field("ingress", "ingress", _List(_Rec(IngressRule)), factory=list),
         _Field("egress", "egress", _List(_Rec(EgressRule)), factory=list),
         _Field("dlp", "dlp", _List(_Rec(DlpRule)), factory=list),
+        _Field("on_inspection_error", "onInspectionError", _o(_Lit(("deny", "allow"))), None),
     ], check_spec_names),
     ClusterFirewallPolicySpec: _spec([
         _Field("mode", "mode", _MODE, "protect"),

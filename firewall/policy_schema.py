@@ -307,6 +307,11 @@ class FirewallPolicySpec(_Model):
     ingress: list[IngressRule] = Field(default_factory=list)
     egress: list[EgressRule] = Field(default_factory=list)
     dlp: list[DlpRule] = Field(default_factory=list)
+    on_inspection_error: Literal["deny", "allow"] | None = Field(
+        None, alias="onInspectionError",
+        description="Protect mode, a flow an L7 or DLP block rule governs whose inspection failed "
+                    "(parser anomaly, decoder limit, scanner error...): deny (refuse; the default) or "
+                    "allow (alert and forward). Learn/monitor always forward.")
 
     @model_validator(mode="after")
     def _checks(self) -> FirewallPolicySpec:

@@ -11,8 +11,10 @@ first byte, so allowed bytes before it are delivered and nothing of it is.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
+import re
 import time
 import zlib
 from dataclasses import dataclass
@@ -34,6 +36,12 @@ def seed_flow_ids(worker: int, workers: int) -> None:
     base = int(time.time() * 1000) % 10**9 * 1000
     _flow_ids = itertools.count(base * max(1, workers) + worker, max(1, workers))
 DIR_NAMES = ("toserver", "toclient")
+#: event fields never copied into events or alerts (offsets, the raw un-normalised target)
+_PRIVATE_FIELDS = frozenset({"head_end", "raw_target", "statement"})
+# a trailing run that is a card number missing at most its check digit (12+ digits, single
+# space/dash separators), or an IBAN prefix (country, check digits, 10+ more)
+_CARD_TAIL = re.compile(rb"[2-6](?:[ -]?\d){11,}\Z")
+_IBAN_TAIL = re.compile(rb"[A-Z]{2}\d{2}(?: ?[A-Z0-9]){10,}\Z")
 
 
 def signature_id(name: str) -> int:
@@ -134,7 +142,7 @@ class Session:
         "close_reason", "encrypted", "passthrough", "_ident", "_ident_buf", "_parser", "_hold",
         "_pending", "_sent", "_seen", "_dlp", "_dlp_actions", "_enforced", "_stopped", "source_preserved",
         "_alerts", "_l7_summary", "_capture_done", "_bodies", "_governed", "_on_error",
-        "_dns_queries",
+        "_digit_hold", "_tail", "_shift", "_switch", "_dns_queries",
     )
 
     def __init__(self, insp: Inspection, direction: str, src: tuple, dst: tuple, proto: str = "TCP") -> None:
@@ -175,6 +183,10 @@ class Session:
         self._bodies: list[list] = []  # decoded HTTP bodies under DLP: [next offset, decoder, stream]
         self._governed = False  # an L7/app rule or a DLP block rule needs this flow inspected
         self._on_error: str | None = None  # the policy's onInspectionError override, if any
+        self._digit_hold = False  # DLP block rules: never release a card/IBAN prefix on a stall
+        self._tail = [b"", b""]  # last bytes forwarded per direction (digit-run hold-back)
+        self._shift: tuple[int, int] | None = None  # where a tunnel's inner stream starts
+        self._switch: tuple[int, int, int] | None = None  # a protocol switch the parser accepted
         self._dns_queries: list[tuple] | None = None  # (id, qname, qtype) forwarded, not yet answered
 
     # ------------------------------------------------------------------ identities
@@ -231,13 +243,23 @@ class Session:
             if not insp.quarantined:
                 try:
                     self._dlp_actions = list(policy.dlp_for(self.flowinfo, mode_override=insp.mode_override))
-                except Exception:  # noqa: BLE001
+                except Exception as exc:  # noqa: BLE001 - which DLP rules apply is unknown: fail closed
                     self._dlp_actions = []
+                    self._governed = True  # a block rule may have applied
+                    stop = self._inspection_error(Stage.INTERNAL, f"dlp-policy:{type(exc).__name__}", TOSERVER)
+                    if stop is not None:
+                        self.close_reason = "inspection-error"
+                        return False
             # hold request heads until complete when a verdict depends on them: an L7/app rule,
             # or a DLP block (a percent-encoded value in the target is only seen decoded)
             blocks = insp.dlp is not None and any(a.action == "block" for a in self._dlp_actions)
             self._governed = blocks or bool(needs(self.flowinfo))
             self._hold = insp.l7 and self._enforced and self._governed
+            self._digit_hold = blocks and self._enforced
+            try:
+                self._on_error = policy.on_inspection_error(self.local)
+            except Exception:  # noqa: BLE001 - a policy object without the override: the default
+                self._on_error = None
         else:
             self._dlp_actions = []
         if insp.l7:
@@ -269,9 +291,17 @@ class Session:
             return self._identify(d, data)  # the replay after identification covers bodies too
         if self._parser is None:
             return None
+        return self._parse_chunk(d, data, self._seen[d] - len(data))
+
+    def _parse_chunk(self, d: int, data: bytes, base: int) -> Stop | None:
+        """Parse one chunk starting at stream offset ``base`` (and its decoded body views);
+        a protocol switch the parser accepted hands the rest of the chunk to a fresh
+        identification of the inner stream."""
         stop = self._parse(d, data)
         if stop is None and self._bodies and d == TOSERVER:
-            stop = self._scan_bodies(data, self._seen[d] - len(data))
+            stop = self._scan_bodies(data, base)
+        if stop is None and self._switch is not None:
+            stop = self._enter_tunnel(d, data, base)
         return stop
 
     # ------------------------------------------------------------------ decoded HTTP views
@@ -279,11 +309,15 @@ class Session:
         """DLP on what the server will decode: the percent-decoded target now, and a decoded
         (de-chunked, decompressed, form-decoded) body as it streams (firewall/httpdecode.py)."""
         f = ev.fields
-        target = decode_target(f.get("path") or "")
+        target = decode_target(f.get("raw_target") or f.get("path") or "")
         if target is not None:
             try:
                 findings = self.insp.dlp.scan_bytes(target)
-            except Exception:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - a scanner fault: the exception policy decides
+                stop = self._inspection_error(Stage.SCAN, f"scanner-error:{type(exc).__name__}", TOSERVER,
+                                              ev.offset)
+                if stop is not None:
+                    return stop
                 findings = []
             stop = self._handle_findings(TOSERVER, findings, cut=ev.offset) if findings else None
             if stop is not None:
@@ -295,38 +329,56 @@ class Session:
             return None  # the raw stream scan sees the body as the server will
         dec = BodyDecoder(chunked=chunked, encoding=f.get("content_encoding"), form=form,
                           length=f.get("content_length"))
+        if dec.error and not dec.chunked and not f.get("content_length"):
+            return None  # no body: nothing to decode
         if dec.needed and (f.get("chunked") or f.get("content_length")) and f.get("head_end") is not None:
-            self._bodies.append([int(f["head_end"]), dec, self.insp.dlp.stream()])
+            # [next raw offset, decoder, DLP stream, raw offset held back (a card-shaped run at the
+            # end of the decoded view), the decoded view's last bytes]
+            self._bodies.append([int(f["head_end"]), dec, self.insp.dlp.stream(), None, b""])
         return None
 
     def _scan_bodies(self, data: bytes, base: int) -> Stop | None:
         end = base + len(data)
         for b in list(self._bodies):
-            pos, dec, stream = b
+            pos, dec, stream = b[0], b[1], b[2]
             if pos >= end:
                 continue
             rel = max(0, pos - base)
             out, used = dec.feed(data[rel:])
             b[0] = base + rel + used
+            if self._digit_hold and out:
+                # the decoded view ends in a card-shaped run: hold the raw (compressed, chunked)
+                # bytes from the chunk it began in, so a receiver decoding what it got cannot
+                # see the prefix either (the same hold-back as on the raw stream)
+                tail = (b[4] + out)[-64:]
+                b[4] = tail
+                if _CARD_TAIL.search(tail) or _IBAN_TAIL.search(tail):
+                    if b[3] is None:
+                        b[3] = base + rel
+                else:
+                    b[3] = None
+            scan_error = None
             try:
                 findings = stream.scan(out) if out else []
                 if dec.done:
                     findings += stream.close()
-            except Exception:  # noqa: BLE001
-                findings = []
-            if dec.done:
+            except Exception as exc:  # noqa: BLE001 - a scanner fault: the exception policy decides
+                findings, scan_error = [], f"scanner-error:{type(exc).__name__}"
+            if dec.done or dec.error or scan_error:
                 self._bodies.remove(b)
             if findings:
                 stop = self._handle_findings(TOSERVER, findings)
                 if stop is not None:
                     return stop
+            if scan_error:
+                stop = self._inspection_error(Stage.SCAN, scan_error, TOSERVER)
+                if stop is not None:
+                    return stop
             if dec.error:
-                self._alert("dlp", "dlp:undecodable-body", blocked=self._blocks(), severity=2,
-                            extra={"dlp": {"error": dec.error, "direction": "toserver"}})
-                if self._blocks():
-                    self.verdict = "deny"
-                    return Stop("dlp-block:undecodable", _bad_request(
-                        "415 Unsupported Media Type", f"refused by palisade: {dec.error}"))
+                stop = self._inspection_error(Stage.DECODE, dec.error, TOSERVER, status="415 Unsupported Media Type",
+                                              stop_reason="dlp-block:undecodable")
+                if stop is not None:
+                    return stop
         return None
 
     def _blocks(self) -> bool:
@@ -345,10 +397,7 @@ class Session:
 
     def scanned(self, d: int, findings: list | None, error: bool = False) -> Stop | None:
         if error:
-            if self._enforced and any(a.action == "block" for a in self._dlp_actions):
-                self.verdict = "deny"
-                return Stop("dlp-error")
-            return None
+            return self._inspection_error(Stage.SCAN, "scanner-error", d, stop_reason="dlp-error")
         return self._handle_findings(d, findings) if findings else None
 
     def assemble(self, d: int, data: bytes, stop: Stop | None) -> tuple[bytes, Stop | None]:
@@ -367,19 +416,39 @@ class Session:
             self._stopped = stop
             return out, stop
         hold_at = self._hold_offset(d)
+        if self._digit_hold:
+            digits = self._digit_run_hold(d, buf, start)
+            if d == TOSERVER:
+                for b in self._bodies:
+                    if b[3] is not None:
+                        digits = b[3] if digits is None else min(digits, b[3])
+            if digits is not None:
+                hold_at = digits if hold_at is None else min(hold_at, digits)
         if hold_at is None:
             self._pending[d] = None
             self._sent[d] = self._seen[d]
-            return buf, None
-        upto = max(start, min(hold_at, self._seen[d]))
-        self._pending[d] = buf[upto - start:] or None
-        self._sent[d] = upto
-        return buf[: upto - start], None
+            out = buf
+        else:
+            upto = max(start, min(hold_at, self._seen[d]))
+            self._pending[d] = buf[upto - start:] or None
+            self._sent[d] = upto
+            out = buf[: upto - start]
+        if self._digit_hold and out:
+            self._tail[d] = (self._tail[d] + out[-64:])[-64:]
+        return out, None
 
     def release(self, d: int) -> bytes:
-        """Forward what is held (identification gave up on a silent peer, or EOF)."""
+        """Forward what is held (identification gave up on a silent peer, or EOF).
+
+        Identification still undecided here is an inspection failure: on a governed flow in
+        protect mode the exception policy refuses (``_stopped`` is set, nothing is released)."""
         if self._ident is not None and not self._stopped:
-            self._decide_proto("unknown")
+            stop = self._decide_proto("unknown")
+            if stop is None and self._pending[d]:
+                stop = self._inspection_error(Stage.IDENTIFY, "undecided", d, self._sent[d])
+            if stop is not None:
+                self._stopped = stop
+                return b""
         pend = self._pending[d]
         if not pend or self._stopped:
             return b""
@@ -396,14 +465,35 @@ class Session:
         if self._dlp_on() and self._dlp[d] is not None:
             try:
                 findings = self._dlp[d].close()
-            except Exception:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - a scanner fault: the exception policy decides
                 findings = []
+                stop = self._inspection_error(Stage.SCAN, f"scanner-error:{type(exc).__name__}", d,
+                                              self._sent[d], stop_reason="dlp-error")
             self._dlp[d] = None
-            stop = self._handle_findings(d, findings)
+            stop = stop or self._handle_findings(d, findings)
+        if stop is None and self._pending[d] and self._ident is None and self._parser is not None:
+            try:
+                head = self._parser.hold_from(d)
+            except Exception:  # noqa: BLE001
+                head = self._sent[d]
+            if head is not None:
+                # an incomplete message head when the sender closes: a server may still act on
+                # it (HTTP/0.9-style "GET /admin" + FIN), so it is never forwarded unchecked
+                stop = self._inspection_error(Stage.PARSE, "incomplete-head-at-eof", d, head)
+        if stop is None and self._digit_hold and self._pending[d]:
+            pend = self._pending[d]
+            if self._digit_run_hold(d, pend, self._sent[d]) is not None:
+                # a card / IBAN prefix held back when the sender stopped one digit short and
+                # closed: releasing it now would hand over all but the check digit
+                stop = self._inspection_error(Stage.SCAN, "card-prefix-at-eof", d, self._sent[d],
+                                              stop_reason="dlp-block:card-prefix-at-eof")
         if stop is not None:
             self._stopped = stop
             return b"", stop
-        return self.release(d), None
+        out = self.release(d)
+        if self._stopped is not None:
+            return b"", self._stopped
+        return out, None
 
     # ------------------------------------------------------------------ stages
     def _hold_offset(self, d: int) -> int | None:
@@ -411,14 +501,36 @@ class Session:
             return None
         if self._ident is not None:
             # hold client bytes while identifying (bounded by the identifier's depth); server
-            # bytes pass, so a server-first banner reaches its client (Identifier.holds)
-            return self._sent[d] if self._ident.holds(d) else None
+            # bytes pass, so a server-first banner reaches its client (Identifier.holds);
+            # inside a tunnel only what follows the switch (the 200 / 101 must reach the client)
+            if not self._ident.holds(d):
+                return None
+            return self._sent[d] if self._shift is None else max(self._sent[d], self._shift[d])
         if self._parser is not None:
             try:
                 return self._parser.hold_from(d)
             except Exception:  # noqa: BLE001
                 return None
         return None
+
+    def _digit_run_hold(self, d: int, buf: bytes, start: int) -> int | None:
+        """Where a trailing card- or IBAN-shaped run starts, if one ends ``buf``.
+
+        The DLP scan reports a value once its last byte has been seen; a sender that stops
+        one digit short would otherwise get 15 of 16 digits through, and Luhn restores the
+        16th.  So under a DLP block rule a trailing run that is a card prefix missing at most
+        its check digit (12+ digits) or an IBAN prefix stays held until more bytes arrive (the
+        scan then settles it), the flow ends (the scan's close settles it), or the proxy's
+        header timeout cuts a sender that stalls."""
+        if not self._digit_hold or not self._dlp_on():
+            return None
+        tail = self._tail[d]
+        window = tail + buf[-64:] if len(buf) < 64 else buf[-64:]
+        base = start + len(buf) - len(window)
+        starts = [m.start() for m in (_CARD_TAIL.search(window), _IBAN_TAIL.search(window)) if m is not None]
+        if not starts:
+            return None
+        return max(start, base + min(starts))
 
     def _identify(self, d: int, data: bytes) -> Stop | None:
         self._ident_buf[d].append(data)
@@ -454,18 +566,27 @@ class Session:
 
             try:
                 self._parser = make_parser(proto)
-            except Exception:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001
                 self._parser = None
+                stop = self._inspection_error(Stage.INTERNAL, f"parser-init:{type(exc).__name__}", TOSERVER)
+                if stop is not None:
+                    return stop
+            if self._parser is not None and self._shift is not None:
+                self._parser = _Shifted(self._parser, self._shift)
+        elif self._shift is not None:
+            # an accepted CONNECT / Upgrade whose inner protocol is not one we can read
+            # (websocket frames, an unknown binary protocol): never passed on by accident
+            stop = self._inspection_error(Stage.TUNNEL, "uninspectable-tunnel", TOSERVER, self._sent[TOSERVER])
+            if stop is not None:
+                return stop
         if self._parser is None:
             if not self._dlp_on():
                 self.passthrough = True
             return None
         for d in (TOSERVER, TOCLIENT):
-            base = 0
+            base = self._shift[d] if self._shift is not None else 0
             for chunk in bufs[d]:
-                stop = self._parse(d, chunk)
-                if stop is None and self._bodies and d == TOSERVER:
-                    stop = self._scan_bodies(chunk, base)
+                stop = self._parse_chunk(d, chunk, base)
                 base += len(chunk)
                 if stop is not None:
                     return stop
@@ -474,9 +595,12 @@ class Session:
     def _parse(self, d: int, data: bytes) -> Stop | None:
         try:
             events = self._parser.feed(data, d)
-        except Exception:  # noqa: BLE001 - parsers promise not to raise; belt and braces
+        except Exception as exc:  # noqa: BLE001 - parsers promise not to raise; belt and braces
             self._parser = None
-            return None
+            if not self._dlp_on():
+                self.passthrough = True
+            return self._inspection_error(Stage.INTERNAL, f"parser-error:{type(exc).__name__}", d,
+                                          self._sent[d])
         if not events:
             return None
         for ev in events:
@@ -495,7 +619,7 @@ class Session:
         if insp.l7_events and kind != "anomaly":
             e = self._base_event(app or self.app_proto)
             e[app or self.app_proto] = {"kind": kind, "direction": DIR_NAMES[ev.direction],
-                                        **{k: v for k, v in ev.fields.items() if k != "head_end"}}
+                                        **{k: v for k, v in ev.fields.items() if k not in _PRIVATE_FIELDS}}
             insp.emit(e)
         if app == "dns":
             stop = self._on_dns(ev)
@@ -506,6 +630,9 @@ class Session:
             return self._inspection_error(Stage.PARSE, f"{app}:{ev.anomaly}", ev.direction, ev.offset)
         if kind == "anomaly":
             return self._on_anomaly(ev)
+        if kind == "response" and ev.fields.get("tunnel_at") is not None:
+            # the server accepted CONNECT / Upgrade: what follows is another protocol
+            self._switch = (self._seen[TOSERVER], int(ev.fields["tunnel_at"]), int(ev.fields.get("tunnel_port") or 0))
         if kind == "switch":
             stop = self._on_switch(ev)
             if stop is not None:
@@ -519,9 +646,46 @@ class Session:
             return None
         d = policy.decide_l7(self.flowinfo, ev, mode_override=insp.mode_override,
                              quarantined=insp.quarantined)
-        if d is None:
-            return None
-        return self._apply_decision(d, ev)
+        stop = self._apply_decision(d, ev) if d is not None else None
+        if (stop is None and kind == "request" and app == "http" and ev.fields.get("method") == "CONNECT"
+                and self.direction == "outbound"):
+            stop = self._connect_target(ev)
+        return stop
+
+    def _connect_target(self, ev: L7Event) -> Stop | None:
+        """An outbound CONNECT names where the tunnel really goes: that destination is
+        evaluated by the policy as an egress flow of its own (an allowed proxy port must not
+        open a way to a destination the policy denies)."""
+        from firewall.policy import FlowInfo
+
+        authority = str(ev.fields.get("host") or "")
+        host, _, port = authority.rpartition(":")
+        host = host.strip("[]")
+        if not port.isdigit() or not host:
+            return self._inspection_error(Stage.TUNNEL, "bad-connect-target", TOSERVER, ev.offset)
+        insp = self.insp
+        try:
+            import ipaddress
+
+            ipaddress.ip_address(host)
+            peer, fqdn = insp.resolve(host), None
+        except ValueError:
+            peer, fqdn = Identity("0.0.0.0"), _OneName(host.lower().rstrip("."))
+        flow = FlowInfo("egress", self.local, peer, int(port), self.proto)
+        try:
+            d = insp.policy.decide(flow, mode_override=insp.mode_override, quarantined=insp.quarantined,
+                                   fqdn=fqdn)
+        except Exception as exc:  # noqa: BLE001
+            return self._inspection_error(Stage.INTERNAL, f"connect-policy:{type(exc).__name__}", TOSERVER,
+                                          ev.offset)
+        if d.verdict == "deny":
+            self._alert("policy", d.rule, blocked=d.enforced, severity=2,
+                        extra={"reason": f"CONNECT target {host}:{port}: {d.reason or 'denied'}"})
+            if d.enforced:
+                self.rule = d.rule
+                self.verdict = "deny"
+                return Stop(f"denied:{d.rule}", _forbidden(d.rule, "CONNECT target denied"), cut=ev.offset)
+        return None
 
     def _on_switch(self, ev: L7Event) -> Stop | None:
         """A protocol switch (PostgreSQL SSLRequest/GSSENCRequest, MySQL SSL): the inner stream
@@ -577,19 +741,49 @@ class Session:
                 pass
 
     def _on_anomaly(self, ev: L7Event) -> Stop | None:
+        """Every parser anomaly goes through the exception policy (firewall/exception_policy.py),
+        except response oddities a client reads one way only (``lenient:``), which alert."""
         anomaly = ev.anomaly or "anomaly"
-        blocked = self._enforced and (anomaly.startswith("smuggling") or anomaly.startswith("oversized"))
-        self._alert("protocol", f"{self.app_proto}:{anomaly}", blocked=blocked, severity=2)
-        if not blocked:
+        signature = f"{self.app_proto}:{anomaly}"
+        if anomaly.startswith("lenient:"):
+            self._alert("protocol", signature, blocked=False, severity=3,
+                        extra={"inspection": {"stage": "parse", "reason": anomaly, "action": "forward",
+                                              "direction": DIR_NAMES[ev.direction]}})
             return None
-        if self.app_proto == "http" and ev.direction == TOSERVER:
-            status = "431 Request Header Fields Too Large" if anomaly.startswith("oversized") else "400 Bad Request"
-            stop = Stop(f"anomaly:{anomaly}", _bad_request(status, f"refused by palisade: {anomaly}"),
-                        cut=ev.offset)
+        if anomaly.startswith("parser-error:"):
+            stage = Stage.INTERNAL
+        elif anomaly.startswith("normalise:"):
+            stage = Stage.NORMALISE
         else:
-            stop = Stop(f"anomaly:{anomaly}", cut=ev.offset)
-        self.verdict = "deny"
-        return stop
+            stage = Stage.PARSE
+        status = "400 Bad Request"
+        if anomaly.startswith("oversized"):
+            status = "431 Request Header Fields Too Large"
+        return self._inspection_error(stage, anomaly, ev.direction, ev.offset, status=status,
+                                      category="protocol", signature=signature,
+                                      stop_reason=f"anomaly:{anomaly}",
+                                      stream_id=int(ev.fields.get("stream_id") or 0))
+
+    # ------------------------------------------------------------------ protocol switches
+    def _enter_tunnel(self, d: int, data: bytes, base: int) -> Stop | None:
+        """CONNECT / Upgrade accepted: the inner stream is identified afresh (the CONNECT
+        target's port as the hint) and inspected with the same rules; an inner stream that
+        cannot be identified falls under the exception policy (Stage.TUNNEL)."""
+        from firewall.protocols import Identifier
+
+        toserver, toclient, port = self._switch  # type: ignore[misc]
+        self._switch = None
+        self._shift = (toserver, toclient)
+        self._parser = None
+        self._bodies = []
+        self._ident = Identifier(port or int(self.dest_port))
+        self._ident_buf = [[], []]
+        self.passthrough = False
+        start = self._shift[d]
+        rest = data[max(0, start - base):] if start < base + len(data) else b""
+        if rest:
+            return self._identify(d, rest)
+        return None
 
     def _apply_decision(self, d: Any, ev: L7Event | None) -> Stop | None:
         if d is None:
@@ -600,7 +794,7 @@ class Session:
             extra = None
             if ev is not None:
                 extra = {"l7": {"kind": ev.kind, **{k: v for k, v in ev.fields.items()
-                                                   if k not in ("statement", "head_end")}}}
+                                                   if k not in _PRIVATE_FIELDS}}}
             self._alert("policy", d.rule, blocked=d.verdict == "deny" and d.enforced, severity=2,
                         extra=extra)
         if d.capture:
@@ -635,11 +829,9 @@ class Session:
             s = self._dlp[d] = self.insp.dlp.stream()
         try:
             findings = s.scan(data)
-        except Exception:  # noqa: BLE001 - a scanner fault fails closed where policy blocks
-            if self._enforced and any(a.action == "block" for a in self._dlp_actions):
-                self.verdict = "deny"
-                return Stop("dlp-error")
-            return None
+        except Exception as exc:  # noqa: BLE001 - a scanner fault: the exception policy decides
+            return self._inspection_error(Stage.SCAN, f"scanner-error:{type(exc).__name__}", d,
+                                          stop_reason="dlp-error")
         if not findings:
             return None
         return self._handle_findings(d, findings)
@@ -673,13 +865,17 @@ class Session:
         return stop
 
     # ------------------------------------------------------------------ inspection failures
-    def _inspection_error(self, stage: Stage, reason: str, d: int, offset: int | None = None) -> Stop | None:
+    def _inspection_error(self, stage: Stage, reason: str, d: int, offset: int | None = None, *,
+                          status: str = "400 Bad Request", category: str = "inspection",
+                          signature: str | None = None, stop_reason: str | None = None,
+                          stream_id: int = 0) -> Stop | None:
         """Ask the one exception policy (firewall/exception_policy.py) what a failed stage
-        means for this flow; alert either way; refuse (HTTP 400 where a request can still be
-        answered, else reset) or forward."""
+        means for this flow; alert either way (stage, reason, action); refuse (HTTP 4xx where
+        a request can still be answered, gRPC status for an HTTP/2 request at a frame
+        boundary, else reset) or forward (None)."""
         out = exception_policy.decide(stage, reason, mode=self.mode if self.insp.policy is not None else "learn",
                                       governed=self._governed, override=self._on_error)
-        self._alert("inspection", f"inspection:{stage.value}:{reason}", blocked=out.refuse, severity=2,
+        self._alert(category, signature or f"inspection:{stage.value}:{reason}", blocked=out.refuse, severity=2,
                     extra={"inspection": {"stage": stage.value, "reason": reason,
                                           "action": out.action.value, "direction": DIR_NAMES[d]}})
         if not out.refuse:
@@ -687,8 +883,14 @@ class Session:
         self.verdict = "deny"
         reply = None
         if self.app_proto == "http" and d == TOSERVER:
-            reply = _bad_request("400 Bad Request", f"refused by palisade: {stage.value}: {reason}")
-        return Stop(f"inspection-error:{stage.value}:{reason}", reply, cut=offset)
+            reply = _bad_request(status, f"refused by palisade: {stage.value}: {reason}")
+        elif (self.app_proto in ("http2", "grpc") and d == TOSERVER and stream_id
+              and self._parser is not None and self._parser.at_boundary(TOCLIENT)):
+            # an HTTP/2 request we could not read: answer its stream (gRPC status / 403) at a
+            # frame boundary of the server's stream, else the flow is reset
+            reply = _h2_refusal(stream_id, self.app_proto == "grpc", f"inspection:{stage.value}:{reason}",
+                                with_settings=self._seen[TOCLIENT] == 0)
+        return Stop(stop_reason or f"inspection-error:{stage.value}:{reason}", reply, cut=offset)
 
     # ------------------------------------------------------------------ outputs
     def _auto_capture(self, rule: str) -> None:
@@ -741,3 +943,54 @@ class Session:
                      "start": ts_iso(self.start), "end": ts_iso(end), "alerts": self._alerts},
         })
         return e
+
+
+class _Shifted:
+    """A parser for a tunnel's inner stream, seen at absolute stream offsets.
+
+    The inner parser counts from the tunnel's first byte; the session cuts, holds and scans
+    at offsets of the whole connection, so every offset it reports is moved by where the
+    tunnel began in that direction."""
+
+    __slots__ = ("inner", "shift", "app_proto")
+
+    def __init__(self, inner: Any, shift: tuple[int, int]) -> None:
+        self.inner = inner
+        self.shift = shift
+        self.app_proto = inner.app_proto
+
+    def feed(self, data: bytes, d: int) -> list[L7Event]:
+        out = []
+        for ev in self.inner.feed(data, d):
+            k = self.shift[ev.direction]
+            fields = ev.fields
+            if "head_end" in fields:
+                fields = {**fields, "head_end": int(fields["head_end"]) + k}
+            if "tunnel_at" in fields:
+                fields = {**fields, "tunnel_at": int(fields["tunnel_at"]) + k}
+            out.append(dataclasses.replace(ev, offset=ev.offset + k, end=ev.end + k if ev.end >= 0 else -1,
+                                           fields=fields))
+        self.app_proto = self.inner.app_proto
+        return out
+
+    def hold_from(self, d: int) -> int | None:
+        h = self.inner.hold_from(d)
+        return None if h is None else h + self.shift[d]
+
+    def at_boundary(self, d: int) -> bool:
+        return self.inner.at_boundary(d)
+
+    def summary(self) -> dict[str, Any]:
+        return self.inner.summary()
+
+
+class _OneName:
+    """An FQDN cache that knows one name: a CONNECT target given by host name."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def names_for(self, ip: str) -> set[str]:
+        return {self.name}

@@ -25,26 +25,29 @@ import re
 from collections import deque
 from typing import Any
 
-from firewall.protocols.base import TOCLIENT, TOSERVER, L7Event, ParseError, Probe
+from firewall.http_canon import CanonError, canonical_target
+from firewall.protocols.base import TOCLIENT, TOSERVER, L7Event, ParseError, Probe, declare_fields
 from firewall.protocols.redact import redact_path
 from firewall.protocols.stream import DirState, StreamParser, find_line
 
 APP_PROTO = "http"
+# fields this parser adds to those declared in firewall/protocols/__init__.py: the raw target
+# (for the percent-decoded DLP scan; never copied into events) and, on a response accepting
+# CONNECT / Upgrade, where the inner stream starts and the CONNECT port
+declare_fields(APP_PROTO, "request", ("raw_target",))
+declare_fields(APP_PROTO, "response", ("tunnel_at", "tunnel_port"))
 DEFAULT_PORTS = frozenset({80, 8000, 8080, 8888, 3000, 5000, 9000})
 
-#: methods recognised by the identifier; the parser itself accepts any token
-METHODS = (
-    b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE", b"PATCH",
-    b"PROPFIND", b"PROPPATCH", b"MKCOL", b"COPY", b"MOVE", b"LOCK", b"UNLOCK", b"REPORT",
-    b"SEARCH", b"PURGE", b"MKCALENDAR", b"LINK", b"UNLINK",
-)
-_MAX_METHOD = max(len(m) for m in METHODS)
+#: longest method token the identifier waits for (any token is a method: RFC 9110 section 9.1)
+_MAX_METHOD = 32
+_TCHARS = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _VERSION = re.compile(r"HTTP/(\d)\.(\d)\Z")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
 _CONNECT_LINE = re.compile(rb" HTTP/1\.[01]\r?\Z")
-_KNOWN_CODINGS = frozenset({"chunked", "gzip", "x-gzip", "deflate", "compress", "identity", "br", "zstd"})
+#: header fields whose reading decides where a message ends: never parsed leniently
+_FRAMING = frozenset({"content-length", "transfer-encoding"})
 
 MAX_SUMMARY_PAIRS = 32
 SUMMARY_PATH_CHARS = 512
@@ -54,20 +57,23 @@ _HEAD, _CHUNK_SIZE, _CHUNK_CRLF, _TRAILERS = range(4)
 
 
 def probe_toserver(buf: bytes) -> Probe:
-    """An HTTP/1.x request line: a known method, a space, and a request target.
+    """An HTTP/1.x request line by its grammar: a method token (any token starting with a
+    letter, not a list: SUBSCRIBE and custom methods are HTTP too), a space, and a request
+    target.  The price: a client whose first bytes are a bare word (``HELLO``) keeps the
+    identifier waiting until a byte that no token holds (or the identify timeout).
 
-    Decides after a few bytes (``GET /``) so a client is never kept waiting on
-    the identifier; for targets that do not start with ``/``, ``*`` or
-    ``http(s)://`` (CONNECT's authority form) it waits for `` HTTP/1.``.
+    Decides after a few bytes (``GET /``) so a client is never kept waiting on the
+    identifier; for targets that do not start with ``/``, ``*`` or ``http(s)://``
+    (authority form, CONNECT's) it waits for the line to end in `` HTTP/1.x``.
     """
     sp = buf.find(b" ", 0, _MAX_METHOD + 1)
     if sp < 0:
         head = buf[: _MAX_METHOD + 1]
-        if len(head) > _MAX_METHOD or not any(m.startswith(head) for m in METHODS):
+        if len(head) > _MAX_METHOD or any(c not in _TCHARS for c in head) or not head[:1].isalpha():
             return Probe.NO_MATCH
         return Probe.NEED_MORE
-    if buf[:sp] not in METHODS:
-        return Probe.NO_MATCH
+    if sp == 0 or not buf[:1].isalpha() or any(c not in _TCHARS for c in buf[:sp]) or buf[:sp] == b"PRI":
+        return Probe.NO_MATCH  # (PRI * HTTP/2.0 is the HTTP/2 preface)
     target = buf[sp + 1 : sp + 9]
     if not target:
         return Probe.NEED_MORE
@@ -79,11 +85,9 @@ def probe_toserver(buf: bytes) -> Probe:
             return Probe.MATCH
         if scheme.startswith(lowered):
             return Probe.NEED_MORE
-    if buf[:sp] != b"CONNECT":
-        return Probe.NO_MATCH
     eol = buf.find(b"\n", sp)
     if eol < 0:
-        return Probe.NEED_MORE
+        return Probe.NEED_MORE  # the identifier's max depth bounds the wait
     return Probe.MATCH if _CONNECT_LINE.search(buf[:eol]) else Probe.NO_MATCH
 
 
@@ -141,30 +145,58 @@ _facts_cache: tuple[dict[str, tuple], dict[str, tuple]] = ({}, {})  # responses,
 
 def _request_facts(text: str) -> tuple:
     """(method, host, path, version, content_length, chunked, content_encoding, content_type,
-    upgrade) of a request head; ParseError for framing a server could read two ways."""
+    upgrade, raw_target) of a request head; ParseError for a request a server could read two
+    ways (framing, Host, bare LF) or whose path has no one canonical form (firewall/http_canon).
+
+    ``path`` is the canonical path plus the raw query: the one form the policy matches, the
+    flow record shows and the report counts."""
+    if text.count("\n") != text.count("\r\n"):
+        raise ParseError("ambiguous:bare-lf")
     (method, target, version), h = _parse_head(text, True)
+    if version not in ("HTTP/1.1", "HTTP/1.0"):
+        raise ParseError("bad-version")
     hosts = h.get("host")
     host = None
     if hosts:
-        if len(hosts) > 1 and len(set(hosts)) > 1:
+        if len(hosts) > 1:
             raise ParseError("smuggling:duplicate-host")
         host = hosts[0]
-    path = target
-    if target[:1] != "/" and target.lower().startswith(("http://", "https://")):
-        rest = target.split("://", 1)[1]
-        authority, slash, tail = rest.partition("/")
-        host = authority or host
-        path = slash + tail if slash else "/"
-    elif method == "CONNECT":
-        host = host or target
+    raw = target
+    if method == "CONNECT":
+        if target[:1] == "/" or "://" in target or "@" in target or "/" in target:
+            raise ParseError("ambiguous:connect-target")
+        path = None
+        host = target
+    elif target == "*":
+        if method != "OPTIONS":
+            raise ParseError("ambiguous:asterisk-target")
+        path = "*"
+    else:
+        if target[:1] != "/":
+            if not target.lower().startswith(("http://", "https://")):
+                raise ParseError("ambiguous:target-form")
+            rest = target.split("://", 1)[1]
+            authority, slash, tail = rest.partition("/")
+            if "?" in authority or "#" in authority or "@" in authority or not authority:
+                raise ParseError("ambiguous:absolute-authority")
+            if host is not None and host.lower() != authority.lower():
+                raise ParseError("ambiguous:host-mismatch")
+            host = authority
+            target = slash + tail if slash else "/"
+        try:
+            path = canonical_target(target).target
+        except CanonError as exc:
+            raise ParseError(f"normalise:{exc}") from None
     te = _tokens(h["transfer-encoding"]) if "transfer-encoding" in h else None
     cl_values = h.get("content-length")
     chunked = False
     length: int | None
-    if te:
+    if te is not None:
         if cl_values:
             raise ParseError("smuggling:cl-te")
-        if te[-1] != "chunked" or te.count("chunked") != 1 or any(t not in _KNOWN_CODINGS for t in te):
+        # a server that understands other codings (gzip, chunked) would decode them; one that
+        # does not answers 501: refused rather than guessed (and DLP never sees them encoded)
+        if te != ["chunked"]:
             raise ParseError("smuggling:bad-transfer-encoding")
         if version == "HTTP/1.0":
             raise ParseError("smuggling:te-in-http1.0")
@@ -172,22 +204,27 @@ def _request_facts(text: str) -> tuple:
         length = None
     else:
         length = _content_length(cl_values, "smuggling:")
-    enc = _tokens(h["content-encoding"]) if "content-encoding" in h else None
-    return (method, host, path, version[5:], length, chunked, enc[-1] if enc else None,
-            (h.get("content-type") or [None])[0], (h.get("upgrade") or [None])[0])
+    enc = ",".join(_tokens(h["content-encoding"])) if "content-encoding" in h else None
+    return (method, host, path, version[5:], length, chunked, enc or None,
+            (h.get("content-type") or [None])[0], (h.get("upgrade") or [None])[0], raw)
 
 
 def _response_facts(text: str) -> tuple:
-    """(status, version, content_length, chunked, content_encoding, content_type) of a
-    response head, before the request method (HEAD, CONNECT) is taken into account."""
+    """(status, version, content_length, chunked, content_encoding, content_type, lenient) of
+    a response head, before the request method (HEAD, CONNECT) is taken into account.
+    ``lenient`` names the oddities tolerated because they cannot desynchronise the client."""
     start, h = _parse_head(text, False)
+    lenient = tuple(h.pop("", ()))
     code = int(start[1])
     te = _tokens(h["transfer-encoding"]) if "transfer-encoding" in h else None
+    if te is not None and "content-length" in h:
+        # clients differ on which wins (RFC 9112 says TE; some read CL): desynchronising
+        raise ParseError("smuggling:cl-te")
     chunked = bool(te) and te[-1] == "chunked"
     length = None if te else _content_length(h.get("content-length"), "")
-    enc = _tokens(h["content-encoding"]) if "content-encoding" in h else None
-    return (code, start[0][5:], length, chunked, enc[-1] if enc else None,
-            (h.get("content-type") or [None])[0])
+    enc = ",".join(_tokens(h["content-encoding"])) if "content-encoding" in h else None
+    return (code, start[0][5:], length, chunked, enc or None,
+            (h.get("content-type") or [None])[0], lenient)
 
 
 def _head_facts(text: str, request: bool) -> tuple:
@@ -220,20 +257,44 @@ def _parse_head_strict(text: str, request: bool) -> Head:
         if len(parts) < 2 or not _VERSION.match(parts[0]) or not (len(parts[1]) == 3 and parts[1].isdigit()):
             raise ParseError("bad-status-line")
     headers: dict[str, list[str]] = {}
+    lenient: list[str] = []
+    last: str | None = None
     for line in lines[1:]:
         if line[:1] in (" ", "\t"):
-            raise ParseError("smuggling:obs-fold")
+            # a request's obs-fold is refused; a response's is unfolded (what clients do), except
+            # in a framing header, where clients differ
+            if request or last is None or last in _FRAMING:
+                raise ParseError("smuggling:obs-fold")
+            headers[last][-1] = (headers[last][-1] + " " + line.strip(" \t")).strip()
+            lenient.append("obs-fold")
+            continue
         name, sep, value = line.partition(":")
         if not sep or not name:
             raise ParseError("bad-header-line")
         if not _TOKEN.match(name):
-            if name.rstrip(" \t") != name:
-                raise ParseError("smuggling:space-before-colon")
-            raise ParseError("bad-header-name")
+            stripped = name.rstrip(" \t")
+            if stripped != name:
+                if request or stripped.lower() in _FRAMING or not _TOKEN.match(stripped):
+                    raise ParseError("smuggling:space-before-colon")
+                name = stripped
+                lenient.append("space-before-colon")
+            elif request or name.strip(" \t").lower() in _FRAMING:
+                raise ParseError("bad-header-name")
+            else:
+                lenient.append("bad-header-name")
         if "\r" in value or "\x00" in value:
             raise ParseError("bad-header-value")
-        headers.setdefault(name.lower(), []).append(value.strip(" \t"))
+        last = name.lower()
+        headers.setdefault(last, []).append(value.strip(" \t"))
+    if lenient:
+        headers[""] = sorted(set(lenient))
     return parts, headers
+
+
+def _authority_port(authority: str | None) -> int:
+    """The port of a CONNECT target (``host:port``, ``[v6]:port``); 0 when absent or invalid."""
+    port = (authority or "").rpartition(":")[2]
+    return int(port) if port.isdigit() and 0 < int(port) < 65536 else 0
 
 
 def _summary_path(path: str | None) -> str | None:
@@ -373,7 +434,7 @@ class HttpParser(StreamParser):
 
     # -- requests ---------------------------------------------------------------
     def _request(self, st: DirState, text: str, head_len: int, out: list[L7Event]) -> None:
-        method, host, path, version, length, chunked, encoding, ctype, upgrade = _head_facts(text, True)
+        method, host, path, version, length, chunked, encoding, ctype, upgrade, raw = _head_facts(text, True)
         body = length or 0
         head_end = st.pos + head_len
         end = -1 if chunked else head_end + body
@@ -387,6 +448,7 @@ class HttpParser(StreamParser):
             "content_encoding": encoding,
             "content_type": ctype,
             "upgrade": upgrade,
+            "raw_target": raw,
             "head_end": head_end,
         }
         out.append(L7Event(APP_PROTO, "request", TOSERVER, st.pos, fields, end))
@@ -396,7 +458,7 @@ class HttpParser(StreamParser):
         pair = [method, path]
         if len(self.pairs) < MAX_SUMMARY_PAIRS and pair not in self.pairs:
             self.pairs.append(pair)
-        self._pending.append(method)
+        self._pending.append((method, _authority_port(host) if method == "CONNECT" else 0))
         st.hold = None
         if chunked:
             st.advance(head_len)
@@ -407,11 +469,15 @@ class HttpParser(StreamParser):
 
     # -- responses --------------------------------------------------------------
     def _response(self, st: DirState, text: str, head_len: int, out: list[L7Event]) -> None:
-        code, version, length, chunked, encoding, ctype = _head_facts(text, False)
+        code, version, length, chunked, encoding, ctype, lenient = _head_facts(text, False)
+        for name in lenient:
+            # tolerated (cannot desynchronise the client) but reported
+            out.append(L7Event(APP_PROTO, "anomaly", TOCLIENT, st.pos, {}, -1, f"lenient:{name}"))
         interim = 100 <= code < 200 and code != 101
         method = None
+        connect_port = 0
         if not interim and self._pending:
-            method = self._pending.popleft()
+            method, connect_port = self._pending.popleft()
         no_body = interim or code in (101, 204, 304) or method == "HEAD"
         tunnel = code == 101 or (method == "CONNECT" and 200 <= code < 300)
         until_close = not no_body and not chunked and length is None and not tunnel
@@ -431,6 +497,10 @@ class HttpParser(StreamParser):
             "content_encoding": encoding,
             "content_type": ctype,
         }
+        if tunnel:
+            # where the inner stream starts (the session re-identifies it) and its port hint
+            fields["tunnel_at"] = st.pos + head_len
+            fields["tunnel_port"] = connect_port
         out.append(L7Event(APP_PROTO, "response", TOCLIENT, st.pos, fields, end))
         if not interim:
             self.responses += 1

@@ -16,10 +16,12 @@ response stream), reported as a ``response`` event with ``trailers=True``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import hpack
 
+from firewall.http_canon import CanonError, canonical_target
 from firewall.protocols.base import TOCLIENT, TOSERVER, L7Event, ParseError, Probe
 from firewall.protocols.http import _summary_path
 from firewall.protocols.stream import DirState, StreamParser
@@ -75,6 +77,10 @@ class Http2Parser(StreamParser):
         for dec in self._decoders:
             dec.max_header_list_size = max_head
         self._preface_done = False
+        # a header block that fails to decode (HPACK error, ambiguous or uncanonical request) is
+        # reported at its first frame, so the session cuts the stream before it, not after it
+        self._failed_at: int | None = None
+        self._failed_sid = 0
         # pending header block per direction: [stream_id, start, fragments, end_stream, is_push]
         self._block: list[list[Any] | None] = [None, None]
         self._streams: dict[int, dict[str, Any]] = {}
@@ -123,12 +129,18 @@ class Http2Parser(StreamParser):
                     raise ParseError("oversized-header")
                 if flags & _END_HEADERS:
                     self._block[d] = None
+                    self._failed_at = block[1]
+                    self._failed_sid = sid
                     self._complete(st, block, out)
+                    self._failed_at = None
             else:
                 fragment = self._fragment(ftype, flags, payload)
                 block = [sid, start, [fragment], bool(flags & _END_STREAM), ftype == _PUSH_PROMISE]
                 if flags & _END_HEADERS:
+                    self._failed_at = start
+                    self._failed_sid = sid
                     self._complete(st, block, out)
+                    self._failed_at = None
                 else:
                     self._block[d] = block
         if d == TOSERVER:
@@ -139,6 +151,15 @@ class Http2Parser(StreamParser):
                 st.hold = st.pos
             else:
                 st.hold = None
+
+    def _anomaly(self, st: DirState, name: str, **fields: Any) -> L7Event:
+        ev = super()._anomaly(st, name, **fields)
+        if self._failed_at is not None:
+            # the stream whose request failed: the session may answer it (403 / gRPC status)
+            fields = {"stream_id": self._failed_sid} if st.direction == TOSERVER else {}
+            ev = dataclasses.replace(ev, offset=self._failed_at, fields=fields)
+            self._failed_at = None
+        return ev
 
     @staticmethod
     def _fragment(ftype: int, flags: int, payload: bytes) -> bytes:
@@ -178,11 +199,23 @@ class Http2Parser(StreamParser):
             return
         h: dict[str, str] = {}
         for name, value in headers:
-            h.setdefault(str(name).lower(), str(value))
+            key = str(name).lower()
+            if d == TOSERVER and key in h and key in (":path", ":method", ":authority", ":scheme", "host"):
+                raise ParseError("ambiguous:duplicate-" + key.lstrip(":"))
+            h.setdefault(key, str(value))
         stream = self._streams.setdefault(sid, {})
         if d == TOSERVER:
             if "request" in stream:
                 return  # request trailers
+            raw_path = h.get(":path")
+            if raw_path is not None and h.get(":method") != "CONNECT" and raw_path != "*":
+                try:
+                    h[":path"] = canonical_target(raw_path).target
+                except CanonError as exc:
+                    raise ParseError(f"normalise:{exc}") from None
+            auth, host = h.get(":authority"), h.get("host")
+            if auth and host and auth.lower() != host.lower():
+                raise ParseError("ambiguous:host-mismatch")
             ctype = h.get("content-type")
             proto = GRPC if ctype and ctype.startswith("application/grpc") else APP_PROTO
             if proto == GRPC:

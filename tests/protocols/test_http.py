@@ -174,10 +174,15 @@ def test_declined_upgrade_keeps_parsing_the_requests_that_follow():
 
 
 def test_absolute_form_and_content_encoding():
-    data = b"POST http://api.example:8080/v1/x?y=1 HTTP/1.1\r\nHost: ignored\r\nContent-Encoding: gzip\r\nContent-Length: 0\r\n\r\n"
+    data = (b"POST http://api.example:8080/v1/x?y=1 HTTP/1.1\r\nHost: API.example:8080\r\n"
+            b"Content-Encoding: gzip\r\nContent-Length: 0\r\n\r\n")
     (ev,), _ = run("http", [(TOSERVER, data)])
     assert ev.fields["host"] == "api.example:8080" and ev.fields["path"] == "/v1/x?y=1"
     assert ev.fields["content_encoding"] == "gzip"
+    # a Host header that names another server than the absolute-form target: ambiguous
+    # (the old parser silently preferred the target; servers differ), refused
+    (ev,), _ = run("http", [(TOSERVER, data.replace(b"API.example:8080", b"ignored"))])
+    assert ev.kind == "anomaly" and ev.anomaly == "ambiguous:host-mismatch"
 
 
 def test_bad_lines_are_anomalies_not_exceptions():
@@ -274,3 +279,49 @@ def test_memoised_heads_give_the_same_events_as_fresh_parsing():
     for _ in range(3 * http_mod._HEAD_CACHE_ENTRIES):  # bounded
         run("http", [(TOSERVER, req("GET", f"/p{_}"))])
     assert all(len(c) <= http_mod._HEAD_CACHE_ENTRIES for c in http_mod._facts_cache)
+
+
+# -- the canonical path (firewall/http_canon.py) -----------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from firewall.http_canon import CanonError, canonical_target  # noqa: E402
+from firewall.policy_match import normalize_path  # noqa: E402
+
+_PIECES = st.sampled_from(["/", "//", ".", "..", "%2e", "%2E", "%2f", "%5c", "%25", "%00", ";", "%20", "a",
+                           "%41", "~", "%c3%a9", "%ff", "%", "%z", "?", "?q=%2F/../x", "#", "\\", "+", "admin"])
+
+
+@settings(max_examples=400, deadline=None, database=None)
+@given(st.lists(_PIECES, max_size=10))
+def test_canonical_path_is_a_fixed_point_of_the_matchers_normalisation(pieces):
+    """The matcher's normalize_path leaves a canonical target's path as it is: the path the
+    policy compares is exactly the canonical one the flow record and the report show."""
+    target = "/" + "".join(pieces)
+    try:
+        canon = canonical_target(target)
+    except CanonError:
+        return
+    assert normalize_path(canon.target) == canon.path
+    assert "//" not in canon.path and "/./" not in canon.path + "/" and "/../" not in canon.path + "/"
+    if canon.path.isascii() and "%" not in canon.path and " " not in canon.path:
+        assert canonical_target(canon.path).path == canon.path  # idempotent
+
+
+@pytest.mark.parametrize("target,reason", [
+    ("/a/..%2Fb", "escaped-slash"), ("/a%5cb", "escaped-slash"), ("/a\\b", "backslash"),
+    ("/a%252e", "double-encoding"), ("/a%00", "control-char"), ("/a%3Fb", "escaped-delimiter"),
+    ("/a%2", "bad-percent"), ("/a%ff", "invalid-utf8"), ("/a;b", "path-parameter"), ("/..", "dot-above-root"),
+    ("/a#b", "fragment"), ("/a b", "invalid-char"),
+])
+def test_uncanonical_paths_are_named(target, reason):
+    with pytest.raises(CanonError, match=reason):
+        canonical_target(target)
+
+
+def test_response_with_content_length_and_transfer_encoding_is_an_anomaly():
+    p = make_parser("http")
+    p.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", TOSERVER)
+    (ev,) = p.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", TOCLIENT)
+    assert ev.kind == "anomaly" and ev.anomaly == "smuggling:cl-te"

@@ -129,3 +129,19 @@ def test_bad_preface_and_garbage_frames():
     junk_headers = bytes.fromhex("000004010500000001") + b"\xff\xff\xff\xff"
     events, _ = run("http2", [(TOSERVER, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + junk_headers)])
     assert [e.anomaly for e in events] == ["hpack-error"]
+
+
+def test_a_header_block_that_fails_is_reported_at_its_first_frame():
+    """The session cuts at the anomaly's offset: after the frame would forward the frame."""
+    from hpack import Encoder
+
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+    settings = bytes.fromhex("000000040000000000")
+    junk = bytes.fromhex("000004010500000001") + b"\xff\xff\xff\xff"
+    (ev,) = run("http2", [(TOSERVER, preface + settings + junk)])[0]
+    assert ev.anomaly == "hpack-error" and ev.offset == len(preface) + len(settings)
+    block = Encoder().encode([(":method", "GET"), (":scheme", "http"), (":path", "/a/..%2F..%2Fb"),
+                              (":authority", "x")])
+    frame = len(block).to_bytes(3, "big") + b"\x01\x05\x00\x00\x00\x01" + block
+    (ev,) = run("http2", [(TOSERVER, preface + settings + frame)])[0]
+    assert ev.anomaly == "normalise:escaped-slash" and ev.offset == len(preface) + len(settings)

@@ -64,7 +64,8 @@ def test_server_first_protocols():
     assert feed_all(Identifier(3306), [(TOSERVER, b"\xfe\xfe")]) == "unknown"
 
 
-@pytest.mark.parametrize("first", [b"\x20\x02\x03", b"Q", b"HELLO", b"\xff", b"220 smtp ready\r\n", b"{"])
+# (a bare word such as b"HELLO" may still become an HTTP method: any token is one)
+@pytest.mark.parametrize("first", [b"\x20\x02\x03", b"Q\r", b"HELLO\r\n", b"\xff", b"220 smtp ready\r\n", b"{"])
 def test_unknown_as_soon_as_nothing_can_match(first):
     ident = Identifier(80)
     # decided at the first byte that rules everything out, never waiting for more
@@ -74,7 +75,8 @@ def test_unknown_as_soon_as_nothing_can_match(first):
             decided_at = i
             break
     assert ident.result == "unknown"
-    assert decided_at is not None and decided_at <= 3
+    # at once, or at the first byte no method token can hold
+    assert decided_at is not None and (decided_at <= 3 or first[decided_at:decided_at + 1] == b"\r")
 
 
 def test_server_banner_of_unknown_protocol_waits_for_the_client():
@@ -152,6 +154,13 @@ def test_identifier_never_raises_and_decides_within_max_depth(segs, port, max_de
             assert result is not None
     if ident.result is not None:
         assert ident.result == "unknown" or make_parser(ident.result) is not None
+
+
+@pytest.mark.parametrize("line", [b"SUBSCRIBE /events HTTP/1.1\r\n", b"FOO-BAR_2 /x HTTP/1.1\r\n",
+                                  b"purge /cache HTTP/1.1\r\n", b"CUSTOM example.org:443 HTTP/1.1\r\n"])
+def test_http_by_request_line_grammar_not_a_method_list(line):
+    ident = Identifier(9999)
+    assert ident.feed(line, TOSERVER) == "http"
 
 
 # -- issue 15, item 3: identification that cannot be steered ---------------------------------------

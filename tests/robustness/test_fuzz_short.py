@@ -91,23 +91,9 @@ def test_hypothesis_inputs(name):
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(strategy)
     def run(data):
-        try:
-            mod.TestOneInput(data)
-        except AssertionError:
-            if name == "mysql" and _mysql_known(data):
-                return
-            raise
+        mod.TestOneInput(data)
 
     run()
-
-
-def _mysql_known(data: bytes) -> bool:
-    """The known mysql bug (KNOWN_BUGS) shows as an IndexError anomaly in one of the two runs."""
-    from fuzz.protocol_target import _events, decode
-
-    spec, conv = decode(data)
-    evs = _events("mysql", conv, None) + _events("mysql", conv, spec)
-    return any(e.anomaly == "parser-error:IndexError" for e in evs)
 
 
 @pytest.mark.skipif(not have_atheris(), reason="atheris not installed (pip install atheris); hypothesis runs above")
