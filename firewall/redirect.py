@@ -22,9 +22,13 @@ How each kind of traffic is steered (marks and ports are configurable):
 * outbound DNS (UDP/53) is marked ``0x53a`` in the output route chain, rerouted
   through ``lo`` by the same table, and ``tproxy``-ed to the DNS listener (15053);
   the sidecar reads the original destination with IP_RECVORIGDSTADDR.
-* the proxy's own traffic (socket UID or GID 1337) is never captured, nor is
-  loopback traffic (including the pod talking to its own address), nor the
-  exclusions, nor the admin port (15020).
+* the proxy's own traffic is recognised by its socket mark, never by its user: the
+  sidecar sets ``SO_MARK`` ``0x53c`` on its upstream and DNS-relay sockets (and
+  ``0x539`` on the transparent ones), which needs CAP_NET_ADMIN - a capability no
+  application container gets (the admission guard refuses it).  A process that merely
+  runs as UID/GID 1337 (an image's ``USER 1337``, a root process calling
+  ``setuid(1337)``) is redirected like any other.  Loopback traffic (including the pod
+  talking to its own address), the exclusions and the admin port (15020) are not captured.
 * fail closed: inbound TCP that should have reached the sidecar but found no
   listener (sidecar down) is marked ``0x53b`` and rejected with a TCP reset in the
   input chain instead of falling through to the application.
@@ -34,7 +38,9 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import logging
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -46,8 +52,37 @@ DNS_PORT = 15053
 MARK = 0x539          # transparent flows (inbound tproxy, proxy->app upstream)
 DNS_MARK = 0x53A      # outbound DNS rerouted through lo
 FAILCLOSED_MARK = 0x53B
+#: the sidecar's own non-transparent sockets (proxy upstreams, DNS relay upstreams): SO_MARK
+#: needs CAP_NET_ADMIN, so an application process cannot wear it.  Not in the policy-routing
+#: rules: marked packets are routed normally.
+OWN_MARK = 0x53C
+#: conntrack mark of connections the redirect deliberately leaves alone (excluded ports and
+#: CIDRs, the admin port): the L3 filter (firewall/l3rules.py) lets exactly these through.
+EXCLUDED_CT_MARK = 0x53D
 ROUTE_TABLE = 133
 RULE_PRIORITY = 32000
+
+
+SO_MARK = 36
+log = logging.getLogger("palisade.redirect")
+_mark_refused = False
+
+
+def mark_own(sock: socket.socket) -> None:
+    """Mark one of the sidecar's own sockets with ``OWN_MARK``.
+
+    The redirect exempts this mark, not a user: SO_MARK needs CAP_NET_ADMIN, which only the
+    sidecar holds, so no application process can opt out of the firewall by running as
+    UID 1337.  Without the capability (a developer's unprivileged run, where no redirect can
+    exist either) the socket stays unmarked and one warning says so."""
+    global _mark_refused
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_MARK, OWN_MARK)
+    except OSError as exc:
+        if not _mark_refused:
+            _mark_refused = True
+            log.warning("cannot mark the sidecar's sockets (SO_MARK: %s); redirect rules would capture them",
+                        exc)
 
 
 class RedirectError(ValueError):
@@ -142,6 +177,7 @@ def _set(values: list[str]) -> str:
 def render(cfg: RedirectConfig) -> str:
     """The complete nft -f transaction text (pure; `show --dry-run` prints it)."""
     m, dm, fm = f"0x{cfg.mark:x}", f"0x{cfg.dns_mark:x}", f"0x{FAILCLOSED_MARK:x}"
+    own, xm = f"0x{OWN_MARK:x}", f"0x{EXCLUDED_CT_MARK:x}"
     in_excl = sorted({cfg.admin_port, *cfg.exclude_inbound_ports})
     out_excl = sorted(set(cfg.exclude_outbound_ports))
     v4 = [c for c in cfg.exclude_outbound_cidrs if ipaddress.ip_network(c).version == 4]
@@ -163,7 +199,7 @@ def render(cfg: RedirectConfig) -> str:
         a("    fib daddr type != local return")
         # replies to the pod's own outbound connections (the sidecar's upstreams included)
         a("    ct direction reply return")
-        a(f"    tcp dport {_set([str(p) for p in in_excl])} return")
+        a(f"    tcp dport {_set([str(p) for p in in_excl])} ct mark set {xm} return")
         a(f"    meta l4proto tcp tproxy to :{cfg.inbound_port} meta mark set {m} accept")
         a(f"    meta l4proto tcp meta mark set {fm}")
     a("  }")
@@ -177,8 +213,7 @@ def render(cfg: RedirectConfig) -> str:
     a("    type route hook output priority mangle; policy accept;")
     a(f"    meta mark {m} ct mark set mark accept")
     a(f"    ct mark {m} meta mark set ct mark accept")
-    a(f"    meta skuid {cfg.proxy_uid} accept")
-    a(f"    meta skgid {cfg.proxy_gid} accept")
+    a(f"    meta mark {own} accept")
     if cfg.capture_dns:
         a('    oifname "lo" accept')
         if v4:
@@ -191,15 +226,16 @@ def render(cfg: RedirectConfig) -> str:
     if cfg.capture_outbound:
         a("  chain output_nat {")
         a("    type nat hook output priority -100; policy accept;")
-        a(f"    meta skuid {cfg.proxy_uid} return")
-        a(f"    meta skgid {cfg.proxy_gid} return")
+        a(f"    meta mark {{ {m}, {own} }} return")
         a('    oifname "lo" return')
         if v4:
+            a(f"    ip daddr {_set(v4)} meta l4proto tcp ct mark set {xm}")
             a(f"    ip daddr {_set(v4)} return")
         if v6:
+            a(f"    ip6 daddr {_set(v6)} meta l4proto tcp ct mark set {xm}")
             a(f"    ip6 daddr {_set(v6)} return")
         if out_excl:
-            a(f"    tcp dport {_set([str(p) for p in out_excl])} return")
+            a(f"    tcp dport {_set([str(p) for p in out_excl])} ct mark set {xm} return")
         a(f"    meta l4proto tcp redirect to :{cfg.outbound_port}")
         a("  }")
     a("}")
@@ -357,8 +393,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--outbound-port", type=int, default=OUTBOUND_PORT)
     p.add_argument("--dns-port", type=int, default=DNS_PORT)
     p.add_argument("--admin-port", type=int, default=ADMIN_PORT, help="never redirected (metrics/health)")
-    p.add_argument("--proxy-uid", type=int, default=PROXY_UID)
-    p.add_argument("--proxy-gid", type=int, default=PROXY_GID)
+    p.add_argument("--proxy-uid", type=int, default=PROXY_UID,
+                   help="accepted for compatibility; the proxy's traffic is exempt by its SO_MARK, not its user")
+    p.add_argument("--proxy-gid", type=int, default=PROXY_GID,
+                   help="accepted for compatibility (see --proxy-uid)")
     p.add_argument("--route-table", type=int, default=ROUTE_TABLE)
     p.add_argument("--exclude-inbound-ports", default="", help="comma list of ports/ranges")
     p.add_argument("--exclude-outbound-ports", default="", help="comma list of ports/ranges")
