@@ -60,6 +60,8 @@ OWN_MARK = 0x53C
 #: CIDRs, the admin port): the L3 filter (firewall/l3rules.py) lets exactly these through.
 EXCLUDED_CT_MARK = 0x53D
 ROUTE_TABLE = 133
+#: NFLOG group the L3 filter logs denied (and, outside protect mode, would-be-denied) packets to
+L3_LOG_GROUP = 1337
 RULE_PRIORITY = 32000
 
 
@@ -106,6 +108,8 @@ class RedirectConfig:
     exclude_inbound_ports: tuple[int, ...] = field(default=())
     exclude_outbound_ports: tuple[int, ...] = field(default=())
     exclude_outbound_cidrs: tuple[str, ...] = field(default=())
+    #: the L3/L4 filter for what the proxy does not carry (issue 16); off only for diagnosis
+    l3: bool = True
 
     def __post_init__(self) -> None:
         for name in ("inbound_port", "outbound_port", "dns_port", "admin_port"):
@@ -208,6 +212,8 @@ def render(cfg: RedirectConfig) -> str:
     a("    type filter hook input priority filter; policy accept;")
     a(f"    meta mark {fm} reject with tcp reset")
     a("  }")
+    if cfg.l3:
+        L.extend(render_l3_base(cfg))
     # --- output route chain: replies of transparent flows, DNS reroute
     a("  chain output_route {")
     a("    type route hook output priority mangle; policy accept;")
@@ -240,6 +246,64 @@ def render(cfg: RedirectConfig) -> str:
         a("  }")
     a("}")
     return "\n".join(L) + "\n"
+
+
+#: chains the sidecar fills (firewall/l3rules.py); empty until it first syncs
+L3_CHAINS = ("l3_in_pre", "l3_out_pre", "l3_in_policy", "l3_out_policy")
+_ICMP_ALWAYS = "destination-unreachable, time-exceeded, parameter-problem"
+_ICMPV6_ALWAYS = ("destination-unreachable, packet-too-big, time-exceeded, parameter-problem, "
+                  "nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, "
+                  "mld-listener-query, mld-listener-report, mld-listener-done, mld2-listener-report")
+
+
+def render_l3_base(cfg: RedirectConfig) -> list[str]:
+    """The fixed part of the L3/L4 filter: every packet that is not the proxy's business.
+
+    Order (each chain, per direction):
+
+    1. loopback passes; conntrack-invalid packets and SYN+FIN are dropped and logged - TCP the
+       redirect cannot take never goes around the proxy;
+    2. the sidecar's marked traffic (its own sockets, the transparent legs, the DNS reroute)
+       and redirected TCP (``ct status dnat``: the proxy has it) pass;
+    3. the ICMP a stack needs (errors incl. fragmentation-needed / packet-too-big, neighbour
+       discovery, MLD) always passes;
+    4. ``l3_*_pre`` (the sidecar's quarantine cut-off; empty otherwise);
+    5. established/related packets pass (replies of allowed flows);
+    6. TCP deliberately left alone by the redirect (ct mark ``0x53d``: excluded ports/CIDRs,
+       the admin port) passes; any other TCP is dropped and logged;
+    7. ``l3_*_policy``: the policy compiled by the sidecar (firewall/l3rules.py), which ends
+       in a verdict; until the sidecar has filled it, the rule after it drops - fail closed,
+       and the rules stay in the kernel if the sidecar dies.
+    """
+    m, dm, own, xm = (f"0x{v:x}" for v in (cfg.mark, cfg.dns_mark, OWN_MARK, EXCLUDED_CT_MARK))
+    g = L3_LOG_GROUP
+    out: list[str] = []
+    for name in L3_CHAINS:
+        out.append(f"  chain {name} {{")
+        out.append("  }")
+    for direction, hook, dev in (("in", "input", "iifname"), ("out", "output", "oifname")):
+        out.append(f"  chain l3_{hook} {{")
+        out.append(f"    type filter hook {hook} priority filter + 10; policy accept;")
+        out.append(f'    {dev} "lo" accept')
+        out.append(f'    ct state invalid log group {g} snaplen 128 prefix "pl3|deny|1|{_DIR[direction]}|ct-invalid" drop')
+        out.append(f'    tcp flags & (syn | fin) == syn | fin log group {g} snaplen 128 '
+                   f'prefix "pl3|deny|1|{_DIR[direction]}|tcp-syn-fin" drop')
+        out.append(f"    meta mark {{ {m}, {dm}, {own} }} accept")
+        if direction == "out":
+            out.append("    meta l4proto tcp ct status dnat accept")
+        out.append(f"    icmp type {{ {_ICMP_ALWAYS} }} accept")
+        out.append(f"    icmpv6 type {{ {_ICMPV6_ALWAYS} }} accept")
+        out.append(f"    jump l3_{direction}_pre")
+        out.append("    ct state established,related accept")
+        out.append(f"    meta l4proto tcp ct mark {xm} accept")
+        out.append(f'    meta l4proto tcp log group {g} snaplen 128 prefix "pl3|deny|1|{_DIR[direction]}|tcp-not-redirected" drop')
+        out.append(f"    jump l3_{direction}_policy")
+        out.append(f'    log group {g} snaplen 128 prefix "pl3|deny|1|{_DIR[direction]}|no-policy-yet" drop')
+        out.append("  }")
+    return out
+
+
+_DIR = {"in": "ingress", "out": "egress"}
 
 
 def render_remove() -> str:
@@ -345,6 +409,7 @@ def _config_from_args(args: argparse.Namespace) -> RedirectConfig:
         exclude_inbound_ports=parse_ports(args.exclude_inbound_ports),
         exclude_outbound_ports=parse_ports(args.exclude_outbound_ports),
         exclude_outbound_cidrs=parse_cidrs(args.exclude_outbound_cidrs),
+        l3=not args.no_l3,
     )
 
 
@@ -404,4 +469,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-inbound", action="store_true", help="do not capture inbound TCP")
     p.add_argument("--no-outbound", action="store_true", help="do not capture outbound TCP")
     p.add_argument("--no-dns", action="store_true", help="do not capture outbound DNS over UDP")
+    p.add_argument("--no-l3", action="store_true",
+                   help="diagnosis only: no L3/L4 filter for non-TCP traffic (the pod is then NOT segmented "
+                   "for UDP, ICMP and other protocols)")
     p.set_defaults(func=_cmd)
