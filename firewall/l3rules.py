@@ -49,6 +49,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from prometheus_client import Counter
+
 from firewall.identity import Identity
 from firewall.policy_model import ICMP_PROTOCOLS, PORT_PROTOCOLS
 from firewall.redirect import ADMIN_PORT, EXCLUDED_CT_MARK, L3_CHAINS, L3_LOG_GROUP, TABLE
@@ -58,6 +60,9 @@ log = logging.getLogger("palisade.l3")
 PREFIX = "pl3"
 _NFT_PROTO = {"UDP": "udp", "SCTP": "sctp", "ICMP": "icmp", "ICMPv6": "ipv6-icmp"}
 _FAMILIES = ((4, "ip", "ipv4_addr"), (6, "ip6", "ipv6_addr"))
+
+
+L3_SYNCS = Counter("palisade_l3_syncs_total", "Kernel L3/L4 rule updates", ["kind", "result"])
 
 
 class L3Error(RuntimeError):
@@ -264,10 +269,10 @@ class _Compiler:
         for sel in sels:
             for fam, addr in self._addr_conds(sel, direction):
                 for proto in protos if protos is not None else [""]:
-                    if (fam == 6 and " icmp" in f" {proto}".replace("ipv6-icmp", "")) or \
-                            (fam == 4 and "ipv6-icmp" in proto):
+                    if (fam == 6 and proto.startswith("meta l4proto icmp")) or \
+                            (fam == 4 and proto.startswith("meta l4proto ipv6-icmp")):
                         continue  # ICMP is IPv4's, ICMPv6 IPv6's
-                    expr = " ".join(x for x in (addr, proto, verdict) if x)
+                    expr = " ".join(x for x in (addr, proto, verdict, f'comment "{rule.name}"') if x)
                     self.plan.structure.append(f"add rule inet {TABLE} {chain} {expr}")
                     self.plan.rules += 1
 
