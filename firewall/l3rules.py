@@ -331,9 +331,11 @@ class _Compiler:
                                                      ("out", "egress", "sport", "daddr")):
             chain = f"l3_{d}_pre"
             s = self.plan.structure
-            # what the proxy carries (it enforces quarantine itself) is past these chains already;
-            # what is left is never proxied: only the admin port and the kubelet probes stay
-            s.append(f"add rule inet {TABLE} {chain} meta l4proto tcp ct mark {xm} tcp {port_field} {ADMIN_PORT} return")
+            # TCP the proxy carries is its business (it denies new flows and cuts open ones, with
+            # a reset that must reach the peer); of the rest - non-TCP and TCP the redirect leaves
+            # alone (ct mark 0x53d) - only the admin port and the kubelet probes stay
+            s.append(f"add rule inet {TABLE} {chain} meta l4proto tcp ct mark != {xm} return")
+            s.append(f"add rule inet {TABLE} {chain} meta l4proto tcp tcp {port_field} {ADMIN_PORT} return")
             if node and probes:
                 kw = "ip" if _family(node) == 4 else "ip6"
                 ports = ", ".join(str(p) for p in probes)
