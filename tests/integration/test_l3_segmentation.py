@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from firewall.podinfo import write_podinfo
-from tests.harness import PY, Cluster, wait_until
+from tests.harness import PY, REPO, Cluster, wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -421,6 +421,31 @@ def test_sidecar_killed_rules_keep_denying_restart_rebuilds_from_scratch(env):
     finally:
         env.write_identity()
     wait_until(lambda: _try(lambda: _send_and_see(env, chk, pay.ip, 5001)), 15, what="allowed again")
+
+
+def test_segtest_records_udp_and_icmp_per_protocol(env):
+    pay, ana, chk = env.payments, env.analytics, env.checkout
+    plan = env.tmp / "segplan.yaml"
+    plan.write_text(yaml.safe_dump([
+        {"source": "analytics", "scope": "out-of-scope",
+         "targets": [{"name": "payments", "address": pay.ip, "ports": [9000], "udp": [5001], "icmp": True},
+                     {"name": "payments-v6", "address": pay.ip6, "icmp": True}]},
+        {"source": "checkout", "scope": "connected",
+         "targets": [{"name": "payments", "address": pay.ip, "icmp": True}]}]))
+    plan.chmod(0o644)
+    docs = {}
+    for pod, src in ((ana, "analytics"), (chk, "checkout")):
+        r = pod.run([PY, "-m", "firewall", "segtest", "--plan", str(plan), "--source", src, "--timeout", "1",
+                     "-o", "-"], cwd=str(REPO), check=False, timeout=60)
+        docs[src] = json.loads(r.stdout)
+    a = docs["analytics"]
+    assert a["passed"] is True
+    assert set(a["summary"]["by_proto"]) == {"TCP", "UDP", "ICMP"}
+    assert a["summary"]["by_proto"]["ICMP"]["reachable"] == 0 and a["summary"]["by_proto"]["ICMP"]["probes"] == 2
+    assert a["summary"]["by_proto"]["UDP"]["reachable"] == 0
+    # the contrast: the same ICMP probe from a peer the policy lets ping gets its echo reply
+    c = docs["checkout"]
+    assert c["summary"]["by_proto"]["ICMP"]["reachable"] == 1, c["probes"]
 
 
 def test_redirect_show_prints_the_l3_rules(env):
