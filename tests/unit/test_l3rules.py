@@ -261,3 +261,23 @@ def test_events_are_aggregated_per_flow_and_rate_limited():
     assert ev.expire(now=106.0) == 21
     flows = [e for e in out[n:] if e["dest_port"] == 7000]
     assert flows[0]["flow"]["pkts_toserver"] == 50 and flows[0]["verdict"] == "deny"
+
+
+def test_policy_learn_learns_kernel_records_and_validate_accepts_them(tmp_path):
+    from firewall.learn import learn_from_events, render_policies
+
+    local = {"namespace": "pay", "pod": "api-0", "labels": {"app": "api", SCOPE: "cde"}, "scope": "cde"}
+    peer = {"namespace": "shop", "pod": "web-0", "labels": {"app": "web", SCOPE: "connected"}, "scope": "connected"}
+    base = {"event_type": "flow", "verdict": "allow", "mode": "learn", "enforcement": "kernel",
+            "direction": "inbound", "src_workload": peer, "dest_workload": local, "app_proto": "unknown"}
+    events = [{**base, "proto": "UDP", "dest_port": 5001},
+              {**base, "proto": "ICMP", "dest_port": None, "icmp_type": 8},
+              {**base, "proto": "47", "dest_port": None},
+              {**base, "proto": "TCP", "dest_port": 9000}]
+    learned = learn_from_events(events)
+    text = render_policies(learned)
+    p = tmp_path / "learned.yaml"
+    p.write_text(text)
+    doc = load_policy_files([str(p)])[0][0].policy
+    ports = {(x.protocol, x.port, tuple(x.icmp_types or ())) for r in doc.spec.ingress for x in r.ports or ()}
+    assert {("UDP", 5001, ()), ("ICMP", None, ("8",)), ("47", None, ()), ("TCP", 9000, ())} <= ports
