@@ -94,6 +94,21 @@ s.sendto(hdr + payload, (dst, 0))
 """
 
 
+WEBHOOK = r"""
+import http.server, sys
+out = sys.argv[2]
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        with open(out, "ab") as fh:
+            fh.write(body + b"\n")
+        self.send_response(200); self.send_header("Content-Length", "0"); self.end_headers()
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), H).serve_forever()
+"""
+
+
 class Env:
     def __init__(self, c: Cluster) -> None:
         self.c = c
@@ -113,6 +128,11 @@ class Env:
         self.redirect_done = False
         self.sc = None
         self.sinks: dict[tuple[str, int], Path] = {}
+        # an alert webhook in a pod the policy does not let payments reach: the sidecar's own
+        # connection to it carries its SO_MARK, so it is neither redirected nor denied
+        self.webhook_log = self.tmp / "webhook.jsonl"
+        self.analytics.popen([PY, "-c", WEBHOOK, "8088", str(self.webhook_log)])
+        self.analytics.wait_listening(8088)
 
     def write_identity(self, checkout_scope: str = "connected", checkout_ip: str | None = None) -> None:
         ident = [
@@ -135,7 +155,8 @@ class Env:
 
     def start(self, *extra: str):
         args = ["--no-l7", "--no-dlp", "--identity", str(self.identity), "--podinfo", str(self.podinfo),
-                "--labels", json.dumps(self.labels), "--policy", str(self.policy), *extra]
+                "--labels", json.dumps(self.labels), "--policy", str(self.policy),
+                "--alert-webhook", f"http://{self.analytics.ip}:8088/", *extra]
         self.sc = self.payments.start_sidecar(*args, apply_redirect=not self.redirect_done,
                                               env={"POD_NAMESPACE": "payments"})
         self.redirect_done = True
@@ -446,6 +467,15 @@ def test_segtest_records_udp_and_icmp_per_protocol(env):
     # the contrast: the same ICMP probe from a peer the policy lets ping gets its echo reply
     c = docs["checkout"]
     assert c["summary"]["by_proto"]["ICMP"]["reachable"] == 1, c["probes"]
+
+
+def test_the_sidecars_own_webhook_traffic_is_exempt_by_its_mark(env):
+    # payments -> analytics TCP is denied for the pod's processes (previous tests); the
+    # sidecar's alert deliveries to the webhook there get through
+    wait_until(lambda: env.webhook_log.exists() and b'"alert"' in env.webhook_log.read_bytes(), 20,
+               what="alerts delivered to the webhook")
+    flows = [f for f in env.sc.events("flow") if f.get("dest_port") == 8088]
+    assert not flows  # never looped through the sidecar's own outbound listener
 
 
 def test_redirect_show_prints_the_l3_rules(env):
