@@ -26,6 +26,7 @@ import socket
 import struct
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -296,6 +297,8 @@ class L3Events:
         e = {
             "event_type": event_type,
             "timestamp": ts_iso(f.start if event_type == "alert" else f.last),
+            # one id per aggregated flow, shared by its alert and its flow record
+            "flow_id": zlib.crc32(repr((self._key(p), f.start)).encode()) | (1 << 40),
             "direction": "inbound" if p.direction == "ingress" else "outbound",
             "src_ip": p.src_ip, "src_port": p.src_port,
             "dest_ip": p.dest_ip, "dest_port": p.dest_port,

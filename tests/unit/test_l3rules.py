@@ -261,6 +261,7 @@ def test_events_are_aggregated_per_flow_and_rate_limited():
     assert ev.expire(now=106.0) == 21
     flows = [e for e in out[n:] if e["dest_port"] == 7000]
     assert flows[0]["flow"]["pkts_toserver"] == 50 and flows[0]["verdict"] == "deny"
+    assert flows[0]["flow_id"] == out[0]["flow_id"]  # the alert and the record of one flow
 
 
 def test_policy_learn_learns_kernel_records_and_validate_accepts_them(tmp_path):
