@@ -81,3 +81,21 @@ def test_cli_show_dry_run_prints_ruleset():
                        capture_output=True, text=True)
     assert p.returncode == 0
     assert p.stdout == render(RedirectConfig())
+
+
+def test_l3_base_chains_fail_closed_and_drop_what_the_redirect_cannot_take():
+    text = render(RedirectConfig())
+    for direction, hook in (("in", "input"), ("out", "output")):
+        chain = text.split(f"chain l3_{hook} {{", 1)[1].split("}", 1)[0]
+        lines = [ln.strip() for ln in chain.strip().splitlines()]
+        assert lines[0].startswith(f"type filter hook {hook} priority filter + 10")
+        # invalid and SYN+FIN are dropped before anything can accept them (marks included)
+        assert lines.index(next(ln for ln in lines if ln.startswith("ct state invalid"))) < \
+            lines.index(next(ln for ln in lines if ln.startswith("meta mark {")))
+        assert any(ln.startswith("tcp flags & (syn | fin) == syn | fin") and ln.endswith("drop") for ln in lines)
+        # TCP neither redirected nor excluded is dropped; the policy chain, then fail closed
+        assert any(ln.startswith("meta l4proto tcp log") and ln.endswith("drop") for ln in lines)
+        assert lines[-2] == f"jump l3_{direction}_policy" and lines[-1].endswith('no-policy-yet" drop')
+        assert "1337" not in " ".join(ln for ln in lines if "meta mark" in ln)
+    assert "chain l3_in_policy {" in text and "chain l3_out_pre {" in text
+    assert "l3_input" not in render(RedirectConfig(l3=False))
