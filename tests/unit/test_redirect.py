@@ -86,7 +86,7 @@ def test_cli_show_dry_run_prints_ruleset():
 def test_l3_base_chains_fail_closed_and_drop_what_the_redirect_cannot_take():
     text = render(RedirectConfig())
     for direction, hook in (("in", "input"), ("out", "output")):
-        chain = text.split(f"chain l3_{hook} {{", 1)[1].split("}", 1)[0]
+        chain = text.split(f"chain l3_{hook} {{", 1)[1].split("\n  }", 1)[0]
         lines = [ln.strip() for ln in chain.strip().splitlines()]
         assert lines[0].startswith(f"type filter hook {hook} priority filter + 10")
         # invalid and SYN+FIN are dropped before anything can accept them (marks included)
