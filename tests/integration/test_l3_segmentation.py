@@ -336,6 +336,11 @@ def test_uid_1337_without_the_mark_is_redirected_and_denied(env):
     f = env.sc.wait_event(lambda e: e.get("event_type") == "flow" and e.get("dest_port") == 9100
                           and e.get("proto") == "TCP", what="the sidecar saw the UID-1337 connection")
     assert f["verdict"] == "deny"
+    # ... and it cannot put on the sidecar's mark: SO_MARK needs CAP_NET_ADMIN
+    r = pay.run(["setpriv", "--reuid=1337", "--regid=1337", "--clear-groups", "--inh-caps=-all", PY, "-c",
+                 "import socket; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, 36, 0x53c)"],
+                check=False, timeout=20)
+    assert r.returncode != 0 and "PermissionError" in r.stderr, r
     sink = env.udp_sink(ana, 7010)
     tag = _tag("uid1337")
     env.udp_send(pay, ana.ip, 7010, tag, uid=1337)
