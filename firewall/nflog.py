@@ -243,7 +243,7 @@ class L3Events:
 
     @staticmethod
     def _key(p: Logged) -> tuple:
-        return (p.direction, p.proto, p.src_ip, p.dest_ip, p.dest_port, p.icmp_type, p.rule, p.verdict)
+        return (p.direction, p.proto, p.src_ip, p.dest_ip, p.dest_port, p.icmp_type, p.rule, p.verdict, p.enforced)
 
     def add(self, p: Logged, now: float | None = None) -> None:
         now = time.time() if now is None else now
@@ -310,11 +310,19 @@ class L3Events:
             e["icmp_type"] = p.icmp_type
         return e
 
+    def _mode_of(self, p: Logged) -> str:
+        """The mode the packet was judged in: an enforced deny is protect whatever the mode is
+        by the time the event is written (an annotation may have changed it meanwhile)."""
+        mode = self.mode()
+        if p.verdict == "deny" and p.enforced:
+            return "protect"
+        return "monitor" if mode == "protect" and p.verdict == "deny" else mode
+
     def _alert(self, f: _Flow) -> dict:
         p = f.first
         e = self._base(f, "alert")
         blocked = p.verdict == "deny" and p.enforced
-        e["mode"] = self.mode()
+        e["mode"] = self._mode_of(p)
         e["alert"] = {"action": "blocked" if blocked else "allowed", "signature": p.rule,
                       "signature_id": _signature_id(p.rule), "category": "policy", "severity": 2}
         e["reason"] = (f"{p.proto} {p.direction} " + ("denied" if blocked else
@@ -329,7 +337,7 @@ class L3Events:
         e.update({
             "verdict": "deny" if blocked else "allow",
             "rule": p.rule,
-            "mode": self.mode(),
+            "mode": self._mode_of(p),
             "close_reason": "denied" if blocked else "kernel",
             "flow": {"pkts_toserver": f.pkts, "bytes_toserver": f.bytes, "pkts_toclient": 0, "bytes_toclient": 0,
                      "start": ts_iso(f.start), "end": ts_iso(f.last), "alerts": 1 if p.verdict != "allow" else 0},

@@ -421,6 +421,35 @@ def test_quarantine_drops_all_but_admin(env):
     wait_until(lambda: env.ping(chk, pay.ip), 15, what="quarantine lifted")
 
 
+def test_monitor_mode_allows_and_logs_what_protect_would_deny(env):
+    pay, ana = env.payments, env.analytics
+    sink = env.sink(pay, 5001)
+    write_podinfo(str(env.podinfo), {"palisade.dev/mode": "monitor"}, env.labels)
+    try:
+        def through() -> bool:
+            t = _tag("mon")
+            env.udp_send(ana, pay.ip, 5001, t)
+            return _try(lambda: wait_until(lambda: _arrived(sink, t), 0.5))
+
+        wait_until(through, 15, what="monitor mode lets segmentation-denied UDP through")
+        a = env.sc.wait_event(lambda e: e.get("event_type") == "alert" and e.get("src_ip") == ana.ip
+                              and e.get("mode") == "monitor" and e["alert"]["action"] == "allowed",
+                              what="would-deny alert")
+        assert a["alert"]["signature"] == "cde-segmentation"
+    finally:
+        write_podinfo(str(env.podinfo), {}, env.labels)
+
+    def denied_again() -> bool:
+        t = _tag("prot")
+        env.udp_send(ana, pay.ip, 5001, t)
+        ctl = _tag("ctl")
+        env.udp_send(env.checkout, pay.ip, 5001, ctl)
+        wait_until(lambda: _arrived(sink, ctl), 5)
+        return not _arrived(sink, t)
+
+    wait_until(denied_again, 15, what="protect again")
+
+
 def test_sidecar_killed_rules_keep_denying_restart_rebuilds_from_scratch(env):
     pay, ana, chk = env.payments, env.analytics, env.checkout
     env.sc.stop(signal.SIGKILL)
