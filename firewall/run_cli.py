@@ -266,8 +266,6 @@ class Sidecar:
         scratch (an address that changed owner while the sidecar was down keeps no stale
         allow) and bind the NFLOG group.  No ``inet palisade`` table (no redirect applied,
         e.g. a developer's run) = nothing to fill."""
-        if os.environ.get("PALISADE_NO_L3") == "1":
-            return
         try:
             from firewall.l3rules import L3Sync
 
