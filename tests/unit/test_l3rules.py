@@ -282,3 +282,12 @@ def test_policy_learn_learns_kernel_records_and_validate_accepts_them(tmp_path):
     doc = load_policy_files([str(p)])[0][0].policy
     ports = {(x.protocol, x.port, tuple(x.icmp_types or ())) for r in doc.spec.ingress for x in r.ports or ()}
     assert {("UDP", 5001, ()), ("ICMP", None, ("8",)), ("47", None, ()), ("TCP", 9000, ())} <= ports
+
+
+def test_report_names_portless_protocols():
+    from firewall.report import _port_text
+
+    assert _port_text({"protocol": "ICMP", "icmpTypes": ["echo-request"]}) == "ICMP echo-request"
+    assert _port_text({"protocol": "47"}) == "47"
+    assert _port_text({"protocol": "UDP"}) == "any/UDP"
+    assert _port_text({"port": 53, "protocol": "UDP"}) == "53/UDP"
