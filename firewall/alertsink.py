@@ -282,7 +282,7 @@ class WebhookSink:
 
     def _connection(self) -> http.client.HTTPConnection:
         if self._conn is None:
-            cls = http.client.HTTPSConnection if self._scheme == "https" else _HTTPConnection
+            cls = _HTTPSConnection if self._scheme == "https" else _HTTPConnection
             self._conn = cls(self._host, self._port, timeout=self.timeout_s)
         return self._conn
 
@@ -303,8 +303,37 @@ class _HTTPConnection(http.client.HTTPConnection):
         host: str | bytes = self.host
         if isinstance(host, str) and host.isascii():
             host = host.encode("ascii")
-        self.sock = socket.create_connection((host, self.port), self.timeout, self.source_address)
+        self.sock = _marked_connection(host, self.port, self.timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class _HTTPSConnection(http.client.HTTPSConnection):
+    """TLS over the same marked socket."""
+
+    def connect(self) -> None:
+        _HTTPConnection.connect(self)  # type: ignore[arg-type]
+        self.sock = self._context.wrap_socket(self.sock, server_hostname=self.host)  # type: ignore[attr-defined]
+
+
+def _marked_connection(host: str | bytes, port: int, timeout: Any) -> socket.socket:
+    """socket.create_connection, but the socket carries the sidecar's SO_MARK before it connects:
+    the redirect exempts that mark (not the proxy's user), so the webhook is not looped through
+    the sidecar's own outbound listener and its policy (issue 16)."""
+    from firewall.redirect import mark_own
+
+    err: OSError | None = None
+    for family, kind, proto, _name, addr in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            mark_own(sock)
+            if timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:  # type: ignore[attr-defined]
+                sock.settimeout(timeout)
+            sock.connect(addr)
+            return sock
+        except OSError as exc:
+            err = exc
+            sock.close()
+    raise err or OSError(f"cannot resolve {host!r}")
 
 
 def _retry_after(value: str | None) -> float | None:

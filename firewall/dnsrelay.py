@@ -2,8 +2,8 @@
 
 The redirect rules reroute the pod's UDP/53 through ``lo`` and ``tproxy`` it to
 this transparent socket; IP_RECVORIGDSTADDR tells which server the application
-asked.  The query is forwarded to that server from an ordinary socket (UID 1337,
-never recaptured) and the answer is sent back from a transparent socket bound to
+asked.  The query is forwarded to that server from an ordinary socket marked with
+the sidecar's SO_MARK (never recaptured) and the answer is sent back from a transparent socket bound to
 the server's address, so the application's resolver accepts it.  Each exchange is
 one flow record; answers feed the FQDN cache that ``fqdn`` policy peers use, but
 only an answer whose ID and question match the query (``Session._learn_dns``),
@@ -30,6 +30,7 @@ from typing import Any
 
 from firewall import metrics
 from firewall.protocols.base import TOCLIENT, TOSERVER
+from firewall.redirect import mark_own as _own_mark
 from firewall.session import Session
 
 log = logging.getLogger("palisade.dns")
@@ -186,6 +187,7 @@ class DnsRelay:
         try:
             up = socket.socket(self.family, socket.SOCK_DGRAM)
             up.setblocking(False)
+            _own_mark(up)  # the redirect exempts the sidecar's mark, not its user
             up.connect(server)
             up.send(query)
         except OSError as exc:

@@ -32,6 +32,7 @@ import yaml
 from firewall import LABEL_SCOPE
 from firewall.events import read_events
 from firewall.policy_match import normalize_path
+from firewall.policy_model import PORT_PROTOCOLS, check_protocol
 
 # Labels that differ between replicas or revisions of one workload.
 VOLATILE_LABELS = frozenset({
@@ -193,6 +194,39 @@ def _peer_key(w: dict[str, Any], local_ns: str) -> tuple[tuple, dict[str, Any], 
     return ("pod", w["namespace"], tuple(sorted(sel.items()))), doc, _slug(name)
 
 
+def _transport_port(ev: dict[str, Any]) -> tuple[str, int | None]:
+    """(protocol, port) of a flow record: the port for TCP/UDP/SCTP, the ICMP type for ICMP
+    (the kernel L3 filter's records, issue 16), 0 for other IP protocols."""
+    try:
+        transport = check_protocol(str(ev.get("proto") or "TCP"))
+    except ValueError:
+        transport = "TCP"
+    if transport in PORT_PROTOCOLS:
+        value = ev.get("dest_port")
+    else:
+        value = ev.get("icmp_type", 0) if transport in ("ICMP", "ICMPv6") else 0
+    try:
+        return transport, int(value)
+    except (TypeError, ValueError):
+        return transport, None
+
+
+def _port_docs(ports: set[tuple[int, str]]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    icmp: dict[str, list[int]] = defaultdict(list)
+    for p, t in sorted(ports, key=lambda x: (x[1], x[0])):
+        if t in PORT_PROTOCOLS:
+            if p >= 1:
+                out.append({"port": p, "protocol": t})
+        elif t in ("ICMP", "ICMPv6"):
+            icmp[t].append(p)
+        else:
+            out.append({"protocol": t})
+    for t, types in sorted(icmp.items()):
+        out.append({"protocol": t, "icmpTypes": [str(x) for x in sorted(set(types))]})
+    return out
+
+
 def _scope(w: dict[str, Any]) -> str:
     if w.get("world"):
         return "out-of-scope"
@@ -228,12 +262,9 @@ def learn_from_events(events: list[dict[str, Any]], *, namespace: str | None = N
             continue
         if namespace and local["namespace"] != namespace:
             continue
-        try:
-            port = int(ev.get("dest_port"))
-        except (TypeError, ValueError):
+        transport, port = _transport_port(ev)
+        if port is None:
             continue
-        transport = str(ev.get("proto") or "TCP").upper()
-        transport = transport if transport in ("TCP", "UDP") else "TCP"
         local_labels = {str(k): str(v) for k, v in (local.get("labels") or {}).items()}
         lsel = selector_labels(local_labels)
         lkey = (local["namespace"], tuple(sorted(lsel.items())))
@@ -443,7 +474,7 @@ def _rule_doc(r: _Agg) -> dict[str, Any]:
     else:
         doc["description"] = "learned from traffic: replace with the business justification"
     doc["from" if r.direction == "ingress" else "to"] = [dict(r.peer_doc)] + [dict(p) for p in r.extra_peers]
-    doc["ports"] = [{"port": p, "protocol": t} for p, t in sorted(r.ports)]
+    doc["ports"] = _port_docs(r.ports)
     if r.app:
         doc["appProto"] = r.app
     if r.app in L7_HTTP and r.http:

@@ -325,7 +325,7 @@ def _compile_rule(rule, direction: str, group: int, mode: str, origin: str) -> C
     else:
         protos = None
     ports = None if rule.ports is None else tuple(
-        (p.port, p.end_port or p.port, p.protocol) for p in rule.ports)
+        (lo, hi, p.protocol) for p in rule.ports for lo, hi in p.ranges())
     peers = _peers(peers_src)
     return CompiledRule(
         name=rule.name, direction=direction, group=group, ports=ports, peers=peers,

@@ -13,6 +13,14 @@ import sys
 from firewall.identity import Identity, IdentityError, IdentityMap, load_identity_file
 
 
+def _protocol_arg(value: str) -> str:
+    from firewall.policy_model import check_protocol
+
+    try:
+        return check_protocol(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("policy", help="validate, explain, learn and export firewall policies",
                               description="Policy as code: validate in CI, explain a verdict, turn learned "
@@ -33,8 +41,10 @@ def register(subparsers) -> None:
                    help="policy files or directories (repeatable)")
     e.add_argument("--from", dest="src", required=True, metavar="SRC")
     e.add_argument("--to", dest="dst", required=True, metavar="DST")
-    e.add_argument("--port", type=int, required=True)
-    e.add_argument("--transport", choices=["TCP", "UDP"], default="TCP")
+    e.add_argument("--port", type=int, required=True,
+                   help="destination port; the ICMP type for ICMP/ICMPv6, 0 for other protocols")
+    e.add_argument("--transport", type=_protocol_arg, default="TCP",
+                   help="TCP, UDP, SCTP, ICMP, ICMPv6 or an IP protocol number")
     e.add_argument("--app-proto", metavar="P")
     e.add_argument("--identity", metavar="FILE", help="identity file (list of {ip, namespace, pod, labels})")
     e.add_argument("--direction", choices=["ingress", "egress"])
@@ -132,8 +142,13 @@ def cmd_explain(args) -> int:
     except ValueError as exc:
         print(f"error: --probe-ports: {exc}", file=sys.stderr)
         return 2
-    if not 1 <= args.port <= 65535:
+    from firewall.policy_model import PORT_PROTOCOLS
+
+    if args.transport in PORT_PROTOCOLS and not 1 <= args.port <= 65535:
         print("error: --port must be 1-65535", file=sys.stderr)
+        return 2
+    if args.transport not in PORT_PROTOCOLS and not 0 <= args.port <= 255:
+        print(f"error: --port for {args.transport} is the ICMP type (0-255), or 0", file=sys.stderr)
         return 2
     views = []
     if args.direction in (None, "egress") and not src.is_world:

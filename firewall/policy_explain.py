@@ -30,13 +30,15 @@ def describe_identity(ident: Identity) -> str:
 
 def _rule_step(rule: CompiledRule, flow: FlowInfo, names: frozenset[str] | None, app: str | None) -> str:
     if not rule.port_matches(flow.port, flow.transport):
-        ports = ", ".join(f"{lo}" if lo == hi else f"{lo}-{hi}" for lo, hi, _ in rule.ports or ())
-        return f"skip: {flow.transport}/{flow.port} not in ports [{ports}]"
+        ports = ", ".join(f"{proto}/{lo}" if lo == hi else f"{proto}/{lo}-{hi}" for lo, hi, proto in rule.ports or ())
+        return f"skip: {_flow_port(flow)} not in ports [{ports}]"
     if not rule.peer_matches(flow.peer, frozenset(flow.peer.labels), names):
         peers = " or ".join(p.describe() for p in rule.peers or ())
         return f"skip: peer is not {peers}"
     if rule.app_protos is not None:
         need = "/".join(sorted(rule.app_protos))
+        if flow.transport not in ("TCP", "UDP"):
+            return f"skip: needs app_proto {need}, which {flow.transport} never has (enforced at L3/L4)"
         if app is None:
             return f"pending: needs app_proto {need}" + (f" and {rule.l7.describe()}" if rule.l7 else "")
         if app not in rule.app_protos:
@@ -44,6 +46,16 @@ def _rule_step(rule: CompiledRule, flow: FlowInfo, names: frozenset[str] | None,
         if rule.l7 is not None:
             return f"pending: needs {rule.l7.describe()} (decided per request)"
     return f"MATCH -> {rule.action}"
+
+
+def _flow_port(flow: FlowInfo) -> str:
+    from firewall.policy_model import ICMP_PROTOCOLS, PORT_PROTOCOLS
+
+    if flow.transport in PORT_PROTOCOLS:
+        return f"{flow.transport}/{flow.port}"
+    if flow.transport in ICMP_PROTOCOLS:
+        return f"{flow.transport} type {flow.port}"
+    return f"IP protocol {flow.transport}"
 
 
 def explain_flow(ps: PolicySet, flow: FlowInfo, app_proto: str | None = None, *,
@@ -54,9 +66,12 @@ def explain_flow(ps: PolicySet, flow: FlowInfo, app_proto: str | None = None, *,
     names = ps._names(table, flow, fqdn)
     lines = [
         f"{flow.direction} at {describe_identity(flow.local)}",
-        f"  peer: {describe_identity(flow.peer)}; port {flow.transport}/{flow.port}"
+        f"  peer: {describe_identity(flow.peer)}; {_flow_port(flow)}"
         + (f"; app_proto {app}" if app else ""),
     ]
+    if flow.transport != "TCP" and not (flow.transport == "UDP" and flow.port == 53 and flow.direction == "egress"):
+        lines.append("  enforced in the kernel: nftables rules compiled from this policy (redirect show); "
+                     "rules with appProto or L7 matches never match it; denied packets are logged (NFLOG)")
     if ps.is_empty:
         lines.append("  no policy loaded: learn mode, everything is allowed and recorded")
     else:

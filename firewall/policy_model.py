@@ -40,7 +40,27 @@ DIRECTIONS: tuple[str, ...] = ("ingress", "egress")
 VERDICTS: tuple[str, ...] = ("deny", "allow")
 RULE_ACTIONS: tuple[str, ...] = ("allow", "deny", "alert")
 DLP_ACTIONS: tuple[str, ...] = ("block", "alert")
-PROTOCOLS: tuple[str, ...] = ("TCP", "UDP")
+PROTOCOLS: tuple[str, ...] = ("TCP", "UDP", "SCTP", "ICMP", "ICMPv6")
+#: IANA protocol numbers of the named protocols; any other number (1-254) is written as such
+PROTOCOL_NUMBERS: dict[str, int] = {"TCP": 6, "UDP": 17, "SCTP": 132, "ICMP": 1, "ICMPv6": 58}
+_PROTOCOL_BY_NUMBER = {n: name for name, n in PROTOCOL_NUMBERS.items()}
+_PROTOCOL_SPELLINGS = {name.lower(): name for name in PROTOCOLS} | {"ipv6-icmp": "ICMPv6", "icmp6": "ICMPv6"}
+#: protocols with ports (``port``/``endPort``); the others are matched by protocol (and ICMP type)
+PORT_PROTOCOLS = frozenset({"TCP", "UDP", "SCTP"})
+ICMP_PROTOCOLS = frozenset({"ICMP", "ICMPv6"})
+#: ICMP type names (nft's spellings) -> numbers, per protocol
+ICMP_TYPES: dict[str, dict[str, int]] = {
+    "ICMP": {"echo-reply": 0, "destination-unreachable": 3, "source-quench": 4, "redirect": 5,
+             "echo-request": 8, "router-advertisement": 9, "router-solicitation": 10, "time-exceeded": 11,
+             "parameter-problem": 12, "timestamp-request": 13, "timestamp-reply": 14,
+             "info-request": 15, "info-reply": 16, "address-mask-request": 17, "address-mask-reply": 18},
+    "ICMPv6": {"destination-unreachable": 1, "packet-too-big": 2, "time-exceeded": 3, "parameter-problem": 4,
+               "echo-request": 128, "echo-reply": 129, "mld-listener-query": 130, "mld-listener-report": 131,
+               "mld-listener-done": 132, "nd-router-solicit": 133, "nd-router-advert": 134,
+               "nd-neighbor-solicit": 135, "nd-neighbor-advert": 136, "nd-redirect": 137,
+               "router-renumbering": 138, "ind-neighbor-solicit": 141, "ind-neighbor-advert": 142,
+               "mld2-listener-report": 143},
+}
 TLS_VERSIONS: tuple[str, ...] = ("1.0", "1.1", "1.2", "1.3")
 
 # app_proto names as the protocol identifier reports them (Suricata's names).
@@ -193,6 +213,53 @@ def app_proto_before(v: Any) -> Any:
     return normalize_app_proto(v) if isinstance(v, str) else v
 
 
+def protocol_before(v: Any) -> Any:
+    """``protocol: 47`` (a YAML int) is the string "47"; booleans stay what they are (an error)."""
+    return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
+def check_protocol(v: str) -> str:
+    """TCP | UDP | SCTP | ICMP | ICMPv6 (any case) or an IP protocol number 1-254; numbers of the
+    named protocols become the names, so one protocol has one spelling in every record."""
+    s = v.strip()
+    name = _PROTOCOL_SPELLINGS.get(s.lower())
+    if name is not None:
+        return name
+    if s.isdigit() and s.isascii():
+        n = int(s)
+        if 1 <= n <= 254:
+            return _PROTOCOL_BY_NUMBER.get(n, str(n))
+    raise ValueError(f"invalid protocol {v!r}: TCP, UDP, SCTP, ICMP, ICMPv6 or an IP protocol number 1-254")
+
+
+def icmp_types_before(v: Any) -> Any:
+    if isinstance(v, list | tuple):
+        return [protocol_before(x) for x in v]
+    return v
+
+
+def check_icmp_types(v: list[str] | None) -> list[str] | None:
+    if v is None:
+        return v
+    known = set(ICMP_TYPES["ICMP"]) | set(ICMP_TYPES["ICMPv6"])
+    out = []
+    for t in v:
+        s = t.strip().lower()
+        if not (s in known or (s.isdigit() and s.isascii() and int(s) <= 255)):
+            raise ValueError(f"invalid ICMP type {t!r} (a name like echo-request, or 0-255)")
+        out.append(str(int(s)) if s.isdigit() else s)
+    if not out:
+        raise ValueError("at least one ICMP type (omit icmpTypes for every type)")
+    return out
+
+
+def icmp_type_number(protocol: str, name: str) -> int | None:
+    """``echo-request`` -> 8 for ICMP, 128 for ICMPv6; a number stays a number; None if unknown."""
+    if name.isdigit():
+        return int(name)
+    return ICMP_TYPES.get(protocol, {}).get(name)
+
+
 def check_packs(v: list[str]) -> list[str]:
     if not v:
         raise ValueError("at least one pack ('*' for all)")
@@ -202,8 +269,25 @@ def check_packs(v: list[str]) -> list[str]:
 # --- record checks (after every field is valid; shared with firewall/policy_schema.py) ----------
 
 def check_port_range(p: Any) -> None:
-    if p.end_port is not None and p.end_port < p.port:
-        raise ValueError(f"endPort {p.end_port} is below port {p.port}")
+    if p.protocol in PORT_PROTOCOLS:
+        if p.icmp_types is not None:
+            raise ValueError(f"icmpTypes only apply to ICMP/ICMPv6, not {p.protocol}")
+        if p.port is None:
+            if p.end_port is not None:
+                raise ValueError("endPort needs port")
+            if p.protocol == "TCP":
+                raise ValueError("port is required for TCP")
+        elif p.end_port is not None and p.end_port < p.port:
+            raise ValueError(f"endPort {p.end_port} is below port {p.port}")
+        return
+    if p.port is not None or p.end_port is not None:
+        raise ValueError(f"{p.protocol} has no ports: omit port/endPort")
+    if p.icmp_types is not None:
+        if p.protocol not in ICMP_PROTOCOLS:
+            raise ValueError(f"icmpTypes only apply to ICMP/ICMPv6, not protocol {p.protocol}")
+        for t in p.icmp_types:
+            if icmp_type_number(p.protocol, t) is None:
+                raise ValueError(f"{t!r} is not an {p.protocol} type")
 
 
 def check_peer_shape(p: Any) -> None:
@@ -221,6 +305,16 @@ def check_rule_consistent(r: Any) -> None:
     if sections and r.app_proto is not None and r.app_proto not in L7_SECTIONS[sections[0]]:
         raise ValueError(f"{sections[0]} match needs appProto {'/'.join(L7_SECTIONS[sections[0]])}, "
                          f"not {r.app_proto}")
+    if r.ports is not None:
+        protos = {p.protocol for p in r.ports}
+        if protos - {"TCP", "UDP"} and (r.app_proto is not None or sections):
+            raise ValueError("appProto and L7 matches need TCP (or DNS over UDP): the kernel enforces "
+                             f"{', '.join(sorted(protos - {'TCP', 'UDP'}))} at L3/L4 only")
+        if "UDP" in protos:
+            app = r.app_proto or (L7_SECTIONS[sections[0]][0] if sections else None)
+            if app is not None and app != "dns":
+                raise ValueError(f"UDP is enforced at L3/L4 (DNS through the relay): appProto {app} "
+                                 "cannot be enforced on a UDP rule")
     if r.exception:
         if r.action == "deny":
             raise ValueError("exception: true only makes sense on allow/alert rules")
@@ -301,9 +395,27 @@ class Selector:
 
 @_record
 class PortSpec:
-    port: int
+    """A port range of TCP/UDP/SCTP (no port = every port; UDP/SCTP only), or a port-less
+    protocol: ICMP/ICMPv6 (optionally some types) or any other IP protocol by number."""
+
+    port: int | None = None
     end_port: int | None = None
     protocol: str = "TCP"
+    icmp_types: list[str] | None = None
+
+    def ranges(self) -> tuple[tuple[int, int], ...]:
+        """What the engine indexes: port ranges; ICMP types as one-value ranges; 0 for a
+        port-less protocol (the engine's FlowInfo carries the ICMP type or 0 as its port)."""
+        if self.protocol in PORT_PROTOCOLS:
+            if self.port is None:
+                return ((1, 65535),)
+            return ((self.port, self.end_port or self.port),)
+        if self.protocol in ICMP_PROTOCOLS:
+            if self.icmp_types is None:
+                return ((0, 255),)
+            nums = sorted({icmp_type_number(self.protocol, t) or 0 for t in self.icmp_types})
+            return tuple((n, n) for n in nums)
+        return ((0, 0),)
 
 
 @_record
@@ -822,9 +934,11 @@ _SPECS: dict[type, _Spec] = {
     ]),
     Selector: _spec([_Field("match_labels", "matchLabels", _StrMap(), factory=dict, after=check_labels)]),
     PortSpec: _spec([
-        _Field("port", "port", _PORT),
+        _Field("port", "port", _o(_PORT), None),
         _Field("end_port", "endPort", _o(_PORT), None),
-        _Field("protocol", "protocol", _Lit(PROTOCOLS), "TCP"),
+        _Field("protocol", "protocol", _STR, "TCP", before=protocol_before, after=check_protocol),
+        _Field("icmp_types", "icmpTypes", _o(_List(_STR)), None, before=icmp_types_before,
+               after=check_icmp_types),
     ], check_port_range),
     Peer: _spec([
         _Field("namespace", "namespace", _o(_STR), None),

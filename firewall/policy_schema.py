@@ -32,6 +32,7 @@ from firewall.policy_model import (
     check_dns_name,
     check_fqdn,
     check_host,
+    check_icmp_types,
     check_ingress_no_fqdn,
     check_labels,
     check_methods,
@@ -40,12 +41,15 @@ from firewall.policy_model import (
     check_peer_shape,
     check_policy_namespace,
     check_port_range,
+    check_protocol,
     check_qname_suffix,
     check_rule_consistent,
     check_rule_name,
     check_sni,
     check_spec_names,
     check_verbs,
+    icmp_types_before,
+    protocol_before,
     tls_version_before,
 )
 
@@ -92,10 +96,39 @@ class Selector(_Model):
 
 
 class PortSpec(_Model):
-    port: int = Field(ge=1, le=65535)
+    port: int | None = Field(None, ge=1, le=65535,
+                             description="TCP/UDP/SCTP port; required for TCP, omitted = every port "
+                                         "(UDP/SCTP); absent for ICMP and numbered protocols.")
     end_port: int | None = Field(None, alias="endPort", ge=1, le=65535,
                                  description="Inclusive end of a port range starting at port.")
-    protocol: Literal["TCP", "UDP"] = "TCP"
+    protocol: str = Field("TCP", description="TCP, UDP, SCTP, ICMP, ICMPv6 or an IP protocol number 1-254. "
+                                             "TCP goes through the proxy; everything else is enforced by "
+                                             "nftables rules compiled from the same policy.",
+                          json_schema_extra={"type": ["string", "integer"]})
+    icmp_types: list[str] | None = Field(
+        None, alias="icmpTypes", description="ICMP/ICMPv6 only: type names (echo-request, ...) or numbers; "
+        "omitted = every type. Neighbour discovery, packet-too-big and the error types always pass.",
+        json_schema_extra={"items": {"type": ["string", "integer"]}})
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol_before(cls, v: Any) -> Any:
+        return protocol_before(v)
+
+    @field_validator("protocol")
+    @classmethod
+    def _protocol(cls, v: str) -> str:
+        return check_protocol(v)
+
+    @field_validator("icmp_types", mode="before")
+    @classmethod
+    def _icmp_before(cls, v: Any) -> Any:
+        return icmp_types_before(v)
+
+    @field_validator("icmp_types")
+    @classmethod
+    def _icmp(cls, v: list[str] | None) -> list[str] | None:
+        return check_icmp_types(v)
 
     @model_validator(mode="after")
     def _range(self) -> PortSpec:

@@ -30,6 +30,7 @@ from typing import Any
 
 from firewall import metrics, splice
 from firewall.protocols.base import TOCLIENT, TOSERVER
+from firewall.redirect import mark_own as _own_mark
 from firewall.session import Inspection, Session
 
 log = logging.getLogger("palisade.proxy")
@@ -834,6 +835,7 @@ class Proxy:
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
         if client_addr is None:
+            _own_mark(sock)
             return sock
         lo, hi = self.cfg.upstream_ports
         try:
@@ -852,6 +854,7 @@ class Proxy:
             self.transparent_upstream = False
             sock = socket.socket(family, socket.SOCK_STREAM)
             sock.setblocking(False)
+            _own_mark(sock)
         return sock
 
     def _source_port(self, lo: int, hi: int) -> int:

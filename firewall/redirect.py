@@ -22,9 +22,13 @@ How each kind of traffic is steered (marks and ports are configurable):
 * outbound DNS (UDP/53) is marked ``0x53a`` in the output route chain, rerouted
   through ``lo`` by the same table, and ``tproxy``-ed to the DNS listener (15053);
   the sidecar reads the original destination with IP_RECVORIGDSTADDR.
-* the proxy's own traffic (socket UID or GID 1337) is never captured, nor is
-  loopback traffic (including the pod talking to its own address), nor the
-  exclusions, nor the admin port (15020).
+* the proxy's own traffic is recognised by its socket mark, never by its user: the
+  sidecar sets ``SO_MARK`` ``0x53c`` on its upstream and DNS-relay sockets (and
+  ``0x539`` on the transparent ones), which needs CAP_NET_ADMIN - a capability no
+  application container gets (the admission guard refuses it).  A process that merely
+  runs as UID/GID 1337 (an image's ``USER 1337``, a root process calling
+  ``setuid(1337)``) is redirected like any other.  Loopback traffic (including the pod
+  talking to its own address), the exclusions and the admin port (15020) are not captured.
 * fail closed: inbound TCP that should have reached the sidecar but found no
   listener (sidecar down) is marked ``0x53b`` and rejected with a TCP reset in the
   input chain instead of falling through to the application.
@@ -34,7 +38,9 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import logging
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -46,8 +52,39 @@ DNS_PORT = 15053
 MARK = 0x539          # transparent flows (inbound tproxy, proxy->app upstream)
 DNS_MARK = 0x53A      # outbound DNS rerouted through lo
 FAILCLOSED_MARK = 0x53B
+#: the sidecar's own non-transparent sockets (proxy upstreams, DNS relay upstreams): SO_MARK
+#: needs CAP_NET_ADMIN, so an application process cannot wear it.  Not in the policy-routing
+#: rules: marked packets are routed normally.
+OWN_MARK = 0x53C
+#: conntrack mark of connections the redirect deliberately leaves alone (excluded ports and
+#: CIDRs, the admin port): the L3 filter (firewall/l3rules.py) lets exactly these through.
+EXCLUDED_CT_MARK = 0x53D
 ROUTE_TABLE = 133
+#: NFLOG group the L3 filter logs denied (and, outside protect mode, would-be-denied) packets to
+L3_LOG_GROUP = 1337
 RULE_PRIORITY = 32000
+
+
+SO_MARK = 36
+log = logging.getLogger("palisade.redirect")
+_mark_refused = False
+
+
+def mark_own(sock: socket.socket) -> None:
+    """Mark one of the sidecar's own sockets with ``OWN_MARK``.
+
+    The redirect exempts this mark, not a user: SO_MARK needs CAP_NET_ADMIN, which only the
+    sidecar holds, so no application process can opt out of the firewall by running as
+    UID 1337.  Without the capability (a developer's unprivileged run, where no redirect can
+    exist either) the socket stays unmarked and one warning says so."""
+    global _mark_refused
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_MARK, OWN_MARK)
+    except OSError as exc:
+        if not _mark_refused:
+            _mark_refused = True
+            log.warning("cannot mark the sidecar's sockets (SO_MARK: %s); redirect rules would capture them",
+                        exc)
 
 
 class RedirectError(ValueError):
@@ -71,6 +108,8 @@ class RedirectConfig:
     exclude_inbound_ports: tuple[int, ...] = field(default=())
     exclude_outbound_ports: tuple[int, ...] = field(default=())
     exclude_outbound_cidrs: tuple[str, ...] = field(default=())
+    #: the L3/L4 filter for what the proxy does not carry (issue 16); off only for diagnosis
+    l3: bool = True
 
     def __post_init__(self) -> None:
         for name in ("inbound_port", "outbound_port", "dns_port", "admin_port"):
@@ -142,6 +181,7 @@ def _set(values: list[str]) -> str:
 def render(cfg: RedirectConfig) -> str:
     """The complete nft -f transaction text (pure; `show --dry-run` prints it)."""
     m, dm, fm = f"0x{cfg.mark:x}", f"0x{cfg.dns_mark:x}", f"0x{FAILCLOSED_MARK:x}"
+    own, xm = f"0x{OWN_MARK:x}", f"0x{EXCLUDED_CT_MARK:x}"
     in_excl = sorted({cfg.admin_port, *cfg.exclude_inbound_ports})
     out_excl = sorted(set(cfg.exclude_outbound_ports))
     v4 = [c for c in cfg.exclude_outbound_cidrs if ipaddress.ip_network(c).version == 4]
@@ -163,7 +203,7 @@ def render(cfg: RedirectConfig) -> str:
         a("    fib daddr type != local return")
         # replies to the pod's own outbound connections (the sidecar's upstreams included)
         a("    ct direction reply return")
-        a(f"    tcp dport {_set([str(p) for p in in_excl])} return")
+        a(f"    tcp dport {_set([str(p) for p in in_excl])} ct mark set {xm} return")
         a(f"    meta l4proto tcp tproxy to :{cfg.inbound_port} meta mark set {m} accept")
         a(f"    meta l4proto tcp meta mark set {fm}")
     a("  }")
@@ -172,13 +212,14 @@ def render(cfg: RedirectConfig) -> str:
     a("    type filter hook input priority filter; policy accept;")
     a(f"    meta mark {fm} reject with tcp reset")
     a("  }")
+    if cfg.l3:
+        L.extend(render_l3_base(cfg))
     # --- output route chain: replies of transparent flows, DNS reroute
     a("  chain output_route {")
     a("    type route hook output priority mangle; policy accept;")
     a(f"    meta mark {m} ct mark set mark accept")
     a(f"    ct mark {m} meta mark set ct mark accept")
-    a(f"    meta skuid {cfg.proxy_uid} accept")
-    a(f"    meta skgid {cfg.proxy_gid} accept")
+    a(f"    meta mark {own} accept")
     if cfg.capture_dns:
         a('    oifname "lo" accept')
         if v4:
@@ -191,19 +232,78 @@ def render(cfg: RedirectConfig) -> str:
     if cfg.capture_outbound:
         a("  chain output_nat {")
         a("    type nat hook output priority -100; policy accept;")
-        a(f"    meta skuid {cfg.proxy_uid} return")
-        a(f"    meta skgid {cfg.proxy_gid} return")
+        a(f"    meta mark {{ {m}, {own} }} return")
         a('    oifname "lo" return')
         if v4:
+            a(f"    ip daddr {_set(v4)} meta l4proto tcp ct mark set {xm}")
             a(f"    ip daddr {_set(v4)} return")
         if v6:
+            a(f"    ip6 daddr {_set(v6)} meta l4proto tcp ct mark set {xm}")
             a(f"    ip6 daddr {_set(v6)} return")
         if out_excl:
-            a(f"    tcp dport {_set([str(p) for p in out_excl])} return")
+            a(f"    tcp dport {_set([str(p) for p in out_excl])} ct mark set {xm} return")
         a(f"    meta l4proto tcp redirect to :{cfg.outbound_port}")
         a("  }")
     a("}")
     return "\n".join(L) + "\n"
+
+
+#: chains the sidecar fills (firewall/l3rules.py); empty until it first syncs
+L3_CHAINS = ("l3_in_pre", "l3_out_pre", "l3_in_policy", "l3_out_policy")
+_ICMP_ALWAYS = "destination-unreachable, time-exceeded, parameter-problem"
+_ICMPV6_ALWAYS = ("destination-unreachable, packet-too-big, time-exceeded, parameter-problem, "
+                  "nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, "
+                  "mld-listener-query, mld-listener-report, mld-listener-done, mld2-listener-report")
+
+
+def render_l3_base(cfg: RedirectConfig) -> list[str]:
+    """The fixed part of the L3/L4 filter: every packet that is not the proxy's business.
+
+    Order (each chain, per direction):
+
+    1. loopback passes; conntrack-invalid packets and SYN+FIN are dropped and logged - TCP the
+       redirect cannot take never goes around the proxy;
+    2. the sidecar's marked traffic (its own sockets, the transparent legs, the DNS reroute)
+       and redirected TCP (``ct status dnat``: the proxy has it) pass;
+    3. the ICMP a stack needs (errors incl. fragmentation-needed / packet-too-big, neighbour
+       discovery, MLD) always passes;
+    4. ``l3_*_pre`` (the sidecar's quarantine cut-off; empty otherwise);
+    5. established/related packets pass (replies of allowed flows);
+    6. TCP deliberately left alone by the redirect (ct mark ``0x53d``: excluded ports/CIDRs,
+       the admin port) passes; any other TCP is dropped and logged;
+    7. ``l3_*_policy``: the policy compiled by the sidecar (firewall/l3rules.py), which ends
+       in a verdict; until the sidecar has filled it, the rule after it drops - fail closed,
+       and the rules stay in the kernel if the sidecar dies.
+    """
+    m, dm, own, xm = (f"0x{v:x}" for v in (cfg.mark, cfg.dns_mark, OWN_MARK, EXCLUDED_CT_MARK))
+    g = L3_LOG_GROUP
+    out: list[str] = []
+    for name in L3_CHAINS:
+        out.append(f"  chain {name} {{")
+        out.append("  }")
+    for direction, hook, dev in (("in", "input", "iifname"), ("out", "output", "oifname")):
+        out.append(f"  chain l3_{hook} {{")
+        out.append(f"    type filter hook {hook} priority filter + 10; policy accept;")
+        out.append(f'    {dev} "lo" accept')
+        out.append(f'    ct state invalid log group {g} snaplen 128 prefix "pl3|deny|1|{_DIR[direction]}|ct-invalid" drop')
+        out.append(f'    tcp flags & (syn | fin) == syn | fin log group {g} snaplen 128 '
+                   f'prefix "pl3|deny|1|{_DIR[direction]}|tcp-syn-fin" drop')
+        out.append(f"    meta mark {{ {m}, {dm}, {own} }} accept")
+        if direction == "out":
+            out.append("    meta l4proto tcp ct status dnat accept")
+        out.append(f"    icmp type {{ {_ICMP_ALWAYS} }} accept")
+        out.append(f"    icmpv6 type {{ {_ICMPV6_ALWAYS} }} accept")
+        out.append(f"    jump l3_{direction}_pre")
+        out.append("    ct state established,related accept")
+        out.append(f"    meta l4proto tcp ct mark {xm} accept")
+        out.append(f'    meta l4proto tcp log group {g} snaplen 128 prefix "pl3|deny|1|{_DIR[direction]}|tcp-not-redirected" drop')
+        out.append(f"    jump l3_{direction}_policy")
+        out.append(f'    log group {g} snaplen 128 prefix "pl3|deny|1|{_DIR[direction]}|no-policy-yet" drop')
+        out.append("  }")
+    return out
+
+
+_DIR = {"in": "ingress", "out": "egress"}
 
 
 def render_remove() -> str:
@@ -309,6 +409,7 @@ def _config_from_args(args: argparse.Namespace) -> RedirectConfig:
         exclude_inbound_ports=parse_ports(args.exclude_inbound_ports),
         exclude_outbound_ports=parse_ports(args.exclude_outbound_ports),
         exclude_outbound_cidrs=parse_cidrs(args.exclude_outbound_cidrs),
+        l3=not args.no_l3,
     )
 
 
@@ -357,8 +458,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--outbound-port", type=int, default=OUTBOUND_PORT)
     p.add_argument("--dns-port", type=int, default=DNS_PORT)
     p.add_argument("--admin-port", type=int, default=ADMIN_PORT, help="never redirected (metrics/health)")
-    p.add_argument("--proxy-uid", type=int, default=PROXY_UID)
-    p.add_argument("--proxy-gid", type=int, default=PROXY_GID)
+    p.add_argument("--proxy-uid", type=int, default=PROXY_UID,
+                   help="accepted for compatibility; the proxy's traffic is exempt by its SO_MARK, not its user")
+    p.add_argument("--proxy-gid", type=int, default=PROXY_GID,
+                   help="accepted for compatibility (see --proxy-uid)")
     p.add_argument("--route-table", type=int, default=ROUTE_TABLE)
     p.add_argument("--exclude-inbound-ports", default="", help="comma list of ports/ranges")
     p.add_argument("--exclude-outbound-ports", default="", help="comma list of ports/ranges")
@@ -366,4 +469,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-inbound", action="store_true", help="do not capture inbound TCP")
     p.add_argument("--no-outbound", action="store_true", help="do not capture outbound TCP")
     p.add_argument("--no-dns", action="store_true", help="do not capture outbound DNS over UDP")
+    p.add_argument("--no-l3", action="store_true",
+                   help="diagnosis only: no L3/L4 filter for non-TCP traffic (the pod is then NOT segmented "
+                   "for UDP, ICMP and other protocols)")
     p.set_defaults(func=_cmd)

@@ -224,6 +224,9 @@ def _port_text(p: Any) -> str:
     if not isinstance(p, dict):
         return str(p)
     proto = str(p.get("protocol") or "TCP")
+    if p.get("port") is None and proto.upper() not in ("TCP", "UDP", "SCTP"):
+        types = p.get("icmpTypes")  # ICMP/ICMPv6 or a numbered protocol: no ports (issue 16)
+        return proto + (" " + ",".join(str(t) for t in types) if isinstance(types, list) else "")
     if p.get("endPort"):
         return f"{p.get('port')}-{p['endPort']}/{proto}"
     return f"{p.get('port', 'any')}/{proto}"

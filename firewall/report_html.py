@@ -221,10 +221,17 @@ def _segtest(rep: dict[str, Any]) -> str:
     due = f'<p>Next test due by {e(seg["next_due"])} (at least every 12 months and after changes).</p>' \
         if seg["next_due"] else ""
     counts = ", ".join(f"{e(k)}: {e(v)}" for k, v in sorted(seg["results"].items()))
+    per_proto: dict[str, dict[str, int]] = {}
+    for p in seg["probes"]:  # outcome per protocol: TCP, UDP, ICMP
+        d = per_proto.setdefault(str(p.get("proto") or "TCP"), {})
+        d[str(p.get("result"))] = d.get(str(p.get("result")), 0) + 1
+    counts += "".join(f"; {e(k)}: " + ", ".join(f"{e(r)} {n}" for r, n in sorted(v.items()))
+                      for k, v in sorted(per_proto.items()))
     probes = sorted(seg["probes"], key=lambda p: (not p.get("violation"), str(p.get("source")), str(p.get("target"))))
     rows = [[e(p.get("source")) + " " + scope_tag(str(p.get("source_scope", ""))),
              e(p.get("target")) + " " + scope_tag(str(p.get("target_scope", ""))),
-             e(f"{p.get('address')}:{p.get('port')}/{p.get('proto')}"),
+             e(f"{p.get('address')}/ICMP" if p.get("proto") == "ICMP" else
+               f"{p.get('address')}:{p.get('port')}/{p.get('proto')}"),
              f'<b class="{"bad" if p.get("violation") else ""}">{e(p.get("result"))}</b>',
              e(p.get("detail", "")), e(p.get("rtt_ms")), e(p.get("timestamp"))] for p in probes]
     return (verdict + due + runs + f"<p>Results: {counts}</p>"

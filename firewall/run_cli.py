@@ -107,6 +107,8 @@ class Sidecar:
         self.proxy: Any = None
         self.watcher: Any = None
         self.kube: Any = None
+        self.l3: Any = None  # l3rules.L3Sync: the kernel filter for what the proxy does not carry
+        self.nflog: Any = None  # nflog.NflogReader: its denied packets as events
         self._lock = threading.Lock()
 
     # ---------------------------------------------------------------- loading
@@ -211,6 +213,7 @@ class Sidecar:
         self.dlp = self.load_dlp()
         self.sink.set_scanner(self.dlp)  # event redaction also masks what the DLP packs find
         self._dlp_digest = _files_digest(self.cfg.dlp_rules) if self.cfg.dlp_rules else ""
+        self._start_l3()
         self.sink.emit({"event_type": "policy", "policy": {
             "action": "loaded", "files": self.cfg.policy,
             "mode": self.policy.mode_for(self.local_identity()) if self.policy else "learn",
@@ -275,7 +278,73 @@ class Sidecar:
             self.sink.emit({"event_type": "quarantine", "quarantine": {"state": "on" if q else "off"}})
         self._swap("quarantine")
 
+    # ---------------------------------------------------------------- L3/L4 kernel filter
+    def _start_l3(self) -> None:
+        """As root, before the privilege drop: load libnftables, rebuild the L3 rules from
+        scratch (an address that changed owner while the sidecar was down keeps no stale
+        allow) and bind the NFLOG group.  No ``inet palisade`` table (no redirect applied,
+        e.g. a developer's run) = nothing to fill."""
+        try:
+            from firewall.l3rules import L3Sync
+
+            l3 = L3Sync()
+            if not l3.table_present():
+                log.info("l3: no inet palisade table with L3 chains (redirect not applied): kernel filter off")
+                return
+            self.l3 = l3
+            self.sync_l3("start", full=True)
+        except Exception as exc:  # noqa: BLE001 - the base chains keep failing closed
+            log.error("l3: cannot set up the kernel filter: %s", exc)
+            return
+        try:
+            from firewall.nflog import L3Events, NflogReader
+
+            events = L3Events(self.sink.emit, self._resolve, self.local_identity, self._mode)
+            self.nflog = NflogReader(events)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("l3: no NFLOG reader (denied non-TCP packets are not reported): %s", exc)
+
+    def _identity_list(self) -> list[Identity]:
+        src = self.identities
+        if src is None:
+            return []
+        if hasattr(src, "current"):
+            src = src.current()
+        return list(src)
+
+    def _resolve(self, ip: str) -> Identity:
+        src = self.identities
+        return src.resolve(ip) if src is not None else Identity(ip)
+
+    def _mode(self) -> str:
+        mode = self.annotations.get(ANN_MODE) or self.cfg.mode
+        if mode in MODES:
+            return mode
+        return self.policy.mode_for(self.local_identity()) if self.policy is not None else "learn"
+
+    def sync_l3(self, reason: str, full: bool = False) -> None:
+        """Compile policy + identities into the kernel's L3 sets/rules: one transaction; only
+        the sets when the rules are unchanged (an identity change).  Worker 0 only."""
+        if self.l3 is None or self.worker != 0 or self.policy is None:
+            return
+        from firewall.l3rules import compile_plan
+
+        mode = self.annotations.get(ANN_MODE) or self.cfg.mode
+        quarantined = self.annotations.get(ANN_QUARANTINE, "").strip().lower() == "true"
+        try:
+            plan = compile_plan(self.policy, self._identity_list(), self.local_identity(),
+                                mode_override=mode if mode in MODES else None, quarantined=quarantined)
+            r = self.l3.sync(plan, full=full)
+            metrics_l3_sync(r.kind, "ok")
+            if r.kind != "unchanged":
+                log.info("l3 %s: %s sync, %d rules, %d set elements, %.1f ms", reason, r.kind, r.rules,
+                         r.elements, r.seconds * 1000)
+        except Exception as exc:  # noqa: BLE001 - the previous rules stay in force
+            metrics_l3_sync("error", "error")
+            log.error("l3 %s: sync failed, previous rules stay: %s", reason, exc)
+
     def _swap(self, reason: str) -> None:
+        self.sync_l3(reason)
         proxy = self.proxy
         if proxy is None:
             return
@@ -287,6 +356,12 @@ class Sidecar:
                 log.info("%s: cut %d open flows", reason, n)
 
         proxy.loop.call_soon_threadsafe(do)
+
+
+def metrics_l3_sync(kind: str, result: str) -> None:
+    from firewall.l3rules import L3_SYNCS
+
+    L3_SYNCS.labels(kind, result).inc()
 
 
 def run(cfg: Config, sink: EventSink, labels: dict[str, str] | None = None) -> int:
@@ -354,6 +429,8 @@ def run(cfg: Config, sink: EventSink, labels: dict[str, str] | None = None) -> i
         side.captures.stop_all()
     if side.watcher is not None:
         side.watcher.stop()
+    if side.nflog is not None and worker == 0:
+        side.nflog.stop()  # the rules themselves stay in the kernel: fail closed
     return rc
 
 
@@ -372,6 +449,12 @@ def _trim_heap() -> None:
 
 def _start_side_threads(side: Sidecar, worker: int) -> None:
     cfg = side.cfg
+    if side.nflog is not None:
+        if worker == 0:
+            side.nflog.start()
+        else:
+            side.nflog.sock.sock.close()  # worker 0 reads the group
+            side.nflog = None
     if cfg.pcap_dir and worker == 0:
         try:
             from firewall.capture import CaptureManager

@@ -2,8 +2,9 @@
 
 Policy files say what *should* be isolated; this proves what *is*: from each
 source (an out-of-scope namespace, in Kubernetes a short-lived pod there, see
-deploy/segtest-job.yaml) it tries TCP connections (and UDP probes where asked)
-to every CDE workload port in the plan and records what happened.
+deploy/segtest-job.yaml) it tries TCP connections (and UDP probes and ICMP echo where
+asked: ``udp: [ports]``, ``icmp: true``) to every CDE workload in the plan and records
+what happened, with a summary per protocol (``summary.by_proto``).
 
 Result classes, per probe:
 
@@ -15,7 +16,8 @@ Result classes, per probe:
   decides, then closes a denied flow, so "handshake succeeded" alone would
   report every firewalled port as open.
 * ``timeout`` - nothing came back (dropped).  For UDP this is "open or
-  filtered" and is not counted as reachable.
+  filtered" and is not counted as reachable.  For ICMP, an echo reply is
+  ``reachable``, an ICMP error or EPERM ``refused``, silence ``timeout``.
 * ``error`` - the probe could not be made (name did not resolve, bad address).
 
 The run fails (exit 1, ``passed: false``) when any source whose scope is
@@ -64,6 +66,7 @@ class Target:
     ports: tuple[int, ...]
     scope: str = "cde"
     udp: tuple[int, ...] = ()
+    icmp: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +86,7 @@ class Plan:
 # --------------------------------------------------------------------------- plan
 
 _SOURCE_KEYS = {"source", "scope", "targets"}
-_TARGET_KEYS = {"name", "address", "ports", "scope", "udp"}
+_TARGET_KEYS = {"name", "address", "ports", "scope", "udp", "icmp"}
 
 
 def _ports(value: Any, where: str) -> tuple[int, ...]:
@@ -144,10 +147,13 @@ def parse_plan(data: Any, path: str = "plan") -> tuple[Source, ...]:
                     raise PlanError(f"{tw}.{key}: required, a string")
             ports = _ports(t.get("ports"), f"{tw}.ports")
             udp = _ports(t.get("udp"), f"{tw}.udp")
-            if not ports and not udp:
-                raise PlanError(f"{tw}: needs 'ports' (TCP) or 'udp'")
+            icmp = t.get("icmp", False)
+            if not isinstance(icmp, bool):
+                raise PlanError(f"{tw}.icmp: must be true or false")
+            if not ports and not udp and not icmp:
+                raise PlanError(f"{tw}: needs 'ports' (TCP), 'udp' or 'icmp: true'")
             targets.append(Target(t["name"], t["address"], ports, _scope(t.get("scope"), f"{tw}.scope", "cde"),
-                                  udp))
+                                  udp, icmp))
         sources.append(Source(name, _scope(entry.get("scope"), f"{where}.scope", "out-of-scope"), tuple(targets)))
     return tuple(sources)
 
@@ -259,6 +265,63 @@ async def probe_udp(address: str, port: int, timeout: float) -> tuple[str, float
         transport.close()
 
 
+def _icmp_echo(address: str, timeout: float) -> tuple[str, float | None, str]:
+    """One ICMP/ICMPv6 echo: an unprivileged ping socket where the kernel allows it, else raw."""
+    try:
+        info = socket.getaddrinfo(address, None)[0]
+    except socket.gaierror as exc:
+        return "error", None, f"cannot resolve {address}: {exc.strerror}"
+    family, addr = info[0], info[4]
+    v6 = family == socket.AF_INET6
+    proto = socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP
+    req, rep = (128, 129) if v6 else (8, 0)
+    ident = os.getpid() & 0xFFFF
+    payload = b"palisade-segtest"
+    hdr = struct.pack("!BBHHH", req, 0, 0, ident, 1)
+    if not v6:  # the kernel computes the ICMPv6 checksum, not the ICMPv4 one of a raw socket
+        total = sum(struct.unpack(f"!{len(hdr + payload) // 2}H", hdr + payload))
+        total = (total >> 16) + (total & 0xFFFF)
+        total += total >> 16
+        hdr = struct.pack("!BBHHH", req, 0, ~total & 0xFFFF, ident, 1)
+    sock = None
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_RAW):
+        try:
+            sock = socket.socket(family, kind, proto)
+            break
+        except OSError:
+            continue
+    if sock is None:
+        return "error", None, "no ICMP socket (needs net.ipv4.ping_group_range or CAP_NET_RAW)"
+    t0 = time.monotonic()
+    try:
+        sock.settimeout(timeout)
+        sock.sendto(hdr + payload, addr)
+        while True:
+            left = timeout - (time.monotonic() - t0)
+            if left <= 0:
+                return "timeout", None, f"no echo reply within {timeout:g}s"
+            sock.settimeout(left)
+            data, _ = sock.recvfrom(2048)
+            if sock.type == socket.SOCK_RAW and not v6:
+                data = data[(data[0] & 0x0F) * 4:]
+            if data and data[0] == rep:
+                return "reachable", _ms(t0), "echo reply"
+            if data and data[0] in ((1, 3) if v6 else (3, 11)):
+                return "refused", _ms(t0), f"ICMP error type {data[0]}"
+    except TimeoutError:
+        return "timeout", None, f"no echo reply within {timeout:g}s"
+    except OSError as exc:
+        if exc.errno in _REFUSED_ERRNOS:
+            return "refused", _ms(t0), os.strerror(exc.errno or 0)
+        return "error", None, str(exc)
+    finally:
+        sock.close()
+
+
+async def probe_icmp(address: str, timeout: float) -> tuple[str, float | None, str]:
+    return await asyncio.to_thread(_icmp_echo, address, timeout)
+
+
 async def run_probes(sources: list[Source], timeout: float, concurrency: int,
                      hold: float = DEFAULT_HOLD) -> list[dict[str, Any]]:
     sem = asyncio.Semaphore(concurrency)
@@ -268,6 +331,8 @@ async def run_probes(sources: list[Source], timeout: float, concurrency: int,
             stamp = _now()
             if proto == "TCP":
                 result, rtt, detail = await probe_tcp(tgt.address, port, timeout, hold)
+            elif proto == "ICMP":
+                result, rtt, detail = await probe_icmp(tgt.address, timeout)
             else:
                 result, rtt, detail = await probe_udp(tgt.address, port, timeout)
         return {"source": src.name, "source_scope": src.scope, "target": tgt.name, "target_scope": tgt.scope,
@@ -277,6 +342,7 @@ async def run_probes(sources: list[Source], timeout: float, concurrency: int,
 
     jobs = [one(s, t, p, "TCP") for s in sources for t in s.targets for p in t.ports]
     jobs += [one(s, t, p, "UDP") for s in sources for t in s.targets for p in t.udp]
+    jobs += [one(s, t, 0, "ICMP") for s in sources for t in s.targets if t.icmp]
     return list(await asyncio.gather(*jobs))
 
 
@@ -296,6 +362,14 @@ def run_plan(plan: Plan, source: str | None = None, timeout: float = DEFAULT_TIM
     for p in probes:
         summary[p["result"]] += 1
     summary["violations"] = sum(1 for p in probes if p["violation"])
+    by_proto: dict[str, dict[str, int]] = {}
+    for p in probes:
+        b = by_proto.setdefault(p["proto"], {"probes": 0, "reachable": 0, "refused": 0, "timeout": 0,
+                                             "error": 0, "violations": 0})
+        b["probes"] += 1
+        b[p["result"]] += 1
+        b["violations"] += int(p["violation"])
+    summary["by_proto"] = by_proto  # type: ignore[assignment]
     return {"schema": SCHEMA, "plan": plan.path, "plan_sha256": plan.sha256, "host": socket.gethostname(),
             "sources": [s.name for s in sources], "started": started, "finished": finished,
             "timeout_s": timeout, "hold_s": hold, "probes": probes, "summary": summary,
@@ -355,8 +429,11 @@ def run(args: argparse.Namespace) -> int:
           f"{s['timeout']} timed out, {s['error']} errors", file=out)
     for p in doc["probes"]:
         if p["violation"]:
-            print(f"  FAIL {p['source']} -> {p['target']} {p['address']}:{p['port']}/{p['proto']} reachable",
-                  file=out)
+            where = p["address"] if p["proto"] == "ICMP" else f"{p['address']}:{p['port']}"
+            print(f"  FAIL {p['source']} -> {p['target']} {where}/{p['proto']} reachable", file=out)
+    for proto, b in sorted(s["by_proto"].items()):
+        print(f"  {proto}: {b['probes']} probes, {b['reachable']} reachable, {b['refused']} refused, "
+              f"{b['timeout']} timed out", file=out)
     print("segtest: PASSED: no out-of-scope source reached the CDE" if doc["passed"]
           else f"segtest: FAILED: {s['violations']} out-of-scope probes reached the CDE", file=out)
     return 0 if doc["passed"] else 1

@@ -10,7 +10,7 @@ if [ -z "${PALISADE_SKIP_APT:-}" ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends \
     python3 python3-venv python3-dev gcc ca-certificates procps util-linux \
-    nftables iproute2 tcpdump tshark socat curl openssl \
+    nftables iproute2 tcpdump tshark socat curl openssl iputils-ping \
     nginx libnginx-mod-stream redis-server redis-tools postgresql postgresql-client \
     mariadb-server mariadb-client openssh-server openssh-client dnsmasq bind9-dnsutils \
     nghttp2-client nghttp2-server graphviz chromium iperf3 wrk prometheus \

@@ -18,8 +18,11 @@ def test_render_is_one_idempotent_transaction():
     assert "tproxy to :15006" in text
     assert "redirect to :15001" in text
     assert "tproxy to :15053" in text
-    assert "meta skuid 1337" in text and "meta skgid 1337" in text
-    assert "tcp dport { 15020 } return" in text  # admin port always excluded
+    # the proxy's own traffic is exempt by its socket mark (CAP_NET_ADMIN), never by its user
+    assert "skuid" not in text and "skgid" not in text
+    assert "meta mark 0x53c accept" in text
+    assert "meta mark { 0x539, 0x53c } return" in text
+    assert "tcp dport { 15020 } ct mark set 0x53d return" in text  # admin port always excluded
     assert "reject with tcp reset" in text       # fail closed
     assert render(RedirectConfig()) == text      # deterministic
 
@@ -28,8 +31,10 @@ def test_exclusions_are_rendered():
     cfg = RedirectConfig(exclude_inbound_ports=(22, 8080), exclude_outbound_ports=(25,),
                          exclude_outbound_cidrs=("169.254.169.254/32", "fd00::/8"))
     text = render(cfg)
-    assert "tcp dport { 22, 8080, 15020 } return" in text
-    assert "tcp dport { 25 } return" in text
+    # excluded connections carry a conntrack mark the L3 filter lets through
+    assert "tcp dport { 22, 8080, 15020 } ct mark set 0x53d return" in text
+    assert "tcp dport { 25 } ct mark set 0x53d return" in text
+    assert "ip daddr { 169.254.169.254/32 } meta l4proto tcp ct mark set 0x53d" in text
     assert "ip daddr { 169.254.169.254/32 } return" in text
     assert "ip6 daddr { fd00::/8 } return" in text
 
@@ -76,3 +81,21 @@ def test_cli_show_dry_run_prints_ruleset():
                        capture_output=True, text=True)
     assert p.returncode == 0
     assert p.stdout == render(RedirectConfig())
+
+
+def test_l3_base_chains_fail_closed_and_drop_what_the_redirect_cannot_take():
+    text = render(RedirectConfig())
+    for direction, hook in (("in", "input"), ("out", "output")):
+        chain = text.split(f"chain l3_{hook} {{", 1)[1].split("\n  }", 1)[0]
+        lines = [ln.strip() for ln in chain.strip().splitlines()]
+        assert lines[0].startswith(f"type filter hook {hook} priority filter + 10")
+        # invalid and SYN+FIN are dropped before anything can accept them (marks included)
+        assert lines.index(next(ln for ln in lines if ln.startswith("ct state invalid"))) < \
+            lines.index(next(ln for ln in lines if ln.startswith("meta mark {")))
+        assert any(ln.startswith("tcp flags & (syn | fin) == syn | fin") and ln.endswith("drop") for ln in lines)
+        # TCP neither redirected nor excluded is dropped; the policy chain, then fail closed
+        assert any(ln.startswith("meta l4proto tcp log") and ln.endswith("drop") for ln in lines)
+        assert lines[-2] == f"jump l3_{direction}_policy" and lines[-1].endswith('no-policy-yet" drop')
+        assert "1337" not in " ".join(ln for ln in lines if "meta mark" in ln)
+    assert "chain l3_in_policy {" in text and "chain l3_out_pre {" in text
+    assert "l3_input" not in render(RedirectConfig(l3=False))
