@@ -13,7 +13,7 @@ if [ -z "${PALISADE_SKIP_APT:-}" ]; then
     nftables iproute2 tcpdump tshark socat curl openssl \
     nginx libnginx-mod-stream redis-server redis-tools postgresql postgresql-client \
     mariadb-server mariadb-client openssh-server openssh-client dnsmasq bind9-dnsutils \
-    nghttp2-client nghttp2-server graphviz chromium iperf3 wrk prometheus >/dev/null
+    nghttp2-client nghttp2-server graphviz chromium iperf3 wrk prometheus etcd-server >/dev/null
 fi
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
@@ -23,3 +23,12 @@ fi
 .venv/bin/python -m pip install -q -e '.[test]'
 # the sidecar drops to UID 1337 and imports lazily: the checkout must be readable by it
 chmod -R o+rX . 2>/dev/null || true
+# kube-apiserver, kubectl and helm for tests/k8s, built from the pins in tools/k8s into
+# /var/cache/palisade-k8s (a few minutes the first time, nothing while the pins are unchanged).
+if [ -z "${PALISADE_SKIP_K8S_BUILD:-}" ]; then
+  if command -v go >/dev/null; then
+    bash scripts/build-k8s.sh >/dev/null
+  else
+    echo "install.sh: go not found: tests/k8s will skip (scripts/build-k8s.sh needs Go and its module proxy)" >&2
+  fi
+fi
