@@ -127,7 +127,8 @@ def deployment(opts: ManifestOptions) -> dict[str, Any]:
                         "imagePullPolicy": opts.config.image_pull_policy,
                         "command": ["python", "-m", "injector", "serve"],
                         "args": ["--cert", f"{CERT_DIR}/tls.crt", "--key", f"{CERT_DIR}/tls.key",
-                                 "--port", str(WEBHOOK_PORT), "--config", f"{CONFIG_DIR}/config.yaml"],
+                                 "--port", str(WEBHOOK_PORT), "--config", f"{CONFIG_DIR}/config.yaml",
+                                 "--reload-interval", "5"],
                         "ports": [{"name": "https", "containerPort": WEBHOOK_PORT, "protocol": "TCP"}],
                         "readinessProbe": probe,
                         "livenessProbe": {**probe, "httpGet": {**probe["httpGet"], "path": "/healthz"},
@@ -305,7 +306,9 @@ def build(opts: ManifestOptions) -> list[dict[str, Any]]:
     if opts.tls_cert and opts.tls_key:
         objs.append({"apiVersion": "v1", "kind": "Secret", "metadata": _meta(TLS_SECRET, ns),
                      "type": "kubernetes.io/tls",
-                     "data": {"tls.crt": base64.b64encode(opts.tls_cert).decode(),
+                     # ca.crt as the Helm chart stores it (the chart reuses it on upgrade)
+                     "data": {**({"ca.crt": base64.b64encode(opts.ca_bundle).decode()} if opts.ca_bundle else {}),
+                              "tls.crt": base64.b64encode(opts.tls_cert).decode(),
                               "tls.key": base64.b64encode(opts.tls_key).decode()}})
     objs += [
         deployment(opts),
