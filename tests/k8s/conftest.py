@@ -59,6 +59,14 @@ class Kube:
     bin: Path
     env: dict
 
+    @property
+    def api_port(self) -> int:
+        return int(self.env["PALISADE_K8S_PORT"])
+
+    @property
+    def server(self) -> str:
+        return f"https://127.0.0.1:{self.api_port}"
+
     def kubectl(self, *args: str, input: str | None = None, check: bool = True,
                 timeout: float = 60) -> subprocess.CompletedProcess:
         proc = subprocess.run([str(self.bin / "kubectl"), "--kubeconfig", str(self.kubeconfig), *args],
