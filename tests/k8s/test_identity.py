@@ -143,10 +143,12 @@ def test_api_server_restart_and_410_relist(kube, sa_token, proxy):
     ns = kube.namespace("churn")
     create_with_ip(kube, ns, "stays", "10.244.8.1")
     create_with_ip(kube, ns, "goes", "10.244.8.2")
-    src = make_source(kube, sa_token, proxy).start()
+    src = make_source(kube, sa_token, proxy)
+    src.list_page_size = 2   # every (re)list takes several pages: continue tokens, one snapshot
+    src.start()
     try:
         assert src.wait_ready(10)
-        assert _seen(src, "10.244.8.2")
+        assert _seen(src, "10.244.8.1") and _seen(src, "10.244.8.2")
         # 1. API server restart while connected
         kube.script("restart-apiserver")
         create_with_ip(kube, ns, "after-restart", "10.244.8.3")
