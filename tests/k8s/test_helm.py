@@ -112,29 +112,38 @@ def test_chart_renders_what_the_generator_generates(bin_dir, certs):
     assert not problems, "\n".join(problems)
 
 
-def test_helm_install_into_a_real_api_server(bin_dir, certs, tmp_path_factory):
-    """install, then a pod in an opted-in namespace is injected through the release's webhooks;
-    upgrade keeps the certificate (lookup); uninstall removes the webhooks."""
+def test_helm_install_into_a_real_api_server(bin_dir):
+    """install as the README says (the chart makes the CA and certificate), then a pod in an
+    opted-in namespace is injected through the release's webhooks by a webhook server serving
+    the chart's certificate; upgrade reuses it (`lookup` against the live Secret: same caBundle);
+    uninstall removes the webhooks."""
+    import base64
+
     tmp = Path(f"/tmp/palisade-k8s-helm-{os.getpid()}")
     kube = start_cluster(tmp, 16643, 23990, "127.0.98.0/24", install="none")
     try:
-        # the webhook server `cluster.sh webhook-start` runs serves this certificate
-        (tmp / "webhook-certs").mkdir()
-        for name in ("ca.crt", "tls.crt", "tls.key"):
-            (tmp / "webhook-certs" / name).write_bytes((certs / name).read_bytes())
         helm(bin_dir, "install", "palisade", str(CHART), "--namespace", "palisade-system", "--create-namespace",
-             *_tls_args(certs), kubeconfig=kube.kubeconfig)
+             kubeconfig=kube.kubeconfig)
         status = json.loads(helm(bin_dir, "status", "palisade", "-n", "palisade-system", "-o", "json",
                                  kubeconfig=kube.kubeconfig).stdout)
         assert status["info"]["status"] == "deployed"
+        secret = kube.get("secret", "-n", "palisade-system", "palisade-injector-tls")["data"]
+        ca_bundle = kube.get("mutatingwebhookconfiguration", "palisade-injector")["webhooks"][0]["clientConfig"]["caBundle"]
+        assert base64.b64decode(ca_bundle) == base64.b64decode(secret["ca.crt"])
+        # the webhook server `cluster.sh webhook-start` runs serves the chart's certificate
+        (tmp / "webhook-certs").mkdir()
+        for name in ("ca.crt", "tls.crt", "tls.key"):
+            (tmp / "webhook-certs" / name).write_bytes(base64.b64decode(secret[name]))
         kube.script("webhook-start")
         ns = kube.namespace("helm-app", {"palisade.dev/injection": "enabled"})
         pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web", "namespace": ns},
                "spec": {"containers": [{"name": "app", "image": "example/app:1"}]}}
         out = json.loads(kube.create(pod).stdout)
         assert [c["name"] for c in out["spec"]["initContainers"]] == ["palisade-init", "palisade"]
-        helm(bin_dir, "upgrade", "palisade", str(CHART), "--namespace", "palisade-system", *_tls_args(certs),
+        helm(bin_dir, "upgrade", "palisade", str(CHART), "--namespace", "palisade-system",
              kubeconfig=kube.kubeconfig)
+        after = kube.get("mutatingwebhookconfiguration", "palisade-injector")["webhooks"][0]["clientConfig"]
+        assert after["caBundle"] == ca_bundle, "helm upgrade made a new CA: running webhooks would be untrusted"
         pod["metadata"]["name"] = "web2"
         out = json.loads(kube.create(pod).stdout)
         assert [c["name"] for c in out["spec"]["initContainers"]] == ["palisade-init", "palisade"]
