@@ -107,6 +107,10 @@ def test_generated_manifests_applied_and_in_step(kube):
     assert [w["name"] for w in vwc["webhooks"]] == [
         "cde.palisade.dev", "cde-mode.palisade.dev", "cde-debug.palisade.dev", "cde-mode-debug.palisade.dev",
         "guard.palisade.dev", "exec.palisade.dev"]
+    # the committed default manifest (docs: `kubectl apply -f palisade.yaml`) passes the API
+    # server's validation too (dry run: the shared cluster keeps its caBundle)
+    committed = Path(__file__).resolve().parents[2] / "deploy" / "palisade.yaml"
+    kube.kubectl("apply", "--dry-run=server", "-f", str(committed))
     diff = kube.kubectl("diff", "--server-side", "--field-manager", "palisade-install",
                         "-f", str(kube.state / "palisade.yaml"), check=False)
     assert diff.returncode == 0, diff.stdout[-3000:] + diff.stderr
@@ -359,3 +363,91 @@ def test_failure_policy_with_the_webhook_down(kube):
         kube.script("webhook-start")
     assert _names(json.loads(kube.create(_in(opted, _pod("web3"))).stdout)["spec"]["initContainers"]) == \
         ["palisade-init", "palisade"]
+
+
+# --- reinvocation: a later webhook changes the pod --------------------------------------------
+
+class _AgentWebhook:
+    """A second mutating webhook, as agent injectors are: it puts its init container in front and
+    adds a container with a readiness probe. It runs after ours (configurations are called in
+    name order), so the API server reinvokes ours (reinvocationPolicy: IfNeeded)."""
+
+    def __init__(self, certs: Path) -> None:
+        import base64
+        import http.server
+        import ssl
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's naming
+                review = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                pod = review["request"]["object"]
+                names = [c["name"] for c in pod["spec"].get("initContainers") or []]
+                patch = []
+                if "agent-init" not in names:
+                    init = {"name": "agent-init", "image": "example/agent:1", "command": ["true"]}
+                    patch.append({"op": "add", "path": "/spec/initContainers/0", "value": init} if names else
+                                 {"op": "add", "path": "/spec/initContainers", "value": [init]})
+                    patch.append({"op": "add", "path": "/spec/containers/-", "value": {
+                        "name": "agent", "image": "example/agent:1",
+                        "ports": [{"name": "agent-health", "containerPort": 9901}],
+                        "readinessProbe": {"tcpSocket": {"port": "agent-health"}}}})
+                response = {"uid": review["request"]["uid"], "allowed": True}
+                if patch:
+                    response |= {"patchType": "JSONPatch",
+                                 "patch": base64.b64encode(json.dumps(patch).encode()).decode()}
+                body = json.dumps({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                                   "response": response}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(certs / "tls.crt", certs / "tls.key")
+        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def test_reinvoked_after_a_later_webhook_reorders_and_adds_probes(kube, tmp_path):
+    import base64
+
+    subprocess.run([sys.executable, "-m", "injector", "certs", "--service", "agent", "--namespace", "agent",
+                    "--ip", "127.0.0.1", "-o", str(tmp_path)], check=True, capture_output=True)
+    agent = _AgentWebhook(tmp_path)
+    ns = kube.namespace("reinvoke", {**OPT_IN, "palisade-test/agent": "on"})
+    config = {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+              "metadata": {"name": f"zz-agent-{ns}"},
+              "webhooks": [{"name": "agent.example.com", "sideEffects": "None", "admissionReviewVersions": ["v1"],
+                            "clientConfig": {"url": f"https://127.0.0.1:{agent.port}/mutate",
+                                             "caBundle": base64.b64encode((tmp_path / "ca.crt").read_bytes()).decode()},
+                            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                                       "resources": ["pods"]}],
+                            "namespaceSelector": {"matchLabels": {"palisade-test/agent": "on"}},
+                            "failurePolicy": "Fail", "reinvocationPolicy": "Never", "timeoutSeconds": 5}]}
+    kube.apply(config)
+    try:
+        app = _pod("web", CDE)
+        app["spec"]["containers"][0]["ports"] = [{"name": "http", "containerPort": 8080}]
+        app["spec"]["containers"][0]["readinessProbe"] = {"httpGet": {"path": "/", "port": "http"}}
+        # a CDE pod: the agent's containers do not drop NET_RAW, and the guard says so after all mutations
+        err = pod_message(kube, _in(ns, app))
+        assert 'admission webhook "cde.palisade.dev" denied' in err and "container agent-init" in err, err
+        out = json.loads(kube.create(_in(ns, _pod("plain"))).stdout)
+        names = _names(out["spec"]["initContainers"])
+        assert names == ["palisade-init", "palisade", "agent-init"], names   # moved back in front
+        sidecar = out["spec"]["initContainers"][1]
+        ports = next(e.get("value", "") for e in sidecar["env"] if e["name"] == "PALISADE_PROBE_PORTS")
+        assert ports == "9901", ports     # the agent's probe port, recomputed on reinvocation
+    finally:
+        kube.kubectl("delete", "mutatingwebhookconfiguration", f"zz-agent-{ns}")
+        agent.close()
