@@ -47,10 +47,14 @@ bin_dir() {
     bash "$ROOT/scripts/build-k8s.sh" | tail -1
 }
 
-wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
+wait_for() {  # wait_for SECONDS NAME COMMAND... : until COMMAND succeeds, while process NAME lives
     local limit="$1" what="$2"; shift 2
     local deadline=$(( $(date +%s) + limit ))
     until "$@" >/dev/null 2>&1; do
+        if ! kill -0 "$(cat "$STATE/$what.pid" 2>/dev/null || echo 0)" 2>/dev/null; then
+            tail -3 "$LOGS/$what.log" >&2 || true
+            die "$what exited (log: $LOGS/$what.log)"
+        fi
         [ "$(date +%s)" -lt "$deadline" ] || die "$what not ready after ${limit}s (logs in $LOGS)"
         sleep 0.2
     done
@@ -153,7 +157,7 @@ start_apiserver() {
         --allow-privileged=true \
         --profiling=false \
         --v 1
-    wait_for 90 kube-apiserver apiserver_ready
+    wait_for 90 apiserver apiserver_ready
 }
 
 kubectl_() { "$(cat "$STATE/bin")/kubectl" --kubeconfig "$KUBECONFIG_FILE" "$@"; }
@@ -165,7 +169,7 @@ start_webhook() {
     [ -n "$ip" ] || die "service palisade-system/palisade-injector has no ClusterIP"
     start_bg webhook "$PY" -m injector serve --cert "$STATE/webhook-certs/tls.crt" \
         --key "$STATE/webhook-certs/tls.key" --host "$ip" --port 443
-    wait_for 30 "webhook server on $ip:443" curl -fsS --cacert "$STATE/webhook-certs/ca.crt" \
+    wait_for 30 webhook curl -fsS --cacert "$STATE/webhook-certs/ca.crt" \
         --resolve "palisade-injector.palisade-system.svc:443:$ip" \
         https://palisade-injector.palisade-system.svc/readyz
     echo "$ip" > "$STATE/webhook-ip"
@@ -190,6 +194,8 @@ cmd_up() {
     rm -rf "$STATE"
     mkdir -p "$STATE" "$LOGS"
     chmod 700 "$STATE"
+    # a failed `up` stops what it started (the logs stay for the reason)
+    trap 'say "up failed: stopping what it started (logs in $LOGS)"; stop_bg webhook; stop_bg apiserver; stop_bg etcd' EXIT
     bin_dir > "$STATE/bin.tmp" && mv "$STATE/bin.tmp" "$STATE/bin"
     [ -x "$(cat "$STATE/bin")/kube-apiserver" ] || die "no kube-apiserver in $(cat "$STATE/bin")"
     make_pki
@@ -201,6 +207,7 @@ cmd_up() {
         install_palisade
         say "Palisade installed (webhook on $(cat "$STATE/webhook-ip"):443, failurePolicy $FAILURE_POLICY)"
     fi
+    trap - EXIT
     echo "$KUBECONFIG_FILE"
 }
 

@@ -119,7 +119,11 @@ def start_cluster(tmp: Path, port: int, etcd_port: int, service_cidr: str, insta
            "PALISADE_K8S_BIN": str(bin_dir), "PALISADE_K8S_INSTALL": install,
            "PALISADE_K8S_FAILURE_POLICY": failure_policy}
     kube = Kube(tmp, tmp / "kubeconfig", bin_dir, env)
-    out = kube.script("up")
+    try:
+        out = kube.script("up")
+    except BaseException:
+        subprocess.run(["bash", str(CLUSTER_SH), "down"], env=env, capture_output=True, timeout=120)
+        raise
     assert out.splitlines()[-1] == str(tmp / "kubeconfig"), out
     return kube
 
