@@ -46,7 +46,7 @@ def pytest_collection_modifyitems(config, items):
     if reason is None:
         return
     for item in items:
-        if "k8s" in item.keywords:
+        if item.get_closest_marker("k8s") is not None:
             item.add_marker(pytest.mark.skip(reason=reason))
 
 
