@@ -451,3 +451,23 @@ def test_reinvoked_after_a_later_webhook_reorders_and_adds_probes(kube, tmp_path
     finally:
         kube.kubectl("delete", "mutatingwebhookconfiguration", f"zz-agent-{ns}")
         agent.close()
+
+
+ALL_EXPECTED = sorted(p.name for p in GOLDEN.iterdir() if (p / "expected.yaml").exists())
+
+
+@pytest.mark.parametrize("case", ALL_EXPECTED)
+def test_every_golden_expectation_passes_api_server_validation(kube, case):
+    """Every expected pod of the golden tests, config variants included (non-native sidecar with
+    its postStart hook, other meshes), is a pod the API server validates: server-side dry run in
+    the webhook's own namespace, which no Palisade webhook selects."""
+    pod = _submittable(yaml.safe_load((GOLDEN / case / "expected.yaml").read_text()), "palisade-system",
+                       f"dry-{case}"[:63])
+    sa = pod["spec"].get("serviceAccountName")
+    if sa:
+        kube.apply({"apiVersion": "v1", "kind": "ServiceAccount",
+                    "metadata": {"name": sa, "namespace": "palisade-system"}})
+    else:
+        kube.apply({"apiVersion": "v1", "kind": "ServiceAccount",
+                    "metadata": {"name": "default", "namespace": "palisade-system"}})
+    kube.kubectl("create", "--dry-run=server", "-f", "-", input=json.dumps(pod))
