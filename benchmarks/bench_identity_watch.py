@@ -48,7 +48,7 @@ def _rss_kib() -> int:
     return 0
 
 
-def child(port: int, token: str, ca: str) -> None:
+def child(port: int, token: str, ca: str, page_size: int) -> None:
     """Run the resolver; answer commands on stdin with one JSON line each."""
     from kubernetes import client
     from kubernetes.config.incluster_config import InClusterConfigLoader
@@ -61,6 +61,7 @@ def child(port: int, token: str, ca: str) -> None:
                           environ={"KUBERNETES_SERVICE_HOST": "127.0.0.1",
                                    "KUBERNETES_SERVICE_PORT": str(port)}).load_and_set(cfg)
     src = KubernetesIdentitySource(client.ApiClient(cfg), min_backoff=0.1, max_backoff=1.0)
+    src.list_page_size = page_size
     t0 = time.monotonic()
     src.start()
     src.wait_ready(300)
@@ -91,8 +92,9 @@ def child(port: int, token: str, ca: str) -> None:
 
 
 class Resolver:
-    def __init__(self, proxy: TcpProxy, token: Path, ca: Path) -> None:
-        self.proc = subprocess.Popen([sys.executable, __file__, "--child", str(proxy.port), str(token), str(ca)],
+    def __init__(self, proxy: TcpProxy, token: Path, ca: Path, page_size: int = 100) -> None:
+        self.proc = subprocess.Popen([sys.executable, __file__, "--child", str(proxy.port), str(token), str(ca),
+                                      str(page_size)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
         self.ready = self._read()
 
@@ -201,18 +203,21 @@ def run(args: argparse.Namespace) -> dict:
                        "rss_mib": round(st["rss_kib"] / 1024, 1)}
         print("grow:", out["grow"], flush=True)
 
-        # list: a sidecar starting in a full cluster
-        conns0, bytes0 = proxy.counters.connections, proxy.counters.bytes_down
-        fresh = Resolver(proxy, token_file, ca)
-        resolvers.append(fresh)
-        st = fresh.ask("stats")
-        out["list"] = {"ready_s": round(fresh.ready["ready_s"], 2), "map_size": st["size"],
-                       "rss_before_mib": round(fresh.ready["rss_before_kib"] / 1024, 1),
-                       "rss_mib": round(st["rss_kib"] / 1024, 1),
-                       "rss_per_pod_kib": round((st["rss_kib"] - fresh.ready["rss_before_kib"]) / args.pods, 2),
-                       "list_bytes": proxy.counters.bytes_down - bytes0,
-                       "connections": proxy.counters.connections - conns0}
-        print("list:", out["list"], flush=True)
+        # list: a sidecar starting in a full cluster (one per page size; the last one stays for churn)
+        out["list"] = {}
+        for size in args.page_sizes:
+            conns0, bytes0 = proxy.counters.connections, proxy.counters.bytes_down
+            fresh = Resolver(proxy, token_file, ca, size)
+            resolvers.append(fresh)
+            st = fresh.ask("stats")
+            out["list"][size] = {
+                "ready_s": round(fresh.ready["ready_s"], 2), "map_size": st["size"],
+                "rss_before_mib": round(fresh.ready["rss_before_kib"] / 1024, 1),
+                "rss_mib": round(st["rss_kib"] / 1024, 1),
+                "rss_per_pod_kib": round((st["rss_kib"] - fresh.ready["rss_before_kib"]) / args.pods, 2),
+                "list_bytes": proxy.counters.bytes_down - bytes0,
+                "connections": proxy.counters.connections - conns0}
+            print(f"list (pages of {size}):", out["list"][size], flush=True)
 
         # churn: relabel pods; both resolvers follow
         cpu0 = {r: r.ask("stats")["cpu_s"] for r in (grow, fresh)}
@@ -234,7 +239,9 @@ def run(args: argparse.Namespace) -> dict:
                         "lag_after_last_write_s": [round(lg["at"] - done, 3) for lg in lags],
                         "resolver_cpu_ms_per_event": [round(1000 * (stats[r]["cpu_s"] - cpu0[r]) / args.churn, 3)
                                                       for r in (grow, fresh)],
-                        "watch_bytes_per_event": round((proxy.counters.bytes_down - bytes0) / (2 * args.churn)),
+                        # every resolver started so far watches: bytes per event per resolver
+                        "watch_bytes_per_event": round((proxy.counters.bytes_down - bytes0)
+                                                       / (len(resolvers) * args.churn)),
                         "rss_mib": [round(stats[r]["rss_kib"] / 1024, 1) for r in (grow, fresh)],
                         "relists": [stats[r]["relists"] for r in (grow, fresh)],
                         "errors": [stats[r]["errors"] for r in (grow, fresh)]}
@@ -248,13 +255,16 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main() -> int:
-    if len(sys.argv) == 5 and sys.argv[1] == "--child":
-        child(int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    if len(sys.argv) == 6 and sys.argv[1] == "--child":
+        child(int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]))
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pods", type=int, default=5000)
     ap.add_argument("--churn", type=int, default=1000, help="pods relabelled in the churn phase")
     ap.add_argument("--threads", type=int, default=8, help="concurrent API writers")
+    ap.add_argument("--page-sizes", type=lambda v: [int(x) for x in v.split(",")], default=[100],
+                    help="list page sizes to compare in the list phase (comma list, 0 = unpaged; default 100, "
+                         "the resolver's)")
     ap.add_argument("--out", default="bench-out/identity_watch.json")
     args = ap.parse_args()
     if os.geteuid() != 0:

@@ -227,7 +227,9 @@ class KubernetesIdentitySource:
         self._by_ip: dict[str, Identity] = {}
         self._by_pod: dict[tuple[str, str], Identity] = {}
         self._map = IdentityMap()
-        self.list_page_size = 500
+        # pages of 100: 88 MiB RSS after listing 5,000 injected-size pods, against 131 MiB with
+        # pages of 500 and 362 MiB unpaged, for 1.3 s more (benchmarks/bench_identity_watch.py)
+        self.list_page_size = 100
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
