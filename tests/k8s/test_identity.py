@@ -186,3 +186,39 @@ def test_bookmarks_advance_the_resource_version(kube, sa_token, proxy):
         assert src.relists == 1
     finally:
         src.stop()
+
+
+def test_updates_that_change_no_identity_publish_nothing(kube, sa_token, proxy):
+    """Each published map makes the sidecar rebuild its inspection and cut its open flows
+    (run_cli._swap), so status and annotation updates - most pod events in a cluster - must not
+    publish; a label change must, once."""
+    import threading
+
+    ns = kube.namespace("quietupd")
+    create_with_ip(kube, ns, "web", "10.244.10.1", {"app": "web"})
+    published = []
+    lock = threading.Lock()
+
+    def on_change(m) -> None:
+        with lock:
+            published.append(m.resolve("10.244.10.1").label_map.get("app"))
+
+    src = make_source(kube, sa_token, proxy, on_change=on_change).start()
+    try:
+        assert src.wait_ready(10)
+        start = len(published)
+        kube.kubectl("annotate", "pod", "-n", ns, "web", "note=1")
+        kube.kubectl("patch", "pod", "-n", ns, "web", "--subresource", "status", "--type", "merge", "-p",
+                     json.dumps({"status": {"conditions": [{"type": "Ready", "status": "True"}]}}))
+        # a marker change elsewhere, seen after the two updates above (one watch, in order)
+        create_with_ip(kube, ns, "marker", "10.244.10.2")
+        wait_until(lambda: _seen(src, "10.244.10.2"), VISIBLE_WITHIN, what="marker pod")
+        with lock:
+            between = published[start:]
+        # the marker's create (no IP yet: nothing) and its status patch (IP: one map), no more
+        assert len(between) == 1, between
+        kube.kubectl("label", "pod", "-n", ns, "web", "app=web2", "--overwrite")
+        wait_until(lambda: published[-1] == "web2", VISIBLE_WITHIN, what="relabel published")
+        assert len(published) == start + 2
+    finally:
+        src.stop()
