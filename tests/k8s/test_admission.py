@@ -312,7 +312,8 @@ def test_ephemeral_containers_refused_unless_granted(kube):
                         "--container", "dbg", check=False)
     assert proc.returncode != 0, proc.stdout
     assert 'admission webhook "cde.palisade.dev" denied the request' in proc.stderr, proc.stderr
-    assert "ephemeral" in proc.stderr
+    assert (f"palisade: pod ledger: ephemeral containers are refused in CDE pods unless namespace {ns} carries "
+            "the label palisade.dev/cde-allow-debug=true (set by a cluster admin)") in proc.stderr, proc.stderr
     granted = kube.namespace("cde-debug-ok", {**OPT_IN, "palisade.dev/cde-allow-debug": "true"})
     kube.create(_in(granted, _pod("ledger", CDE)))
     proc = kube.kubectl("debug", "-n", granted, "ledger", "--image", "busybox:1.36", "--profile", "restricted",
@@ -322,7 +323,14 @@ def test_ephemeral_containers_refused_unless_granted(kube):
     # still never aimed at the sidecar
     proc = kube.kubectl("debug", "-n", granted, "ledger", "--image", "busybox:1.36", "--profile", "restricted",
                         "--container", "dbg2", "--target", "palisade", check=False)
-    assert proc.returncode != 0 and "palisade" in proc.stderr, proc.stderr
+    assert proc.returncode != 0, proc.stdout
+    assert 'admission webhook "cde-debug.palisade.dev" denied the request' in proc.stderr, proc.stderr
+    assert "ephemeral container dbg2: targetContainerName palisade is Palisade's own container" in proc.stderr
+    # and without the restricted profile (NET_RAW not dropped) even the granted namespace refuses
+    proc = kube.kubectl("debug", "-n", granted, "ledger", "--image", "busybox:1.36", "--container", "dbg3",
+                        check=False)
+    assert "ephemeral" in proc.stderr or "dbg3" in proc.stderr, proc.stderr
+    assert "does not drop NET_RAW" in proc.stderr, proc.stderr
 
 
 def test_exec_into_the_sidecar_refused(kube):
