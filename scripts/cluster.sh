@@ -176,6 +176,9 @@ start_webhook() {
 }
 
 install_palisade() {
+    if [ "$(id -u)" != 0 ] && [ "$(cat /proc/sys/net/ipv4/ip_unprivileged_port_start)" -gt 443 ]; then
+        die "the webhook listens on port 443 of the Service's ClusterIP: run as root (or PALISADE_K8S_INSTALL=none)"
+    fi
     (cd "$ROOT" && "$PY" -m injector certs --service palisade-injector --namespace palisade-system \
         -o "$STATE/webhook-certs" >/dev/null)
     # The webhook server runs with the default config, which is what the manifests ship.
