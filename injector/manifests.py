@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from injector import ANN_INJECT, LABEL_INJECTION, LABEL_SCOPE, __version__
+from injector import ANN_INJECT, LABEL_INJECTION, LABEL_SCOPE, __version__, psa
 from injector.config import FAILURE_POLICIES, InjectorConfig
 from injector.guard import GRANT_LABELS, GRANTS, grants_path
 
@@ -127,7 +127,8 @@ def deployment(opts: ManifestOptions) -> dict[str, Any]:
                         "imagePullPolicy": opts.config.image_pull_policy,
                         "command": ["python", "-m", "injector", "serve"],
                         "args": ["--cert", f"{CERT_DIR}/tls.crt", "--key", f"{CERT_DIR}/tls.key",
-                                 "--port", str(WEBHOOK_PORT), "--config", f"{CONFIG_DIR}/config.yaml"],
+                                 "--port", str(WEBHOOK_PORT), "--config", f"{CONFIG_DIR}/config.yaml",
+                                 "--reload-interval", "5"],
                         "ports": [{"name": "https", "containerPort": WEBHOOK_PORT, "protocol": "TCP"}],
                         "readinessProbe": probe,
                         "livenessProbe": {**probe, "httpGet": {**probe["httpGet"], "path": "/healthz"},
@@ -151,30 +152,44 @@ def deployment(opts: ManifestOptions) -> dict[str, Any]:
     }
 
 
+def _inject_webhook(opts: ManifestOptions, name: str, path: str, psa_expr: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "clientConfig": _client_config(opts, path),
+        "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                   "resources": ["pods"], "scope": "Namespaced"}],
+        "namespaceSelector": {"matchExpressions": [
+            {"key": LABEL_INJECTION, "operator": "In", "values": ["enabled"]},
+            {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": _system_namespaces(opts)},
+            psa_expr,
+        ]},
+        "objectSelector": {"matchExpressions": [
+            {"key": ANN_INJECT, "operator": "NotIn", "values": ["false"]},
+        ]},
+        "sideEffects": "None",
+        "admissionReviewVersions": ["v1"],
+        "timeoutSeconds": opts.timeout_seconds,
+        "failurePolicy": opts.failure_policy,
+        "matchPolicy": "Equivalent",
+        "reinvocationPolicy": "IfNeeded",
+    }
+
+
 def mutating_webhook(opts: ManifestOptions) -> dict[str, Any]:
+    """The injector, plus one webhook per Pod Security level that would reject the injected pod:
+    in those namespaces the pod is refused with the fix instead of injected (psa.py). The
+    ``enforce`` label's value selects exactly one of them; no label means the cluster's default
+    level (``privileged`` unless the API server's AdmissionConfiguration says otherwise)."""
+    hooks = [_inject_webhook(opts, MUTATING_NAME, "/mutate",
+                             {"key": psa.ENFORCE_LABEL, "operator": "NotIn", "values": list(psa.REJECTING_LEVELS)})]
+    hooks += [_inject_webhook(opts, psa.webhook_name(level), psa.WEBHOOK_PATH.format(level=level),
+                              {"key": psa.ENFORCE_LABEL, "operator": "In", "values": [level]})
+              for level in psa.REJECTING_LEVELS]
     return {
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "MutatingWebhookConfiguration",
         "metadata": _meta(APP),
-        "webhooks": [{
-            "name": MUTATING_NAME,
-            "clientConfig": _client_config(opts, "/mutate"),
-            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
-                       "resources": ["pods"], "scope": "Namespaced"}],
-            "namespaceSelector": {"matchExpressions": [
-                {"key": LABEL_INJECTION, "operator": "In", "values": ["enabled"]},
-                {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": _system_namespaces(opts)},
-            ]},
-            "objectSelector": {"matchExpressions": [
-                {"key": ANN_INJECT, "operator": "NotIn", "values": ["false"]},
-            ]},
-            "sideEffects": "None",
-            "admissionReviewVersions": ["v1"],
-            "timeoutSeconds": opts.timeout_seconds,
-            "failurePolicy": opts.failure_policy,
-            "matchPolicy": "Equivalent",
-            "reinvocationPolicy": "IfNeeded",
-        }],
+        "webhooks": hooks,
     }
 
 
@@ -291,7 +306,9 @@ def build(opts: ManifestOptions) -> list[dict[str, Any]]:
     if opts.tls_cert and opts.tls_key:
         objs.append({"apiVersion": "v1", "kind": "Secret", "metadata": _meta(TLS_SECRET, ns),
                      "type": "kubernetes.io/tls",
-                     "data": {"tls.crt": base64.b64encode(opts.tls_cert).decode(),
+                     # ca.crt as the Helm chart stores it (the chart reuses it on upgrade)
+                     "data": {**({"ca.crt": base64.b64encode(opts.ca_bundle).decode()} if opts.ca_bundle else {}),
+                              "tls.crt": base64.b64encode(opts.tls_cert).decode(),
                               "tls.key": base64.b64encode(opts.tls_key).decode()}})
     objs += [
         deployment(opts),

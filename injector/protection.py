@@ -103,6 +103,15 @@ def _norm_probe(probe: Any) -> Any:
     return probe
 
 
+def _norm_env(env: Any) -> Any:
+    """``{name: X, value: ""}`` is stored as ``{name: X}``: the API server omits an empty value
+    (seen against kube-apiserver: PALISADE_PROBE_PORTS of a pod without probes)."""
+    if not isinstance(env, list):
+        return env
+    return [{k: v for k, v in e.items() if not (k == "value" and v == "")} if isinstance(e, dict) else e
+            for e in env]
+
+
 def _norm_mounts(mounts: Any) -> Any:
     if not isinstance(mounts, list):
         return mounts
@@ -155,6 +164,8 @@ def container_problems(expected: dict, actual: dict, config: InjectorConfig) -> 
             want, got = _norm_probe(want), _norm_probe(got)
         elif key == "volumeMounts":
             got = _norm_mounts(got)
+        elif key == "env":
+            want, got = _norm_env(want), _norm_env(got)
         if want == got or (want in (None, [], {}) and got in (None, [], {})):
             continue  # an empty list or map is what "unset" looks like after defaulting
         if key not in expected:
@@ -263,8 +274,9 @@ def repair(pod: dict, config: InjectorConfig) -> dict | None:
             if c.get("name") != SIDECAR_NAME or not isinstance(c.get("env"), list):
                 continue
             for e in c["env"]:
-                if isinstance(e, dict) and e.get("name") == PROBE_PORTS_ENV and set(e) == {"name", "value"} \
-                        and e.get("value") != value:
+                # the API server stores an empty value as no value at all (_norm_env)
+                if isinstance(e, dict) and e.get("name") == PROBE_PORTS_ENV and set(e) <= {"name", "value"} \
+                        and e.get("value", "") != value:
                     e["value"] = value
                     changed = True
     return out if changed else None

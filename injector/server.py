@@ -37,6 +37,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from injector import psa
 from injector import review as reviews
 from injector.certs import not_after
 from injector.config import InjectorConfig
@@ -179,6 +180,7 @@ class WebhookApp:
         self.app = web.Application(client_max_size=MAX_BODY)
         self.app.add_routes([
             web.post("/mutate", self._mutate),
+            web.post("/mutate/{psa}", self._mutate),
             web.post("/validate", self._validate),
             web.post("/validate/{grants}", self._validate),
             web.get("/healthz", self._healthz),
@@ -208,8 +210,15 @@ class WebhookApp:
         # Namespace grants arrive in the path the webhook configuration registered (one CDE webhook
         # per combination of admin namespace labels, selected by the API server): guard.py.
         grants = parse_grants(request.match_info.get("grants"))
+        # Namespaces enforcing a Pod Security level that rejects the sidecar (psa.py).
+        level = psa.parse_level(request.match_info.get("psa"))
+        if "psa" in request.match_info and level is None:
+            return self._error(endpoint, 404, "invalid", f"unknown path {request.path}")
         try:
-            result = reviews.handle(endpoint, body, self.config, grants)
+            if level is not None:
+                result = psa.mutate_under(reviews.decode(body), self.config, level)
+            else:
+                result = reviews.handle(endpoint, body, self.config, grants)
         except reviews.ReviewError as exc:
             return self._error(endpoint, 400, "invalid", f"bad AdmissionReview: {exc}")
         except Exception as exc:  # never let one review take the server down

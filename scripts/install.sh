@@ -14,7 +14,7 @@ if [ -z "${PALISADE_SKIP_APT:-}" ]; then
     nginx libnginx-mod-stream redis-server redis-tools postgresql postgresql-client \
     mariadb-server mariadb-client openssh-server openssh-client dnsmasq bind9-dnsutils \
     nghttp2-client nghttp2-server graphviz chromium iperf3 wrk prometheus \
-    podman buildah runc catatonit debootstrap libcap2-bin uidmap >/dev/null
+    podman buildah runc catatonit debootstrap libcap2-bin uidmap etcd-server >/dev/null
 fi
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
@@ -26,3 +26,12 @@ fi
 if command -v podman >/dev/null; then bash scripts/containers-conf.sh; fi
 # the sidecar drops to UID 1337 and imports lazily: the checkout must be readable by it
 chmod -R o+rX . 2>/dev/null || true
+# kube-apiserver, kubectl and helm for tests/k8s, built from the pins in tools/k8s into
+# /var/cache/palisade-k8s (a few minutes the first time, nothing while the pins are unchanged).
+if [ -z "${PALISADE_SKIP_K8S_BUILD:-}" ]; then
+  if command -v go >/dev/null; then
+    bash scripts/build-k8s.sh >/dev/null
+  else
+    echo "install.sh: go not found: tests/k8s will skip (scripts/build-k8s.sh needs Go and its module proxy)" >&2
+  fi
+fi
