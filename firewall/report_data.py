@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import yaml
-
 from firewall import LABEL_SCOPE, SCOPES
+from firewall.dlp_validators import luhn
+from firewall.identity import IdentityError, load_identity_file
 
 WORLD = "world"
 WORLD_PREFIX = "world:"
@@ -60,21 +60,9 @@ class ReportError(Exception):
 _PAN_CANDIDATE = re.compile(r"(?<![0-9])[0-9](?:[ -]?[0-9]){11,18}(?![0-9])")
 
 
-def luhn_ok(digits: str) -> bool:
-    total = 0
-    for i, ch in enumerate(reversed(digits)):
-        d = ord(ch) - 48
-        if i % 2:
-            d *= 2
-            if d > 9:
-                d -= 9
-        total += d
-    return total % 10 == 0
-
-
 def _mask_match(m: re.Match[str]) -> str:
     digits = m.group(0).replace(" ", "").replace("-", "")
-    if not 12 <= len(digits) <= 19 or not luhn_ok(digits):
+    if not 12 <= len(digits) <= 19 or not luhn(digits.encode()):
         return m.group(0)
     return digits[:6] + "*" * (len(digits) - 10) + digits[-4:]
 
@@ -106,50 +94,26 @@ def scrub(obj: Any) -> Any:
 
 
 def load_identity(path: str) -> dict[str, dict[str, Any]]:
-    """Read ``--identity FILE``: a YAML list of {ip, namespace, pod, labels}.
+    """Read ``--identity FILE`` with the sidecar's own loader (``identity.load_identity_file``).
 
-    Returns ip -> workload object shaped like ``Identity.to_json()`` so event
-    workloads and identity entries go through the same code.
+    Returns ip -> workload object shaped like ``Identity.to_json()`` (plus ``ip``) so event
+    workloads and identity entries go through the same code.  One loader for the sidecar and
+    the report (issue 18): a file the sidecar accepts means the same thing to the auditor.
     """
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+        idmap = load_identity_file(path)
+    except IdentityError as exc:
+        problems = str(exc).splitlines() or ["invalid"]
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise ReportError(f"identity file {problems[0]}{more}") from None
     except OSError as exc:
         raise ReportError(f"{path}: cannot read identity file: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ReportError(f"{path}: identity file is not valid YAML: {_yaml_problem(exc)}") from None
-    if data is None:
-        return {}
-    if isinstance(data, dict) and isinstance(data.get("workloads"), list):
-        data = data["workloads"]
-    if not isinstance(data, list):
-        raise ReportError(f"{path}: identity file must be a YAML list of {{ip, namespace, pod, labels}}")
     out: dict[str, dict[str, Any]] = {}
-    for i, entry in enumerate(data):
-        if not isinstance(entry, dict) or not entry.get("ip"):
-            raise ReportError(f"{path}: entry {i}: needs at least 'ip' (and namespace, pod, labels)")
-        labels = entry.get("labels") or {}
-        if not isinstance(labels, dict):
-            raise ReportError(f"{path}: entry {i}: 'labels' must be a mapping")
-        labels = {str(k): str(v) for k, v in labels.items()}
-        ns = entry.get("namespace")
-        out[str(entry["ip"])] = {
-            "namespace": str(ns) if ns else None,
-            "pod": str(entry["pod"]) if entry.get("pod") else None,
-            "labels": labels,
-            "scope": labels.get(LABEL_SCOPE, OUT_OF_SCOPE),
-            "service_account": entry.get("service_account"),
-            "ip": str(entry["ip"]),
-        }
+    for ident in idmap:
+        obj = ident.to_json()
+        obj["ip"] = ident.ip
+        out[ident.ip] = obj
     return out
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-    if mark is not None:
-        return f"line {mark.line + 1}: {problem}"
-    return str(problem)
 
 
 # --------------------------------------------------------------------------- workloads
@@ -184,6 +148,8 @@ class Workload:
         return self.namespace is None
 
     def merge(self, other: Workload) -> None:
+        if scope_rank(other.scope) < scope_rank(self.scope):
+            self.scope = other.scope  # the strictest scope of its pods (see EventStats._register)
         self.pods |= other.pods
         self.ips |= other.ips
         self.scopes_seen |= other.scopes_seen
@@ -386,6 +352,10 @@ class EventStats:
             wl = self.workloads[wid] = Workload(wid, ns, name, scope,
                                                 labels={str(k): str(v) for k, v in labels.items()})
         wl.scopes_seen.add(scope)
+        if scope_rank(scope) < scope_rank(wl.scope):
+            # pods of one app disagree on the scope label: the workload is as in-scope as its most
+            # in-scope pod, so a CDE pod never hides behind an out-of-scope sibling (issue 18)
+            wl.scope = scope
         wl.sources.add(source)
         if scope == "cde":
             self._cde.add(wid)
