@@ -44,6 +44,7 @@ OUT_OF_SCOPE = "out-of-scope"
 # *whole input* fits, whatever way it was split between workers (re-keying to a coarser level
 # is exact: counts add), so the result stays independent of the split.
 MAX_WORLD_UNITS = 1000
+MAX_MEMBERS = 256  # distinct pods kept per workload for the engine's matchers (see Workload.members)
 WORLD_LEVELS = ((32, 128), (24, 48), (16, 32))  # prefix lengths per level (IPv4, IPv6); then "*"
 WORLD_LEVEL_NAMES = ("address", "IPv4 /24 and IPv6 /48 network", "IPv4 /16 and IPv6 /32 network",
                      "all outside addresses together")
@@ -142,10 +143,17 @@ class Workload:
     ips: set[str] = field(default_factory=set)
     scopes_seen: set[str] = field(default_factory=set)
     sources: set[str] = field(default_factory=set)
+    #: distinct pods as seen (pod, labels, ip), at most MAX_MEMBERS: what the report asks the
+    #: policy engine's matchers about (a workload's pods may differ in labels and addresses)
+    members: set[tuple[str | None, tuple[tuple[str, str], ...], str | None]] = field(default_factory=set)
 
     @property
     def is_world(self) -> bool:
         return self.namespace is None
+
+    def add_member(self, pod: str | None, labels: tuple[tuple[str, str], ...], ip: str | None) -> None:
+        if len(self.members) < MAX_MEMBERS:
+            self.members.add((pod, labels, ip))
 
     def merge(self, other: Workload) -> None:
         if scope_rank(other.scope) < scope_rank(self.scope):
@@ -154,6 +162,8 @@ class Workload:
         self.ips |= other.ips
         self.scopes_seen |= other.scopes_seen
         self.sources |= other.sources
+        for m in sorted(other.members - self.members, key=repr):
+            self.add_member(*m)
         for k, v in other.labels.items():
             self.labels.setdefault(k, v)
 
@@ -342,6 +352,8 @@ class EventStats:
         wl = self._register(wid, str(ns), name, str(scope), labels, pod, "events")
         if ip:
             wl.ips.add(str(ip))
+        wl.add_member(pod if isinstance(pod, str) else None,
+                      tuple(sorted((str(k), str(v)) for k, v in labels.items())), str(ip) if ip else None)
         self._cache[key] = wid
         return wid
 
@@ -460,6 +472,7 @@ class EventStats:
             wl = self._register(f"{ident['namespace']}/{name}", ident["namespace"], name, ident["scope"],
                                 ident["labels"], ident.get("pod"), "identity")
             wl.ips.add(ip)
+            wl.add_member(ident.get("pod"), tuple(sorted(ident["labels"].items())), ip)
 
     # ---- the fold
 
