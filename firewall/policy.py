@@ -745,8 +745,13 @@ class PolicySet:
             return [DlpAction(RULE_DLP_DEFAULT, frozenset({"*"}), "alert", False)]
         table = self._table(flow.local)
         labels = frozenset(flow.peer.labels)
-        names = self._names(table, flow, None) if any(
-            p.fqdn for d in table.dlp for p in d.peers or ()) else None
+        names = None
+        if flow.direction == "egress" and self.fqdn is not None and any(
+                p.fqdn for d in table.dlp for p in d.peers or ()):
+            # not self._names: that one skips the lookup when no *firewall* rule has an FQDN peer,
+            # which made a DLP rule's ``to: [{fqdn: ...}]`` match nothing (found by the report's
+            # differential test, issue 18)
+            names = frozenset(self.fqdn.names_for(flow.peer.ip))
         out: list[DlpAction] = []
         for d in table.dlp:
             if flow.direction not in d.directions:
