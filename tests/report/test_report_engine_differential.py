@@ -406,3 +406,41 @@ def policies_st(draw) -> list[dict[str, Any]]:
 @given(docs=policies_st(), pods=pods_st())
 def test_report_statements_equal_engine_decisions(docs, pods):
     check_report_against_engine(docs, pods)
+
+
+# --------------------------------------------------------------------------- one identity loader
+
+
+def test_report_reads_identity_files_with_the_sidecars_loader(tmp_path):
+    """Same file, same meaning, same errors for the sidecar and the report (issue 18)."""
+    from firewall.identity import IdentityError, load_identity_file
+    from firewall.report import ReportError
+    from firewall.report_data import load_identity
+
+    good = tmp_path / "ids.yaml"
+    good.write_text(yaml.safe_dump({"identities": [
+        {"ips": ["10.2.0.1", "fd00::2:1"], "namespace": "payments", "pod": "payment-api-0",
+         "labels": {"app": "payment-api", LABEL_SCOPE: "cde"}, "serviceAccount": "pay"}]}))
+    sidecar = {i.ip: i for i in load_identity_file(str(good))}
+    report = load_identity(str(good))
+    assert set(report) == set(sidecar) == {"10.2.0.1", "fd00::2:1"}
+    for ip, ident in sidecar.items():
+        assert report[ip]["scope"] == ident.scope == "cde" and report[ip]["labels"] == ident.label_map
+    for body in ([{"ip": "10.0.0.1", "namespace": "a", "service_account": "x"}],  # unknown field
+                 [{"ip": "10.0.0.300", "namespace": "a"}],  # not an address
+                 [{"ip": "10.0.0.1"}],  # no namespace: the sidecar refuses it
+                 [{"ip": "10.0.0.1", "namespace": "a", "labels": {"tier": 1}}]):  # label not a string
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(yaml.safe_dump(body))
+        try:
+            load_identity_file(str(bad))
+        except IdentityError:
+            pass
+        else:
+            raise AssertionError(f"sidecar accepted {body}")
+        try:
+            load_identity(str(bad))
+        except ReportError as exc:
+            assert "\n" not in str(exc) and str(bad) in str(exc), exc
+        else:
+            raise AssertionError(f"report accepted {body}")
