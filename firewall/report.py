@@ -308,21 +308,30 @@ def mark_cde_rules(policies: list[PolicyDoc], known: list[tuple[str, Identity]])
     its peer entries admits a known CDE pod, or admits CDE pods only.  Every one of these
     questions is asked of the engine's compiled selectors and peer matchers.
     """
+    # Pods that differ only in their address are one question unless a peer entry has a CIDR.
+    by_shape: dict[tuple[str, str | None, tuple[tuple[str, str], ...]], Identity] = {}
+    for wid, ident in known:
+        by_shape.setdefault((wid, ident.namespace, ident.labels), ident)
+    shapes = [(k[0], ident) for k, ident in by_shape.items()]
     for doc in policies:
         for rule in doc.rules:
             e = rule.entry
             assert e is not None
             reasons: list[str] = []
-            rule.applies_to_workloads = sorted({wid for wid, ident in known if e.applies_to(ident)})
-            rule.peer_workloads = sorted({wid for wid, ident in known if e.admits(ident)})
+            # applies_to never reads the address; admits does only through a CIDR
+            local = [(wid, ident) for wid, ident in shapes if e.applies_to(ident)]
+            cidr = any(m.network is not None for m in e.peers or ())
+            peer = [(wid, ident) for wid, ident in (known if cidr else shapes) if e.admits(ident)]
+            rule.applies_to_workloads = sorted({wid for wid, _ in local})
+            rule.peer_workloads = sorted({wid for wid, _ in peer})
             can_match = admits_anything(e)
-            cde_local = sorted({wid for wid, ident in known if ident.scope == CDE and e.applies_to(ident)})
+            cde_local = sorted({wid for wid, ident in local if ident.scope == CDE})
             if can_match and cde_local:
                 reasons.append("applies to CDE workload " + ", ".join(cde_local))
             elif can_match and selected_witness(e).scope == CDE:
                 reasons.append("applies to every pod, CDE included (cluster-wide)" if e.is_cluster
                                else "applies to CDE workloads (selector scope cde)")
-            cde_peers = sorted({wid for wid, ident in known if ident.scope == CDE and e.admits(ident)})
+            cde_peers = sorted({wid for wid, ident in peer if ident.scope == CDE})
             if cde_peers:
                 reasons.append(("any peer, CDE workloads included: " if e.peers is None else "peer ")
                                + ", ".join(cde_peers) + " in the CDE")
