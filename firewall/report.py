@@ -21,7 +21,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -601,8 +601,8 @@ def _rule_hits(policies: list[PolicyDoc], stats: EventStats,
                                 "first": None, "last": None})
             flows_hit = h["allowed"] + h["denied"]
             total = flows_hit + h["dlp_findings"] + (h["alerts"] if flows_hit == 0 else 0)
-            row = asdict(r)
-            row.pop("entry")
+            row = {f.name: getattr(r, f.name) for f in fields(r) if f.name != "entry"}  # not asdict: it
+            # would deep-copy the engine's compiled rule only to drop it
             entry = r.entry
             row["peers_text"] = (["any"] if entry is None or entry.peers is None
                                  else [peer_text(m) for m in entry.peers] or ["none (no peer matches)"])
