@@ -55,7 +55,6 @@ import os
 import re
 import tempfile
 import threading
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -75,6 +74,7 @@ from firewall.dlp_rules import (
     prefix_dispatch,
     rules_hash,
 )
+from firewall.signature import signature_id
 
 __all__ = ["DlpEngine", "DlpRuleError", "DlpStream", "Finding"]
 
@@ -123,11 +123,12 @@ class Finding(NamedTuple):
         workloads, ``flow_id`` and ``mode``.  ``direction`` is ``toserver``/``toclient``."""
         dlp = self.eve()
         dlp["direction"] = direction
+        signature = f"DLP {self.rule_name}"
         return {
             "event_type": "alert",
             "alert": {"action": "blocked" if blocked else "allowed",
-                      "signature": f"DLP {self.rule_name}",
-                      "signature_id": signature_id(self.rule_id),
+                      "signature": signature,
+                      "signature_id": signature_id(signature),
                       "category": "dlp", "severity": SEVERITY_EVE[self.severity]},
             "dlp": dlp,
         }
@@ -135,11 +136,6 @@ class Finding(NamedTuple):
 
 # EVE severities are 1 (highest) .. 4, as in Suricata.
 SEVERITY_EVE = {"critical": 1, "high": 2, "medium": 3, "low": 4}
-
-
-def signature_id(rule_id: str) -> int:
-    """A stable signature id per DLP rule (9,000,000 + CRC32 mod 1,000,000), for SIEM rules."""
-    return 9_000_000 + zlib.crc32(rule_id.encode()) % 1_000_000
 
 
 def default_cache_dir() -> str:

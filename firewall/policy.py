@@ -33,6 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from firewall import LABEL_SCOPE
 from firewall.fqdn import FqdnCache
 from firewall.identity import Identity
 from firewall.policy_loader import LoadedDocument, PolicyError, load_policy_files
@@ -48,7 +49,8 @@ from firewall.policy_model import (
 from firewall.protocols.base import L7Event
 
 __all__ = [
-    "BUILTIN_RULES", "Decision", "DlpAction", "FlowInfo", "PolicyError", "PolicySet",
+    "BUILTIN_RULES", "Decision", "DlpAction", "FlowInfo", "PolicyError", "PolicySet", "RuleEntry",
+    "peer_witness",
 ]
 
 RULE_DEFAULT_DENY = "default-deny"
@@ -342,6 +344,84 @@ def _selects(policy: FirewallPolicy, local: Identity) -> bool:
     return all(labels.get(k) == v for k, v in policy.spec.selector.match_labels.items())
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class RuleEntry:
+    """One rule of a loaded document, compiled exactly as the engine compiles it.
+
+    What readers outside the hot path (the auditor report, its differential test) ask the
+    engine instead of reading the YAML again (issue 18: the report's own reader took a
+    labels-only peer for "same namespace" while the engine reads "any namespace", and so
+    hid a CDE-opening rule).  ``applies_to`` and ``admits`` run the very selectors and
+    ``PeerMatcher``s the tables are built from.
+    """
+
+    doc: LoadedDocument
+    section: str  # ingress | egress | rules | dlp
+    index: int
+    rule: object  # the model record (IngressRule, EgressRule, ClusterRule, DlpRule)
+    directions: tuple[str, ...]  # traffic directions the rule governs
+    peers: tuple[PeerMatcher, ...] | None  # None: any peer
+    compiled: CompiledRule | None  # None for DLP rules
+
+    @property
+    def name(self) -> str:
+        return self.rule.name  # type: ignore[attr-defined]
+
+    @property
+    def is_cluster(self) -> bool:
+        return isinstance(self.doc.policy, ClusterFirewallPolicy)
+
+    @property
+    def is_dlp(self) -> bool:
+        return self.section == "dlp"
+
+    def applies_to(self, local: Identity) -> bool:
+        """Whether the rule is in ``local``'s table (cluster rules: every pod)."""
+        if local.is_world:
+            return False
+        if self.is_cluster:
+            return True
+        return _selects(self.doc.policy, local)  # type: ignore[arg-type]
+
+    def admits(self, peer: Identity, names: frozenset[str] | None = None) -> bool:
+        """Whether the rule's peer selector matches ``peer`` (``names``: its DNS names, for FQDN peers)."""
+        if self.peers is None:
+            return True
+        labels = frozenset(peer.labels)
+        return any(p.matches(peer, labels, names) for p in self.peers)
+
+    def port_matches(self, port: int, transport: str = "TCP") -> bool:
+        return self.compiled is None or self.compiled.port_matches(port, transport)
+
+
+_WITNESS_IP = {4: "192.0.2.10", 6: "2001:db8::10"}
+
+
+def peer_witness(m: PeerMatcher, scope: str | None = None) -> Identity | None:
+    """A pod identity ``m`` admits, in ``scope`` when given; None when there is none.
+
+    Answers "can this peer entry match a CDE workload at all?" for workloads not in any
+    inventory yet, by building the least specific pod the entry's fields allow and asking
+    the matcher itself.  FQDN entries match names, never a pod: None.
+    """
+    if m.fqdn is not None:
+        return None
+    want = m.scope if m.scope is not None else scope
+    if scope is not None and want != scope:
+        return None
+    labels = dict(m.labels or ())
+    if want is not None and want != "out-of-scope":
+        if labels.setdefault(LABEL_SCOPE, want) != want:
+            return None
+    if m.network is not None:
+        net = m.network
+        ip = str(net.network_address if net.num_addresses <= 2 else net.network_address + 1)
+    else:
+        ip = _WITNESS_IP[4]
+    cand = Identity.make(ip, m.namespace or "palisade-witness", "witness", labels)
+    return cand if m.matches(cand, frozenset(cand.labels), None) else None
+
+
 def _strictest(modes: list[str]) -> str:
     return max(modes, key=_MODE_RANK.__getitem__)
 
@@ -385,6 +465,26 @@ class PolicySet:
             p = d.policy
             n += len(p.spec.rules) if isinstance(p, ClusterFirewallPolicy) else len(p.spec.ingress) + len(p.spec.egress)
         return n
+
+    def rule_entries(self) -> tuple[RuleEntry, ...]:
+        """Every rule of every loaded document, in load order, compiled as the tables compile it."""
+        out: list[RuleEntry] = []
+        for d in self.loaded:
+            p = d.policy
+            if isinstance(p, ClusterFirewallPolicy):
+                sections = [("rules", r, r.direction) for r in p.spec.rules]
+            else:
+                sections = [(sec, r, sec) for sec in ("ingress", "egress") for r in getattr(p.spec, sec)]
+            counts: dict[str, int] = {}
+            for sec, r, direction in sections:
+                i = counts[sec] = counts.get(sec, -1) + 1
+                origin = f"{d.ref} ({d.file}:{d.rule_line(sec, i)})"
+                c = _compile_rule(r, direction, 2, p.spec.mode, origin)
+                out.append(RuleEntry(d, sec, i, r, (direction,), c.peers, c))
+            for i, r in enumerate(p.spec.dlp):
+                out.append(RuleEntry(d, "dlp", i, r, r.directions,
+                                     _peers(r.to if r.to is not None else r.from_), None))
+        return tuple(out)
 
     def _compile_cluster(self) -> dict[str, list[CompiledRule]]:
         out: dict[str, list[CompiledRule]] = {"ingress": [], "egress": []}
@@ -645,8 +745,13 @@ class PolicySet:
             return [DlpAction(RULE_DLP_DEFAULT, frozenset({"*"}), "alert", False)]
         table = self._table(flow.local)
         labels = frozenset(flow.peer.labels)
-        names = self._names(table, flow, None) if any(
-            p.fqdn for d in table.dlp for p in d.peers or ()) else None
+        names = None
+        if flow.direction == "egress" and self.fqdn is not None and any(
+                p.fqdn for d in table.dlp for p in d.peers or ()):
+            # not self._names: that one skips the lookup when no *firewall* rule has an FQDN peer,
+            # which made a DLP rule's ``to: [{fqdn: ...}]`` match nothing (found by the report's
+            # differential test, issue 18)
+            names = frozenset(self.fqdn.names_for(flow.peer.ip))
         out: list[DlpAction] = []
         for d in table.dlp:
             if flow.direction not in d.directions:

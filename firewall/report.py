@@ -6,30 +6,32 @@ reach it, and are the rules reviewed.  This module answers them as one plain
 dict (``report.json``, schema in docs/auditor.md) from which the HTML page and
 the PDF are rendered, so every number in the page is also machine-checkable.
 
-Policies are read here with PyYAML directly (not through the enforcement
-engine): the report must describe what the files *say*, including rules the
-engine would reject, and it must keep working while the engine evolves.
-Events are folded by :mod:`firewall.report_data` in one streaming pass.
+Policies are loaded and compiled by the enforcement engine (``PolicySet``), and
+every statement about a rule comes from the engine's own selectors and matchers:
+there is no second policy reader that could read a peer differently from the
+sidecar (issue 18).  Events are folded by :mod:`firewall.report_data` in one streaming pass.
 """
 
 from __future__ import annotations
 
 import calendar
 import hashlib
-import ipaddress
 import json
 import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from datetime import UTC, date, datetime
 from typing import Any
 
-import yaml
-
 from firewall import LABEL_SCOPE, __version__
+from firewall.identity import Identity
+from firewall.policy import PolicySet, RuleEntry, peer_witness
+from firewall.policy_loader import LoadedDocument, expand_paths, validate_document
+from firewall.policy_match import PeerMatcher
+from firewall.policy_model import L7_SECTIONS
+from firewall.policy_yaml import YamlSourceError, load_file
 from firewall.report_data import (
     E_BTC,
     E_BTS,
@@ -75,11 +77,15 @@ __all__ = ["ReportError", "build_report", "write_report", "load_policies", "Poli
 
 
 # --------------------------------------------------------------------------- policies
+# Policies are loaded, validated and compiled by the engine (issue 18): every statement the
+# report makes about a rule - which workloads it applies to, which peers it admits, whether it
+# touches the CDE - is an answer of the engine's own selectors and peer matchers
+# (``PolicySet.rule_entries``), so the evidence cannot contradict enforcement.
 
 
 @dataclass(slots=True)
 class PolicyRule:
-    """One rule as an auditor reads it (ingress, egress, cluster or DLP)."""
+    """One rule as an auditor reads it (ingress, egress, cluster or DLP); ``entry`` is the engine's."""
 
     id: str
     policy: str
@@ -97,21 +103,37 @@ class PolicyRule:
     packs: list[str] = field(default_factory=list)
     touches_cde: bool = False
     cde_reasons: list[str] = field(default_factory=list)
+    applies_to_workloads: list[str] = field(default_factory=list)
+    peer_workloads: list[str] = field(default_factory=list)
+    entry: RuleEntry | None = None
 
 
 @dataclass(slots=True)
 class PolicyDoc:
-    """One policy resource with its file fingerprint and review date."""
+    """One loaded policy resource (the engine's ``LoadedDocument``) with its report rows."""
 
-    file: str
-    kind: str
-    name: str
-    namespace: str | None
-    selector: dict[str, str]
-    mode: str
-    default: str
-    last_reviewed: str | None
+    loaded: LoadedDocument
     rules: list[PolicyRule]
+
+    @property
+    def kind(self) -> str:
+        return self.loaded.kind
+
+    @property
+    def name(self) -> str:
+        return self.loaded.policy.metadata.name
+
+    @property
+    def namespace(self) -> str | None:
+        return self.loaded.policy.metadata.namespace if self.kind == "FirewallPolicy" else None
+
+    @property
+    def file(self) -> str:
+        return self.loaded.file
+
+    @property
+    def last_reviewed(self) -> str | None:
+        return self.loaded.policy.metadata.annotations.get(ANN_LAST_REVIEWED)
 
 
 def sha256_file(path: str) -> str:
@@ -122,103 +144,96 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-def load_policies(paths: list[str]) -> tuple[list[PolicyDoc], list[dict[str, Any]], list[str]]:
-    """Read policy YAML files -> (policies, file fingerprints, notes)."""
-    docs: list[PolicyDoc] = []
+def _policy_error(problems: list[str]) -> ReportError:
+    more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+    return ReportError(f"{problems[0]}{more}")
+
+
+def load_policies(paths: list[str]) -> tuple[PolicySet, list[PolicyDoc], list[dict[str, Any]], list[str]]:
+    """Policy files -> (the engine's PolicySet, report rows per document, file fingerprints, notes).
+
+    Documents go through the engine's validator (``policy_loader.validate_document``): a
+    policy the sidecar would reject is an input error here too (``file:line: ...``).  Other
+    kinds in the same files (a Namespace, a ConfigMap) are noted and skipped.
+    """
+    loaded: list[LoadedDocument] = []
     files: list[dict[str, Any]] = []
     notes: list[str] = []
-    for path in paths:
+    problems: list[str] = []
+    hashes: dict[str, str] = {}
+    for path in expand_paths(paths):
         try:
-            with open(path, encoding="utf-8") as fh:
-                text = fh.read()
-        except OSError as exc:
-            raise ReportError(f"{path}: cannot read policy file: {exc.strerror}") from None
-        except UnicodeDecodeError:
-            raise ReportError(f"{path}: policy file is not UTF-8 text") from None
-        try:
-            raw_docs = [d for d in yaml.safe_load_all(text) if d is not None]
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark is not None else ""
-            problem = getattr(exc, "problem", None) or "invalid YAML"
-            raise ReportError(f"{path}{where}: {problem}") from None
-        files.append({"path": path, "sha256": sha256_file(path), "bytes": os.path.getsize(path),
-                      "resources": len(raw_docs)})
-        for i, raw in enumerate(raw_docs):
-            if not isinstance(raw, dict):
-                raise ReportError(f"{path}: document {i + 1}: expected a mapping (a policy resource)")
-            kind = raw.get("kind")
-            if kind not in POLICY_KINDS:
-                notes.append(f"{path}: document {i + 1}: kind {kind!r} is not a policy; ignored")
+            sources = load_file(path)
+        except YamlSourceError as exc:
+            raise _policy_error(str(exc).splitlines()) from None
+        hashes[path] = sha256_file(path)
+        files.append({"path": path, "sha256": hashes[path], "bytes": os.path.getsize(path),
+                      "resources": len(sources)})
+        for src in sources:
+            kind = src.value.get("kind") if isinstance(src.value, dict) else None
+            if isinstance(src.value, dict) and kind not in POLICY_KINDS:
+                notes.append(f"{path}: document {src.index + 1}: kind {kind!r} is not a policy; ignored")
                 continue
-            docs.append(_policy_doc(path, i, raw))
-    return docs, files, notes
+            model, errs = validate_document(src)
+            problems.extend(errs)
+            if model is not None:
+                loaded.append(LoadedDocument(model, path, src.line, src))
+    if problems:
+        raise _policy_error(problems)
+    policy = PolicySet(loaded, hashes)
+    docs: dict[int, PolicyDoc] = {}
+    for entry in policy.rule_entries():
+        doc = docs.setdefault(id(entry.doc), PolicyDoc(entry.doc, []))
+        doc.rules.append(_rule_row(entry))
+    for d in loaded:  # policies without rules are still reviewed
+        docs.setdefault(id(d), PolicyDoc(d, []))
+    ordered = [docs[id(d)] for d in loaded]
+    return policy, ordered, files, notes
 
 
-def _mapping(value: Any, where: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ReportError(f"{where}: expected a mapping")
+def _camel(key: str) -> str:
+    head, *rest = key.rstrip("_").split("_")
+    return head + "".join(w.title() for w in rest)
+
+
+def _plain(value: Any) -> Any:
+    """A model record as the YAML spelled it (camelCase keys, no unset fields)."""
+    if is_dataclass(value):
+        return {_camel(f.name): _plain(getattr(value, f.name)) for f in fields(value)
+                if getattr(value, f.name) is not None}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
     return value
 
 
-def _seq(value: Any, where: str) -> list[Any]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise ReportError(f"{where}: expected a list")
-    return value
-
-
-def _policy_doc(path: str, index: int, raw: dict[str, Any]) -> PolicyDoc:
-    where = f"{path}: document {index + 1}"
-    kind = str(raw["kind"])
-    meta = _mapping(raw.get("metadata"), f"{where}: metadata")
-    name = str(meta.get("name") or f"unnamed-{index + 1}")
-    ns = meta.get("namespace")
-    ns = str(ns) if ns else None
-    ann = _mapping(meta.get("annotations"), f"{where}: metadata.annotations")
-    reviewed = ann.get(ANN_LAST_REVIEWED)
-    spec = _mapping(raw.get("spec"), f"{where}: spec")
-    selector = _mapping(_mapping(spec.get("selector"), f"{where}: spec.selector").get("matchLabels"),
-                        f"{where}: spec.selector.matchLabels")
-    doc = PolicyDoc(path, kind, name, ns if kind == "FirewallPolicy" else None,
-                    {str(k): str(v) for k, v in selector.items()},
-                    str(spec.get("mode") or "protect"), str(spec.get("default") or "deny"),
-                    str(reviewed) if reviewed is not None else None, [])
-    prefix = f"{ns}/{name}" if doc.namespace else f"cluster/{name}"
-    sections: list[tuple[str, str | None]] = [("ingress", "ingress"), ("egress", "egress"), ("rules", None),
-                                              ("dlp", "dlp")]
-    for section, direction in sections:
-        for j, r in enumerate(_seq(spec.get(section), f"{where}: spec.{section}")):
-            rw = f"{where}: spec.{section}[{j}]"
-            r = _mapping(r, rw)
-            rname = str(r.get("name") or f"{section}-{j}")
-            d = direction or str(r.get("direction") or "any")
-            if direction == "dlp":
-                d = f"dlp {r.get('direction') or 'both'}"
-                peers_raw = _seq(r.get("to"), f"{rw}.to") + _seq(r.get("from"), f"{rw}.from")
-            elif d == "egress":
-                peers_raw = _seq(r.get("to"), f"{rw}.to")
-            elif d == "ingress":
-                peers_raw = _seq(r.get("from"), f"{rw}.from")
-            else:
-                peers_raw = _seq(r.get("from"), f"{rw}.from") + _seq(r.get("to"), f"{rw}.to")
-            peers = [_mapping(p, f"{rw} peer") for p in peers_raw]
-            l7 = {k: r[k] for k in ("http", "tls", "dns", "redis", "sql") if k in r}
-            doc.rules.append(PolicyRule(
-                id=f"{prefix}/{rname}", policy=name, kind=kind, namespace=doc.namespace, file=path,
-                name=rname, direction=d, description=str(r.get("description") or ""),
-                peers=peers, ports=[_port_text(p) for p in _seq(r.get("ports"), f"{rw}.ports")],
-                app_proto=str(r["appProto"]) if r.get("appProto") else None, l7=l7,
-                action=str(r.get("action") or ("block" if direction == "dlp" else "allow")),
-                packs=[str(p) for p in _seq(r.get("packs"), f"{rw}.packs")],
-            ))
-    return doc
+def _rule_row(entry: RuleEntry) -> PolicyRule:
+    d = entry.doc
+    md = d.policy.metadata
+    kind = d.kind
+    ns = md.namespace if kind == "FirewallPolicy" else None
+    prefix = f"{ns}/{md.name}" if ns else f"cluster/{md.name}"
+    r: Any = entry.rule
+    if entry.is_dlp:
+        direction = f"dlp {r.direction or '/'.join(entry.directions)}"
+        peers_src = r.to if r.to is not None else r.from_
+        l7: dict[str, Any] = {}
+    else:
+        direction = entry.directions[0]
+        peers_src = r.from_ if direction == "ingress" else r.to
+        l7 = {k: _plain(getattr(r, k)) for k in L7_SECTIONS if getattr(r, k) is not None}
+    return PolicyRule(
+        id=f"{prefix}/{r.name}", policy=md.name, kind=kind, namespace=ns, file=d.file, name=r.name,
+        direction=direction, description=r.description or "",
+        peers=[_plain(p) for p in peers_src or []],
+        ports=[_port_text(p) for p in getattr(r, "ports", None) or []],
+        app_proto=getattr(r, "app_proto", None), l7=l7, action=r.action,
+        packs=list(getattr(r, "packs", []) or []), entry=entry,
+    )
 
 
 def _port_text(p: Any) -> str:
+    if is_dataclass(p):
+        p = _plain(p)
     if isinstance(p, int | str):
         return f"{p}/TCP"
     if not isinstance(p, dict):
@@ -232,91 +247,97 @@ def _port_text(p: Any) -> str:
     return f"{p.get('port', 'any')}/{proto}"
 
 
-def peer_text(peer: dict[str, Any]) -> str:
+def peer_text(m: PeerMatcher) -> str:
+    """A compiled peer entry in words, as the engine reads it (fields ANDed)."""
+    if m.fqdn is not None:
+        return f"fqdn {m.fqdn}"
     parts = []
-    if peer.get("namespace"):
-        parts.append(f"namespace {peer['namespace']}")
-    labels = peer.get("labels")
-    if isinstance(labels, dict) and labels:
-        parts.append("labels " + ",".join(f"{k}={v}" for k, v in labels.items()))
-    for key in ("scope", "cidr", "fqdn"):
-        if peer.get(key):
-            parts.append(f"{key} {peer[key]}")
+    if m.namespace is not None:
+        parts.append(f"namespace {m.namespace}")
+    if m.labels is not None:
+        parts.append("labels " + (",".join(f"{k}={v}" for k, v in sorted(m.labels)) or "(any)")
+                     + ("" if m.namespace is not None else " in any namespace"))
+    if m.scope is not None:
+        parts.append(f"scope {m.scope}")
+    if m.network is not None:
+        parts.append(f"cidr {m.network}")
     return " & ".join(parts) or "any"
 
 
 # --------------------------------------------------------------------------- CDE scoping
 
 
-def _labels_match(selector: dict[str, Any], labels: dict[str, str]) -> bool:
-    return all(labels.get(str(k)) == str(v) for k, v in selector.items())
-
-
-def _peer_cde_workloads(peer: dict[str, Any], default_ns: str | None, cde: list[Workload]) -> list[str]:
-    """CDE workloads a peer entry covers (fields ANDed; a bare labels selector means the policy's namespace)."""
-    scope = peer.get("scope")
-    if scope is not None and scope != CDE:
-        return []
-    if peer.get("fqdn"):
-        return []
-    ns = peer.get("namespace") or default_ns
-    labels = peer.get("labels") if isinstance(peer.get("labels"), dict) else {}
-    hits = []
-    for wl in cde:
-        if ns and wl.namespace != ns:
+def workload_identities(stats: EventStats) -> list[tuple[str, Identity]]:
+    """(workload id, identity) of every distinct pod the report knows (identity file entries and
+    pods seen in events, with their own labels and address), for asking the engine's matchers."""
+    out: list[tuple[str, Identity]] = []
+    for wid, w in sorted(stats.workloads.items()):
+        if w.is_world:
             continue
-        if labels and not _labels_match(labels, wl.labels):
-            continue
-        if peer.get("cidr"):
-            try:
-                net = ipaddress.ip_network(str(peer["cidr"]), strict=False)
-                if not any(_in_net(ip, net) for ip in wl.ips):
-                    continue
-            except ValueError:
-                continue
-        hits.append(wl.id)
-    return hits
+        for pod, labels, ip in sorted(w.members, key=repr):
+            out.append((wid, Identity(ip or "192.0.2.1", w.namespace, pod, labels)))
+    return out
 
 
-def _in_net(ip: str, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
-    try:
-        return ipaddress.ip_address(ip) in net
-    except ValueError:
-        return False
+def selected_witness(entry: RuleEntry) -> Identity:
+    """A pod the rule's policy selects (cluster policies select every pod: a CDE one here)."""
+    p = entry.doc.policy
+    if entry.is_cluster:
+        return Identity.make("192.0.2.2", "palisade-witness", "witness", {LABEL_SCOPE: CDE})
+    return Identity.make("192.0.2.2", p.metadata.namespace, "witness", dict(p.spec.selector.match_labels))
 
 
-def mark_cde_rules(policies: list[PolicyDoc], workloads: Iterable[Workload]) -> None:
-    """Decide which rules touch the CDE, and record why (shown to the auditor)."""
-    cde = [w for w in workloads if w.scope == CDE and not w.is_world]
+def admits_anything(entry: RuleEntry) -> bool:
+    """Whether some peer can match the rule at all (``to: []`` matches nothing)."""
+    if entry.peers is None:
+        return True
+    return any(m.fqdn is not None or peer_witness(m) is not None for m in entry.peers)
+
+
+def only_cde(m: PeerMatcher) -> bool:
+    """Whether a peer entry can match CDE pods only (its least specific pod is a CDE pod)."""
+    w = peer_witness(m)
+    return w is not None and w.scope == CDE
+
+
+def mark_cde_rules(policies: list[PolicyDoc], known: list[tuple[str, Identity]]) -> None:
+    """Decide which rules touch the CDE, and record why (shown to the auditor).
+
+    A rule touches the CDE when the engine would put it in a CDE pod's table (a known pod,
+    or every pod its selector can pick is CDE) and some peer can match it; or when one of
+    its peer entries admits a known CDE pod, or admits CDE pods only.  Every one of these
+    questions is asked of the engine's compiled selectors and peer matchers.
+    """
+    # Pods that differ only in their address are one question unless a peer entry has a CIDR.
+    by_shape: dict[tuple[str, str | None, tuple[tuple[str, str], ...]], Identity] = {}
+    for wid, ident in known:
+        by_shape.setdefault((wid, ident.namespace, ident.labels), ident)
+    shapes = [(k[0], ident) for k, ident in by_shape.items()]
     for doc in policies:
-        applies: list[str] = []
-        if doc.kind == "ClusterFirewallPolicy":
-            if doc.selector:
-                applies = [w.id for w in cde if _labels_match(doc.selector, w.labels)]
-                if doc.selector.get(LABEL_SCOPE) == CDE and not applies:
-                    applies = ["(selector scope cde)"]
-            else:
-                applies = ["(cluster-wide)"]
-        else:
-            if doc.selector.get(LABEL_SCOPE) == CDE:
-                applies = ["(selector scope cde)"]
-            applies += [w.id for w in cde if w.namespace == doc.namespace
-                        and _labels_match(doc.selector, w.labels)]
         for rule in doc.rules:
-            reasons = []
-            if applies:
-                reasons.append("applies to CDE workload " + ", ".join(sorted(set(applies))))
-            if not rule.peers:
-                if cde:
-                    reasons.append("any peer, CDE workloads included")
-            else:
-                for peer in rule.peers:
-                    if peer.get("scope") == CDE:
-                        reasons.append("peer scope cde")
-                        continue
-                    hit = _peer_cde_workloads(peer, doc.namespace, cde)
-                    if hit:
-                        reasons.append("peer " + ", ".join(hit) + " is in the CDE")
+            e = rule.entry
+            assert e is not None
+            reasons: list[str] = []
+            # applies_to never reads the address; admits does only through a CIDR
+            local = [(wid, ident) for wid, ident in shapes if e.applies_to(ident)]
+            cidr = any(m.network is not None for m in e.peers or ())
+            peer = [(wid, ident) for wid, ident in (known if cidr else shapes) if e.admits(ident)]
+            rule.applies_to_workloads = sorted({wid for wid, _ in local})
+            rule.peer_workloads = sorted({wid for wid, _ in peer})
+            can_match = admits_anything(e)
+            cde_local = sorted({wid for wid, ident in local if ident.scope == CDE})
+            if can_match and cde_local:
+                reasons.append("applies to CDE workload " + ", ".join(cde_local))
+            elif can_match and selected_witness(e).scope == CDE:
+                reasons.append("applies to every pod, CDE included (cluster-wide)" if e.is_cluster
+                               else "applies to CDE workloads (selector scope cde)")
+            cde_peers = sorted({wid for wid, ident in peer if ident.scope == CDE})
+            if cde_peers:
+                reasons.append(("any peer, CDE workloads included: " if e.peers is None else "peer ")
+                               + ", ".join(cde_peers) + " in the CDE")
+            hyp = [peer_text(m) for m in e.peers or () if only_cde(m)]
+            if hyp and not cde_peers:
+                reasons.append("peer " + "; ".join(hyp) + " matches CDE workloads only")
             rule.touches_cde = bool(reasons)
             rule.cde_reasons = reasons
 
@@ -360,15 +381,16 @@ def build_report(policy_paths: list[str], event_paths: list[str], identity_path:
     if not policy_paths:
         raise ReportError("at least one --policy file is needed")
     as_of = as_of or datetime.now(UTC).date()
-    policies, policy_files, notes = load_policies(policy_paths)
+    _engine, policies, policy_files, notes = load_policies(policy_paths)
     identity = load_identity(identity_path) if identity_path else {}
     stats = aggregate_files(event_paths, identity, jobs=jobs)
     workloads = {k: w for k, w in stats.workloads.items()}
-    mark_cde_rules(policies, workloads.values())
+    known = workload_identities(stats)
+    mark_cde_rules(policies, known)
     scope_of = {k: w.scope for k, w in workloads.items()}
 
     flows = _flows(stats, scope_of)
-    rules, unmatched = _rule_hits(policies, stats, workloads)
+    rules, unmatched = _rule_hits(policies, stats, dict(known))
     report: dict[str, Any] = {
         "schema": SCHEMA,
         "generator": f"palisade {__version__}",
@@ -511,35 +533,35 @@ def _denied(flows: list[dict[str, Any]], into: bool) -> list[dict[str, Any]]:
 
 
 def _rule_hits(policies: list[PolicyDoc], stats: EventStats,
-               workloads: dict[str, Workload]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+               local_of: dict[str, Identity]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Attribute event rule names to policy rules.
 
-    The sidecar may name a rule bare (``checkout-to-payments``) or qualified
-    (``payment-api/checkout-to-payments``, ``payments/payment-api/...``); a bare
-    name used by two policies is attributed to the one in the local workload's
-    namespace (the pod whose sidecar decided).
+    The sidecar names the rule bare (``checkout-to-payments``; older builds qualified it:
+    ``payment-api/checkout-to-payments``, ``payments/payment-api/...``).  A name used by
+    several policies is attributed to the rule the engine puts in the deciding workload's
+    table (``RuleEntry.applies_to`` of the local end: the pod whose sidecar decided).
     """
     by_key: dict[str, list[PolicyRule]] = {}
     for doc in policies:
         for r in doc.rules:
             for k in {r.id, r.name, f"{r.policy}/{r.name}", f"{doc.kind}/{r.policy}/{r.name}"}:
                 by_key.setdefault(k, []).append(r)
-    ns_of = {k: w.namespace for k, w in workloads.items()}
     hits: dict[str, dict[str, Any]] = {}
     unmatched: dict[str, dict[str, Any]] = {}
 
-    def resolve(name: str, local_ns: str | None) -> PolicyRule | None:
+    def resolve(name: str, local: str | None) -> PolicyRule | None:
         cands = by_key.get(name) or by_key.get(name.rsplit("/", 1)[-1]) or []
         if len(cands) > 1:
-            local = [c for c in cands if c.namespace == local_ns] or [c for c in cands if c.namespace is None]
-            cands = local or cands
+            ident = local_of.get(local) if local else None
+            if ident is not None:
+                cands = [c for c in cands if c.entry is not None and c.entry.applies_to(ident)] or cands
         return cands[0] if cands else None
 
-    def bump(name: str, local_ns: str | None, field_: str, n: int, first: float | None,
+    def bump(name: str, local: str | None, field_: str, n: int, first: float | None,
              last: float | None) -> None:
         if not name:
             return
-        rule = resolve(name, local_ns)
+        rule = resolve(name, local)
         if rule is None:
             u = unmatched.get(name)
             if u is None:
@@ -565,15 +587,12 @@ def _rule_hits(policies: list[PolicyDoc], stats: EventStats,
             h["last"] = last
 
     for (src, dst, direction, _p, _pr, _a, verdict, rule, _m), rec in stats.edges.items():
-        local = ns_of.get(dst if direction == "inbound" else src)
-        bump(rule, local, "allowed" if verdict == "allow" else "denied", rec[E_COUNT], rec[E_FIRST],
+        bump(rule, dst if direction == "inbound" else src, "allowed" if verdict == "allow" else "denied", rec[E_COUNT], rec[E_FIRST],
              rec[E_LAST])
     for (sig, src, dst, _action, direction), rec in stats.alerts.items():
-        local = ns_of.get(dst if direction == "inbound" else src)
-        bump(sig, local, "alerts", rec[0], rec[1], rec[2])
+        bump(sig, dst if direction == "inbound" else src, "alerts", rec[0], rec[1], rec[2])
     for (sig, _rid, _t, _pack, direction, _dd, _action, src, dst), rec in stats.dlp.items():
-        local = ns_of.get(dst if direction == "inbound" else src)
-        bump(sig, local, "dlp_findings", rec[0], rec[1], rec[2])
+        bump(sig, dst if direction == "inbound" else src, "dlp_findings", rec[0], rec[1], rec[2])
 
     rows = []
     for doc in policies:
@@ -582,8 +601,11 @@ def _rule_hits(policies: list[PolicyDoc], stats: EventStats,
                                 "first": None, "last": None})
             flows_hit = h["allowed"] + h["denied"]
             total = flows_hit + h["dlp_findings"] + (h["alerts"] if flows_hit == 0 else 0)
-            row = asdict(r)
-            row["peers_text"] = [peer_text(p) for p in r.peers] or ["any"]
+            row = {f.name: getattr(r, f.name) for f in fields(r) if f.name != "entry"}  # not asdict: it
+            # would deep-copy the engine's compiled rule only to drop it
+            entry = r.entry
+            row["peers_text"] = (["any"] if entry is None or entry.peers is None
+                                 else [peer_text(m) for m in entry.peers] or ["none (no peer matches)"])
             row.update({"hits": total, "allowed": h["allowed"], "denied": h["denied"], "alerts": h["alerts"],
                         "dlp_findings": h["dlp_findings"], "first_hit": iso(h["first"]),
                         "last_hit": iso(h["last"]), "never_hit": total == 0,
@@ -643,17 +665,21 @@ def _encryption(flows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _policy_summary(doc: PolicyDoc, as_of: date) -> dict[str, Any]:
-    reviewed = parse_date(doc.last_reviewed) if doc.last_reviewed else None
+    p = doc.loaded.policy
+    spec = p.spec
+    selector = dict(spec.selector.match_labels) if doc.kind == "FirewallPolicy" else {}
+    raw = doc.last_reviewed
+    reviewed = parse_date(raw) if raw else None
     due = add_months(reviewed, REVIEW_MONTHS) if reviewed else None
-    if doc.last_reviewed is None:
+    if raw is None:
         status = "missing"
     elif reviewed is None:
         status = "unparseable"
     else:
         status = "overdue" if as_of > due else "current"
     return {"file": doc.file, "kind": doc.kind, "name": doc.name, "namespace": doc.namespace,
-            "selector": doc.selector, "mode": doc.mode, "default": doc.default,
-            "last_reviewed": reviewed.isoformat() if reviewed else doc.last_reviewed,
+            "selector": selector, "mode": spec.mode, "default": getattr(spec, "default", None) or "deny",
+            "last_reviewed": reviewed.isoformat() if reviewed else raw,
             "review_due": due.isoformat() if due else None, "review_status": status,
             "review_flagged": status != "current", "rules": len(doc.rules),
             "applies_to_cde": any(r.touches_cde and r.cde_reasons and r.cde_reasons[0].startswith("applies")

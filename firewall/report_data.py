@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import yaml
-
 from firewall import LABEL_SCOPE, SCOPES
+from firewall.dlp_validators import luhn
+from firewall.identity import IdentityError, load_identity_file
 
 WORLD = "world"
 WORLD_PREFIX = "world:"
@@ -44,6 +44,7 @@ OUT_OF_SCOPE = "out-of-scope"
 # *whole input* fits, whatever way it was split between workers (re-keying to a coarser level
 # is exact: counts add), so the result stays independent of the split.
 MAX_WORLD_UNITS = 1000
+MAX_MEMBERS = 256  # distinct pods kept per workload for the engine's matchers (see Workload.members)
 WORLD_LEVELS = ((32, 128), (24, 48), (16, 32))  # prefix lengths per level (IPv4, IPv6); then "*"
 WORLD_LEVEL_NAMES = ("address", "IPv4 /24 and IPv6 /48 network", "IPv4 /16 and IPv6 /32 network",
                      "all outside addresses together")
@@ -60,21 +61,9 @@ class ReportError(Exception):
 _PAN_CANDIDATE = re.compile(r"(?<![0-9])[0-9](?:[ -]?[0-9]){11,18}(?![0-9])")
 
 
-def luhn_ok(digits: str) -> bool:
-    total = 0
-    for i, ch in enumerate(reversed(digits)):
-        d = ord(ch) - 48
-        if i % 2:
-            d *= 2
-            if d > 9:
-                d -= 9
-        total += d
-    return total % 10 == 0
-
-
 def _mask_match(m: re.Match[str]) -> str:
     digits = m.group(0).replace(" ", "").replace("-", "")
-    if not 12 <= len(digits) <= 19 or not luhn_ok(digits):
+    if not 12 <= len(digits) <= 19 or not luhn(digits.encode()):
         return m.group(0)
     return digits[:6] + "*" * (len(digits) - 10) + digits[-4:]
 
@@ -106,50 +95,26 @@ def scrub(obj: Any) -> Any:
 
 
 def load_identity(path: str) -> dict[str, dict[str, Any]]:
-    """Read ``--identity FILE``: a YAML list of {ip, namespace, pod, labels}.
+    """Read ``--identity FILE`` with the sidecar's own loader (``identity.load_identity_file``).
 
-    Returns ip -> workload object shaped like ``Identity.to_json()`` so event
-    workloads and identity entries go through the same code.
+    Returns ip -> workload object shaped like ``Identity.to_json()`` (plus ``ip``) so event
+    workloads and identity entries go through the same code.  One loader for the sidecar and
+    the report (issue 18): a file the sidecar accepts means the same thing to the auditor.
     """
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+        idmap = load_identity_file(path)
+    except IdentityError as exc:
+        problems = str(exc).splitlines() or ["invalid"]
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise ReportError(f"identity file {problems[0]}{more}") from None
     except OSError as exc:
         raise ReportError(f"{path}: cannot read identity file: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ReportError(f"{path}: identity file is not valid YAML: {_yaml_problem(exc)}") from None
-    if data is None:
-        return {}
-    if isinstance(data, dict) and isinstance(data.get("workloads"), list):
-        data = data["workloads"]
-    if not isinstance(data, list):
-        raise ReportError(f"{path}: identity file must be a YAML list of {{ip, namespace, pod, labels}}")
     out: dict[str, dict[str, Any]] = {}
-    for i, entry in enumerate(data):
-        if not isinstance(entry, dict) or not entry.get("ip"):
-            raise ReportError(f"{path}: entry {i}: needs at least 'ip' (and namespace, pod, labels)")
-        labels = entry.get("labels") or {}
-        if not isinstance(labels, dict):
-            raise ReportError(f"{path}: entry {i}: 'labels' must be a mapping")
-        labels = {str(k): str(v) for k, v in labels.items()}
-        ns = entry.get("namespace")
-        out[str(entry["ip"])] = {
-            "namespace": str(ns) if ns else None,
-            "pod": str(entry["pod"]) if entry.get("pod") else None,
-            "labels": labels,
-            "scope": labels.get(LABEL_SCOPE, OUT_OF_SCOPE),
-            "service_account": entry.get("service_account"),
-            "ip": str(entry["ip"]),
-        }
+    for ident in idmap:
+        obj = ident.to_json()
+        obj["ip"] = ident.ip
+        out[ident.ip] = obj
     return out
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-    if mark is not None:
-        return f"line {mark.line + 1}: {problem}"
-    return str(problem)
 
 
 # --------------------------------------------------------------------------- workloads
@@ -178,16 +143,27 @@ class Workload:
     ips: set[str] = field(default_factory=set)
     scopes_seen: set[str] = field(default_factory=set)
     sources: set[str] = field(default_factory=set)
+    #: distinct pods as seen (pod, labels, ip), at most MAX_MEMBERS: what the report asks the
+    #: policy engine's matchers about (a workload's pods may differ in labels and addresses)
+    members: set[tuple[str | None, tuple[tuple[str, str], ...], str | None]] = field(default_factory=set)
 
     @property
     def is_world(self) -> bool:
         return self.namespace is None
 
+    def add_member(self, pod: str | None, labels: tuple[tuple[str, str], ...], ip: str | None) -> None:
+        if len(self.members) < MAX_MEMBERS:
+            self.members.add((pod, labels, ip))
+
     def merge(self, other: Workload) -> None:
+        if scope_rank(other.scope) < scope_rank(self.scope):
+            self.scope = other.scope  # the strictest scope of its pods (see EventStats._register)
         self.pods |= other.pods
         self.ips |= other.ips
         self.scopes_seen |= other.scopes_seen
         self.sources |= other.sources
+        for m in sorted(other.members - self.members, key=repr):
+            self.add_member(*m)
         for k, v in other.labels.items():
             self.labels.setdefault(k, v)
 
@@ -376,6 +352,8 @@ class EventStats:
         wl = self._register(wid, str(ns), name, str(scope), labels, pod, "events")
         if ip:
             wl.ips.add(str(ip))
+        wl.add_member(pod if isinstance(pod, str) else None,
+                      tuple(sorted((str(k), str(v)) for k, v in labels.items())), str(ip) if ip else None)
         self._cache[key] = wid
         return wid
 
@@ -386,6 +364,10 @@ class EventStats:
             wl = self.workloads[wid] = Workload(wid, ns, name, scope,
                                                 labels={str(k): str(v) for k, v in labels.items()})
         wl.scopes_seen.add(scope)
+        if scope_rank(scope) < scope_rank(wl.scope):
+            # pods of one app disagree on the scope label: the workload is as in-scope as its most
+            # in-scope pod, so a CDE pod never hides behind an out-of-scope sibling (issue 18)
+            wl.scope = scope
         wl.sources.add(source)
         if scope == "cde":
             self._cde.add(wid)
@@ -490,6 +472,7 @@ class EventStats:
             wl = self._register(f"{ident['namespace']}/{name}", ident["namespace"], name, ident["scope"],
                                 ident["labels"], ident.get("pod"), "identity")
             wl.ips.add(ip)
+            wl.add_member(ident.get("pod"), tuple(sorted(ident["labels"].items())), ip)
 
     # ---- the fold
 

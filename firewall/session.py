@@ -16,7 +16,6 @@ import itertools
 import json
 import re
 import time
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +25,7 @@ from firewall.exception_policy import Stage
 from firewall.httpdecode import BodyDecoder, decode_target, needs_decoding
 from firewall.identity import Identity
 from firewall.protocols.base import TOCLIENT, TOSERVER, L7Event
+from firewall.signature import signature_id
 
 _flow_ids = itertools.count(int(time.time() * 1000) % 10**9 * 1000)
 
@@ -42,11 +42,6 @@ _PRIVATE_FIELDS = frozenset({"head_end", "raw_target", "statement"})
 # space/dash separators), or an IBAN prefix (country, check digits, 10+ more)
 _CARD_TAIL = re.compile(rb"[2-6](?:[ -]?\d){11,}\Z")
 _IBAN_TAIL = re.compile(rb"[A-Z]{2}\d{2}(?: ?[A-Z0-9]){10,}\Z")
-
-
-def signature_id(name: str) -> int:
-    """Stable numeric id for a rule name (EVE's signature_id)."""
-    return zlib.crc32(name.encode()) & 0x7FFFFFFF
 
 
 @dataclass(slots=True)

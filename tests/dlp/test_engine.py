@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from firewall.dlp import DlpEngine, DlpRuleError, Finding
+from firewall.signature import signature_id
 from tests.dlp.conftest import MC_2SERIES, REPO, TEST_PANS, spans
 
 SAMPLE = (
@@ -299,7 +300,8 @@ def test_alert_event_shape(engine):
     ev = f.alert(blocked=True, direction="toserver")
     assert ev["event_type"] == "alert"
     assert ev["alert"]["category"] == "dlp" and ev["alert"]["action"] == "blocked"
-    assert ev["alert"]["severity"] == 1 and 9_000_000 <= ev["alert"]["signature_id"] < 10_000_000
+    # one signature_id formula for every alert (issue 18): derived from the signature string
+    assert ev["alert"]["severity"] == 1 and ev["alert"]["signature_id"] == signature_id(ev["alert"]["signature"])
     assert ev["dlp"]["masked"] == "411111******1111" and ev["dlp"]["direction"] == "toserver"
     assert ev["dlp"]["offset"] == f.start and ev["dlp"]["rule"] == "card.visa"
     assert "4111111111111111" not in json.dumps(ev)

@@ -1,7 +1,7 @@
 """Generated manifests: valid against the Kubernetes OpenAPI models, in step with deploy/ and the chart.
 
-``kubectl apply --dry-run=client --validate=false`` is run too when kubectl is
-installed. kubectl insists on API discovery even for a client-side dry run, so
+``kubectl apply --dry-run=client --validate=false`` is run too (kubectl from scripts/build-k8s.sh,
+see ``find_kubectl``). kubectl insists on API discovery even for a client-side dry run, so
 the test serves the discovery documents (and 404 for every object) from a tiny
 HTTP server on 127.0.0.1: the API server is the one thing these tests mock.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -247,7 +248,29 @@ class _Discovery(BaseHTTPRequestHandler):
                                 "code": 404, "message": "not found"})
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed (Debian has no package)")
+def find_kubectl() -> str | None:
+    """kubectl from ``PALISADE_KUBECTL`` (a binary), ``PALISADE_K8S_BIN`` (scripts/build-k8s.sh's
+    bin directory), PATH, or the build cache (``PALISADE_K8S_CACHE``, default /var/cache/palisade-k8s)."""
+    explicit = os.environ.get("PALISADE_KUBECTL")
+    if explicit:
+        return explicit  # named on purpose: a wrong path fails the test instead of skipping it
+    bin_dir = os.environ.get("PALISADE_K8S_BIN")
+    if bin_dir and os.access(os.path.join(bin_dir, "kubectl"), os.X_OK):
+        return os.path.join(bin_dir, "kubectl")
+    found = shutil.which("kubectl")
+    if found:
+        return found
+    cache = Path(os.environ.get("PALISADE_K8S_CACHE", "/var/cache/palisade-k8s"))
+    built = sorted(cache.glob("*/bin/kubectl"), key=lambda p: p.stat().st_mtime) if cache.is_dir() else []
+    return str(built[-1]) if built else None
+
+
+KUBECTL = find_kubectl()
+KUBECTL_MISSING = ("kubectl not found (Debian has no package): run scripts/build-k8s.sh, or set "
+                   "PALISADE_KUBECTL / PALISADE_K8S_BIN, or put kubectl on PATH")
+
+
+@pytest.mark.skipif(KUBECTL is None, reason=KUBECTL_MISSING)
 def test_kubectl_dry_run_accepts_the_manifests(tmp_path, certs):
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Discovery)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -258,7 +281,7 @@ def test_kubectl_dry_run_accepts_the_manifests(tmp_path, certs):
         manifest = tmp_path / "palisade.yaml"
         manifest.write_text(to_yaml(build(full_options(certs))))
         proc = subprocess.run(
-            ["kubectl", "--server", f"http://127.0.0.1:{server.server_address[1]}", "--kubeconfig",
+            [str(KUBECTL), "--server", f"http://127.0.0.1:{server.server_address[1]}", "--kubeconfig",
              str(kubeconfig), "apply", "--dry-run=client", "--validate=false", "-f", str(manifest)],
             capture_output=True, text=True, timeout=60)
     finally:
