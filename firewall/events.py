@@ -44,7 +44,6 @@ import os
 import sys
 import threading
 import time
-import zlib
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import IO, Any
@@ -52,6 +51,7 @@ from typing import IO, Any
 from prometheus_client import Counter
 
 from firewall.redaction import dlp_scanner, mask_text, redact_event
+from firewall.signature import signature_id
 
 Event = dict[str, Any]
 
@@ -186,7 +186,7 @@ class EventSink:
                   "output", n, ", ".join(f"{k}={v}" for k, v in sorted(totals.items())))
         alert = {"timestamp": now_iso(), "event_type": "alert",
                  "alert": {"action": "allowed", "signature": DROP_SIGNATURE,
-                           "signature_id": zlib.crc32(DROP_SIGNATURE.encode()) & 0x7FFFFFFF,
+                           "signature_id": signature_id(DROP_SIGNATURE),
                            "category": "evidence", "severity": 1},
                  "events_dropped": {"since_last": n, "total": totals}}
         for fn in self._extra:

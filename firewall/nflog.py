@@ -35,6 +35,7 @@ from prometheus_client import Counter
 
 from firewall.events import ts_iso
 from firewall.redirect import L3_LOG_GROUP
+from firewall.signature import signature_id
 
 log = logging.getLogger("palisade.nflog")
 
@@ -324,7 +325,7 @@ class L3Events:
         blocked = p.verdict == "deny" and p.enforced
         e["mode"] = self._mode_of(p)
         e["alert"] = {"action": "blocked" if blocked else "allowed", "signature": p.rule,
-                      "signature_id": _signature_id(p.rule), "category": "policy", "severity": 2}
+                      "signature_id": signature_id(p.rule), "category": "policy", "severity": 2}
         e["reason"] = (f"{p.proto} {p.direction} " + ("denied" if blocked else
                        "would be denied (not enforced)" if p.verdict == "deny" else "alert rule")
                        + f" by {p.rule} (kernel L3/L4 filter)")
@@ -351,12 +352,6 @@ def _metric_verdict(p: Logged) -> str:
     if p.verdict == "deny":
         return "deny" if p.enforced else "would-deny"
     return p.verdict
-
-
-def _signature_id(name: str) -> int:
-    from firewall.session import signature_id
-
-    return signature_id(name)
 
 
 def _to_json(ident: Any, ip: str) -> dict:

@@ -250,19 +250,18 @@ class _Discovery(BaseHTTPRequestHandler):
 
 def find_kubectl() -> str | None:
     """kubectl from ``PALISADE_KUBECTL`` (a binary), ``PALISADE_K8S_BIN`` (scripts/build-k8s.sh's
-    bin directory), PATH, or the build cache (``PALISADE_K8S_CACHE``, default /var/cache/palisade-k8s)."""
+    bin directory), the build cache (``PALISADE_K8S_CACHE``, default /var/cache/palisade-k8s), or PATH."""
     explicit = os.environ.get("PALISADE_KUBECTL")
     if explicit:
         return explicit  # named on purpose: a wrong path fails the test instead of skipping it
     bin_dir = os.environ.get("PALISADE_K8S_BIN")
     if bin_dir and os.access(os.path.join(bin_dir, "kubectl"), os.X_OK):
         return os.path.join(bin_dir, "kubectl")
-    found = shutil.which("kubectl")
-    if found:
-        return found
     cache = Path(os.environ.get("PALISADE_K8S_CACHE", "/var/cache/palisade-k8s"))
     built = sorted(cache.glob("*/bin/kubectl"), key=lambda p: p.stat().st_mtime) if cache.is_dir() else []
-    return str(built[-1]) if built else None
+    if built:  # the pinned build first: a kubectl on PATH may be any version
+        return str(built[-1])
+    return shutil.which("kubectl")
 
 
 KUBECTL = find_kubectl()
