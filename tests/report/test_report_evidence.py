@@ -176,3 +176,27 @@ def test_state_survives_pickling_for_workers():
     s.feed_event(_pcap("finished", "c1", ["c1.pcap"], 10))
     t = pickle.loads(pickle.dumps(s))
     assert t.pcap.files and t.world_units == s.world_units
+
+
+def test_kernel_enforced_non_tcp_denials_reach_the_denied_tables(tmp_path):
+    """Issue 16: UDP/ICMP/numbered-protocol attempts the nftables rules dropped (flow records from
+    the NFLOG reader, ``enforcement: kernel``) are denied attempts like TCP ones, per protocol."""
+    def kernel(ip: str, proto: str, port: int | None) -> dict:
+        e = _in(ip)
+        e.update({"proto": proto, "app_proto": "unknown", "enforcement": "kernel"})
+        if port is None:
+            e.pop("dest_port")
+        else:
+            e["dest_port"] = port
+        return e
+
+    evs = [kernel("10.9.0.7", "UDP", 5300), kernel("10.9.0.7", "UDP", 5300), kernel("10.9.0.8", "ICMP", None),
+           kernel("10.9.0.9", "253", None), _in("10.9.0.10")]
+    path = _write(tmp_path, evs)
+    rep = build_report([str(tmp_path / "policy.yaml")], [path], jobs=1)
+    by_proto: dict[str, int] = {}
+    for d in rep["denied_into_cde"]:
+        by_proto[d["proto"]] = by_proto.get(d["proto"], 0) + d["count"]
+    assert by_proto == {"UDP": 2, "ICMP": 1, "253": 1, "TCP": 1}, rep["denied_into_cde"]
+    udp = [d for d in rep["denied_into_cde"] if d["proto"] == "UDP"]
+    assert udp[0]["port"] == 5300
