@@ -548,6 +548,10 @@ class Flow:
             self.lost[TOCLIENT] = True
 
 
+class _PortsBusy(Exception):
+    """Every source port tried for one upstream was taken (EADDRINUSE)."""
+
+
 class Proxy:
     """Listeners + the set of open flows; the policy/DLP state lives in ``inspection``."""
 
@@ -565,6 +569,7 @@ class Proxy:
         self._sweeper: asyncio.Task | None = None
         self.transparent_upstream = True
         self._port_cursor = 0
+        self._skip_ports: frozenset[int] | None = None  # listener ports, known after bind()
         self.splice = splice.AVAILABLE and getattr(cfg, "splice", True)
         self.offload_bytes = getattr(cfg, "dlp_offload_bytes", 65536) or (1 << 62)
         from concurrent.futures import ThreadPoolExecutor
@@ -589,6 +594,7 @@ class Proxy:
             if cfg.ipv6 and socket.has_ipv6:
                 specs.append(("::", cfg.dns_port, True, True, "dns"))
         self._specs = []
+        self._skip_ports = None
         for host, port, transparent, udp, kind in specs:
             try:
                 s = listen_socket(host, port, transparent=transparent, udp=udp, reuseport=reuseport)
@@ -771,14 +777,14 @@ class Proxy:
         s = flow.session
         keep_source = kind == "inbound" and self.transparent_upstream
         try:
-            sock = self._upstream_socket(family, peer[0] if keep_source else None)
+            sock, preserved = self._upstream_socket(family, peer[0] if keep_source else None)
         except OSError as exc:  # EMFILE/ENFILE: this flow fails, visibly; the process goes on
             metrics.RELAY_ERRORS.labels("no-descriptor").inc()
             s.close_reason = f"error:{errno.errorcode.get(exc.errno or 0, exc.errno)}"
             flow.close(reset=True)
             flow.lost[TOCLIENT] = True
             return
-        s.source_preserved = keep_source and self.transparent_upstream  # false if the bind was refused
+        s.source_preserved = preserved  # false if the bind was refused or every port was taken
         try:
             tries = 0
             while True:
@@ -799,9 +805,9 @@ class Proxy:
                     # This flow connects from the pod's address instead (source_preserved false).
                     metrics.RELAY_ERRORS.labels("source-ports-exhausted").inc()
                     s.source_preserved = False
-                    sock = self._upstream_socket(family, None)
+                    sock, _ = self._upstream_socket(family, None)
                 else:
-                    sock = self._upstream_socket(family, peer[0])
+                    sock, s.source_preserved = self._upstream_socket(family, peer[0])
             if flow.closed:
                 sock.close()
                 return
@@ -826,17 +832,22 @@ class Proxy:
             return
         flow.attach_server(server)
 
-    def _upstream_socket(self, family: int, client_addr: str | None) -> socket.socket:
+    def _upstream_socket(self, family: int, client_addr: str | None) -> tuple[socket.socket, bool]:
         """A non-blocking socket for the upstream leg; with ``client_addr`` it is bound to the
         client's address (IP_TRANSPARENT) and a port of ``upstream_ports``, so the server sees
         the real client (the kernel's IP_LOCAL_PORT_RANGE cannot help: it only narrows the
-        ephemeral range, and ours lies outside it on purpose).  If the kernel refuses
-        transparency (no CAP_NET_ADMIN) the process falls back to the pod's own address for good."""
+        ephemeral range, and ours lies outside it on purpose).
+
+        A port that is taken (EADDRINUSE: one of our own listeners, an application's listener
+        in the pod, a leg still bound to it) only means "the next port": up to PORT_TRIES ports
+        are tried, then this one flow connects from the pod's address.  Only a refusal of
+        transparency itself (EPERM/EACCES: no CAP_NET_ADMIN) turns it off for the process -
+        taking EADDRINUSE for that once made every later flow lose the client's address."""
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
         if client_addr is None:
             _own_mark(sock)
-            return sock
+            return sock, False
         lo, hi = self.cfg.upstream_ports
         try:
             sock.setsockopt(SOL_IPV6 if family == socket.AF_INET6 else SOL_IP,
@@ -845,26 +856,53 @@ class Proxy:
             # several upstreams may share a source port towards different servers; the kernel
             # still refuses a duplicate 4-tuple at connect() (EADDRNOTAVAIL: the next port)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((client_addr, self._source_port(lo, hi)))
+            for _ in range(PORT_TRIES):
+                try:
+                    sock.bind((client_addr, self._source_port(lo, hi)))
+                    return sock, True
+                except OSError as exc:
+                    if exc.errno != errno.EADDRINUSE:
+                        raise
+            metrics.RELAY_ERRORS.labels("source-ports-exhausted").inc()
+            raise _PortsBusy()
+        except _PortsBusy:
+            sock.close()
         except OSError as exc:
             sock.close()
             if exc.errno in (errno.EMFILE, errno.ENFILE):
                 raise
             log.warning("cannot preserve the client address (%s); connecting from the pod", exc)
             self.transparent_upstream = False
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setblocking(False)
-            _own_mark(sock)
-        return sock
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        _own_mark(sock)
+        return sock, False
+
+    def listening_ports(self) -> frozenset[int]:
+        """Every TCP/UDP port this process listens on (config ports and the bound sockets)."""
+        ports = set(self.own_ports)
+        for s, _kind in getattr(self, "_specs", ()):
+            try:
+                ports.add(s.getsockname()[1])
+            except OSError:
+                pass
+        return frozenset(ports)
 
     def _source_port(self, lo: int, hi: int) -> int:
         """The next port of ``upstream_ports``, round robin from a random start: the port a
         flow gets is the one used longest ago, so it has most likely left TIME_WAIT (random
-        picks would keep hitting recent ones as the range fills)."""
-        if not lo <= self._port_cursor <= hi:
-            self._port_cursor = random.randint(lo, hi)
-        port = self._port_cursor
-        self._port_cursor = lo if port >= hi else port + 1
+        picks would keep hitting recent ones as the range fills).  The sidecar's own listener
+        ports are never handed out (binding one fails, and the range contains them by default)."""
+        skip = self._skip_ports
+        if skip is None:
+            skip = self._skip_ports = self.listening_ports()
+        for _ in range(len(skip) + 1):
+            if not lo <= self._port_cursor <= hi:
+                self._port_cursor = random.randint(lo, hi)
+            port = self._port_cursor
+            self._port_cursor = lo if port >= hi else port + 1
+            if port not in skip:
+                return port
         return port
 
     def flow_done(self, flow: Flow) -> None:

@@ -409,3 +409,64 @@ def test_upstream_source_ports_avoid_client_ports_and_survive_a_full_range(clust
     assert float(spliced.group(1)) >= n
     fds = len(list(Path(f"/proc/{sc.pid()}/fd").iterdir()))
     assert fds < 2 * n + 100, fds
+
+
+CHURN_SERVER = """
+import socket
+ls = socket.socket(); ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+ls.bind(("0.0.0.0", 9301)); ls.listen(4096)
+while True:
+    c, (ip, port) = ls.accept()
+    c.sendall(("%s %d\\n" % (ip, port)).encode())
+    c.close()
+"""
+
+CHURN_CLIENT = """
+import json, socket, sys
+out = []
+for i in range(N):
+    s = socket.create_connection((HOST, 9301), timeout=10)
+    data = b""
+    while True:
+        chunk = s.recv(64)
+        if not chunk:
+            break
+        data += chunk
+    s.close()
+    ip, port = data.decode().split()
+    out.append([ip, int(port)])
+print(json.dumps(out))
+"""
+
+
+def test_churn_keeps_the_client_address_on_every_flow(cluster, tmp_path):
+    """Issue 22: ``upstream_ports`` contained the sidecar's own listener ports; binding one
+    failed with EADDRINUSE, which was taken for "no CAP_NET_ADMIN" and turned the transparent
+    upstream off for the life of the process.  Here the range holds the outbound (15001),
+    inbound (15006), admin (15020) and DNS (15053) listener ports and an application's own
+    listener (15500); a churn of short flows walks through all of them and every flow must
+    still reach the application from the client's own address."""
+    srv, cli = cluster.pod("server"), cluster.pod("client")
+    srv.popen([PY, "-c", textwrap.dedent(CHURN_SERVER)])
+    srv.wait_listening(9301)
+    srv.popen([PY, "-c", "import socket,time; s=socket.socket(); s.bind(('0.0.0.0',15500)); s.listen(); "
+                         "time.sleep(3600)"])
+    srv.wait_listening(15500)
+    cfg = tmp_path / "sidecar.yaml"
+    cfg.write_text("upstream_ports: [15000, 16023]\n")
+    sc = srv.start_sidecar(*L4, "--config", str(cfg))
+    n = 900  # < the range: the round robin passes every listener port in it
+    code = textwrap.dedent(CHURN_CLIENT).replace("N)", f"{n})").replace("HOST", repr(srv.ip))
+    r = _py(cli, code, timeout=180, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(r.stdout)
+    assert len(rows) == n
+    assert all(ip == cli.ip for ip, _ in rows), [row for row in rows if row[0] != cli.ip][:5]
+    ports = {p for _, p in rows}
+    assert not ports & {15001, 15006, 15020, 15053, 15500}
+    assert all(15000 <= p <= 16023 for p in ports)
+    flows = sc.wait_flows(n, dest_port=9301, timeout=60)
+    assert len(flows) == n
+    assert all(f["source_preserved"] is True for f in flows), \
+        sum(1 for f in flows if f["source_preserved"] is not True)
+    assert sc.proc.poll() is None
