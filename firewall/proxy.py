@@ -29,6 +29,7 @@ from collections import defaultdict
 from typing import Any
 
 from firewall import metrics, splice
+from firewall.events import ts_iso
 from firewall.protocols.base import TOCLIENT, TOSERVER
 from firewall.redirect import mark_own as _own_mark
 from firewall.session import Inspection, Session
@@ -49,6 +50,10 @@ HIGH_WATER = 1 << 20
 #: source ports of ``upstream_ports`` tried (in turn) before a flow gives up the client's address
 PORT_TRIES = 32
 LOW_WATER = 256 << 10
+#: flow records are written in batches: at most this long after the flow ends ...
+RECORD_INTERVAL = 0.05
+#: ... or as soon as this many flows have ended
+RECORD_BATCH = 256
 _LINGER0 = struct.pack("ii", 1, 0)
 
 
@@ -352,7 +357,9 @@ class Flow:
             self.proxy.loop.call_later(0.002, self.maybe_splice)
             return
         try:
-            cfd = os.dup(ct.get_extra_info("socket").fileno())
+            csock = ct.get_extra_info("socket")
+            family = csock.family
+            cfd = os.dup(csock.fileno())
             try:
                 sfd = os.dup(st.get_extra_info("socket").fileno())
             except OSError:
@@ -362,7 +369,8 @@ class Flow:
             self._cancel_splice()
             return
         try:
-            self.splicer = splice.Splicer(self.proxy.loop, cfd, sfd, self._spliced_bytes, self._spliced_end)
+            self.splicer = splice.Splicer(self.proxy.loop, cfd, sfd, self._spliced_bytes, self._spliced_end,
+                                          family)
         except OSError:
             os.close(cfd)
             os.close(sfd)
@@ -559,6 +567,11 @@ class Proxy:
         self.cfg = cfg
         self.inspection = inspection
         self.emit = emit
+        # the sink's batched writer when it has one (EventSink); tests may pass a plain function
+        self.emit_many = getattr(getattr(emit, "__self__", None), "emit_many", None)
+        self._ended: list[tuple[Session, float]] = []  # flows closed since the last record flush
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self.record_interval = getattr(cfg, "flow_record_interval", RECORD_INTERVAL)
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
         self.flows: set[Flow] = set()
         self.servers: list[Any] = []
@@ -637,6 +650,7 @@ class Proxy:
             f.session.close_reason = "shutdown"
             f.close(reset=True)
         await asyncio.sleep(0)
+        self.flush_records()  # SIGTERM loses no flow record: the batch is written before exit
         return cut
 
     async def _sweep(self) -> None:
@@ -789,7 +803,7 @@ class Proxy:
             tries = 0
             while True:
                 try:
-                    await asyncio.wait_for(self.loop.sock_connect(sock, dst), self.cfg.connect_timeout)
+                    await self._sock_connect(sock, dst, self.cfg.connect_timeout)
                     break
                 except OSError as exc:
                     # this source port's 4-tuple is taken (an open or TIME_WAIT upstream of the
@@ -831,6 +845,41 @@ class Proxy:
             flow.lost[TOCLIENT] = True
             return
         flow.attach_server(server)
+
+    async def _sock_connect(self, sock: socket.socket, dst: tuple[str, int], timeout: float) -> None:
+        """Non-blocking connect to a numeric address, with a timer for the timeout.
+
+        ``loop.sock_connect`` resolves the address first (uvloop: ``getaddrinfo`` on libuv's
+        thread pool for every connect, even for an IP literal) and ``wait_for`` adds a task per
+        connect; ``connect_ex`` takes the literal as it is and one writer callback reports the
+        result (issue 22)."""
+        err = sock.connect_ex(dst)
+        if err == 0:
+            return
+        if err != errno.EINPROGRESS:
+            raise OSError(err, os.strerror(err))
+        loop = self.loop
+        fut = loop.create_future()
+        fd = sock.fileno()
+
+        def ready() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        def expired() -> None:
+            if not fut.done():
+                fut.set_exception(TimeoutError())
+
+        loop.add_writer(fd, ready)
+        timer = loop.call_later(timeout, expired)
+        try:
+            await fut
+        finally:
+            timer.cancel()
+            loop.remove_writer(fd)
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise OSError(err, os.strerror(err))
 
     def _upstream_socket(self, family: int, client_addr: str | None) -> tuple[socket.socket, bool]:
         """A non-blocking socket for the upstream leg; with ``client_addr`` it is bound to the
@@ -921,7 +970,38 @@ class Proxy:
         metrics.BYTES_TOTAL.labels("toserver", s.direction).inc(s.bytes[TOSERVER])
         metrics.BYTES_TOTAL.labels("toclient", s.direction).inc(s.bytes[TOCLIENT])
         metrics.FLOW_DURATION.observe(end - s.start)
-        self.emit(s.record(end))
+        self._ended.append((s, end))
+        if len(self._ended) >= RECORD_BATCH or not self.record_interval:
+            self.flush_records()
+        elif self._flush_timer is None and self.loop is not None:
+            self._flush_timer = self.loop.call_later(self.record_interval, self.flush_records)
+
+    def flush_records(self) -> None:
+        """Build and write the flow records of the flows that ended since the last flush.
+
+        Off the connection path: closing a flow only queues its session; the records (JSON,
+        redaction, timestamps) are made here, at most RECORD_INTERVAL later, and written in one
+        write.  What can be lost: on SIGTERM nothing (run_cli flushes after the drain); if the
+        worker process dies (SIGKILL, OOM) the records of flows that ended in its last
+        RECORD_INTERVAL (at most RECORD_BATCH of them)."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        ended, self._ended = self._ended, []
+        records = []
+        for s, end in ended:
+            try:
+                rec = s.record(end)
+            except Exception:  # noqa: BLE001 - one broken session must not cost the others' records
+                log.exception("flow record failed")
+                continue
+            rec["timestamp"] = ts_iso(end)  # when the flow ended, not when the batch was written
+            records.append(rec)
+        if self.emit_many is not None:
+            self.emit_many(records)
+        else:
+            for rec in records:
+                self.emit(rec)
 
 
 class _Accept(_Side):

@@ -470,3 +470,26 @@ def test_churn_keeps_the_client_address_on_every_flow(cluster, tmp_path):
     assert all(f["source_preserved"] is True for f in flows), \
         sum(1 for f in flows if f["source_preserved"] is not True)
     assert sc.proc.poll() is None
+
+
+def test_sigterm_writes_every_batched_flow_record(cluster, tmp_path):
+    """Flow records are written in batches (``flow_record_interval``); here the interval is
+    far longer than the test, so every record is still queued when SIGTERM arrives: the
+    shutdown must write them all, each redacted like any other event."""
+    srv, cli = cluster.pod("server"), cluster.pod("client")
+    srv.popen([PY, "-c", textwrap.dedent(CHURN_SERVER)])
+    srv.wait_listening(9301)
+    cfg = tmp_path / "sidecar.yaml"
+    cfg.write_text("flow_record_interval: 60\n")
+    sc = srv.start_sidecar(*L4, "--config", str(cfg))
+    n = 50
+    code = textwrap.dedent(CHURN_CLIENT).replace("N)", f"{n})").replace("HOST", repr(srv.ip))
+    r = _py(cli, code, timeout=60, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sc.flows(dest_port=9301) == []  # still in the batch
+    sc.proc.send_signal(signal.SIGTERM)
+    assert sc.proc.wait(30) == 0
+    flows = sc.flows(dest_port=9301)
+    assert len(flows) == n
+    assert len({f["flow_id"] for f in flows}) == n
+    assert all(f["timestamp"] == f["flow"]["end"] for f in flows)
