@@ -619,7 +619,9 @@ class Bench:
         self.nginx_proxy: subprocess.Popen | None = None
         self.log: dict = {}
         self.base_tree: Path | None = None
-        if a.baseline:
+        if a.baseline and Path(a.baseline).is_dir():
+            self.base_tree = Path(a.baseline).resolve()  # a tree holding the baseline's firewall/
+        elif a.baseline:
             # the baseline commit's package, extracted next to the run (compare two commits in one
             # invocation, interleaved: figures from separate runs on a shared machine are not comparable)
             self.base_tree = self.tmp / "baseline"
@@ -953,8 +955,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="run every path this many times, interleaved (round 1: all paths, round 2: ...); "
                          "each figure is the median over the rounds, its spread in <metric>_spread")
     ap.add_argument("--baseline", metavar="COMMIT",
-                    help="also run a palisade path on COMMIT's code: name it PATH@base in --paths "
-                         "(e.g. palisade-l4,palisade-l4@base)")
+                    help="also run a palisade path on COMMIT's code (or a directory holding a firewall/ "
+                         "package): name it PATH@base in --paths (e.g. palisade-l4,palisade-l4@base)")
     a = ap.parse_args(argv)
     scen = [s for s in a.scenarios.split(",") if s]
     bad = [s for s in scen if s not in ALL_SCENARIOS]
@@ -980,8 +982,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"machine": machine_info(), "git": git_rev(), "quick": a.quick, "scenarios": scen,
                      "bytes_each_way": nbytes, "paths": {}, "rounds": a.rounds}
     if a.baseline:
-        results["baseline"] = subprocess.run(["git", "-C", str(REPO_DIR), "rev-parse", "--short", a.baseline],
-                                             capture_output=True, text=True).stdout.strip()
+        results["baseline"] = (a.baseline if Path(a.baseline).is_dir() else
+                               subprocess.run(["git", "-C", str(REPO_DIR), "rev-parse", "--short", a.baseline],
+                                              capture_output=True, text=True).stdout.strip())
     b = Bench(a, nbytes)
     old = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:

@@ -28,6 +28,8 @@ import time
 from collections import defaultdict
 from typing import Any
 
+from prometheus_client import Counter
+
 from firewall import metrics, splice
 from firewall.events import ts_iso
 from firewall.protocols.base import TOCLIENT, TOSERVER
@@ -35,6 +37,11 @@ from firewall.redirect import mark_own as _own_mark
 from firewall.session import Inspection, Session
 
 log = logging.getLogger("palisade.proxy")
+
+FAST_FLOWS = Counter("palisade_l4_fast_flows", "Flows relayed on the L4 fast path (verdict final at accept: "
+                     "accept -> connect -> splice, no asyncio transports)")
+#: connections taken per wake-up of a fast-path listener (bounded: one burst cannot starve the relay)
+ACCEPT_BATCH = 32
 
 SOL_IP = 0
 SOL_IPV6 = 41
@@ -132,6 +139,15 @@ def _reset(transport: asyncio.BaseTransport | None) -> None:
         except OSError:
             pass
     transport.abort()
+
+
+def _reset_sock(sock: socket.socket) -> None:
+    """Refuse/abort a bare socket with RST (SO_LINGER 0), as ``_reset`` does for a transport."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
+    except OSError:
+        pass
+    sock.close()
 
 
 def _peer_gone(flow: Flow) -> bool:
@@ -556,6 +572,155 @@ class Flow:
             self.lost[TOCLIENT] = True
 
 
+class FastFlow:
+    """A flow whose verdict was final at accept (L4-only policy, no DLP action for this peer
+    pair, no L7 identification): no asyncio transports at all.
+
+    The accepted socket is left alone (the client's early bytes wait in the kernel's receive
+    queue), the upstream is connected with ``connect_ex`` and one writer callback, and both
+    descriptors go straight to the splice relay.  It offers the proxy what ``Flow`` does for
+    its bookkeeping: ``session``, ``closed``/``done``, ``last`` (idle sweep), ``paused``,
+    ``splicer``, ``peer_key`` and ``close(reset)`` (quarantine/reload cuts, drain)."""
+
+    __slots__ = ("proxy", "session", "csock", "ssock", "closed", "done", "last", "paused", "splicer",
+                 "peer_key", "timer", "dst", "peer", "tries", "family", "wfd")
+
+    def __init__(self, proxy: Proxy, session: Session, csock: socket.socket, dst: tuple[str, int],
+                 peer: tuple[str, int]) -> None:
+        self.proxy = proxy
+        self.session = session
+        self.csock = csock
+        self.ssock: socket.socket | None = None
+        self.closed = False
+        self.done = False
+        self.last = time.monotonic()
+        self.paused = (False, False)
+        self.splicer: splice.Splicer | None = None
+        self.peer_key = ""
+        self.timer: asyncio.TimerHandle | None = None
+        self.dst, self.peer = dst, peer
+        self.tries = 0
+        self.family = csock.family
+        self.wfd = -1  # the upstream descriptor while a writer callback waits for connect()
+
+    def connect(self, keep_source: bool) -> None:
+        try:
+            self.ssock, self.session.source_preserved = self.proxy._upstream_socket(
+                self.family, self.peer[0] if keep_source else None)
+        except OSError as exc:  # EMFILE/ENFILE: this flow fails, visibly
+            metrics.RELAY_ERRORS.labels("no-descriptor").inc()
+            self.session.close_reason = f"error:{errno.errorcode.get(exc.errno or 0, exc.errno)}"
+            self.close(reset=True)
+            return
+        self._try()
+
+    def _try(self) -> None:
+        sock = self.ssock
+        assert sock is not None
+        err = sock.connect_ex(self.dst)  # a numeric address: no resolver
+        if err == 0:
+            self._connected()
+        elif err == errno.EINPROGRESS:
+            loop = self.proxy.loop
+            self.wfd = sock.fileno()
+            loop.add_writer(self.wfd, self._on_connect)
+            if self.timer is None:
+                self.timer = loop.call_later(self.proxy.cfg.connect_timeout, self._timeout)
+        else:
+            self._failed(err)
+
+    def _unwatch(self) -> None:
+        if self.wfd >= 0:
+            self.proxy.loop.remove_writer(self.wfd)
+            self.wfd = -1
+
+    def _on_connect(self) -> None:
+        self._unwatch()
+        if self.closed or self.ssock is None:
+            return
+        err = self.ssock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._failed(err)
+        else:
+            self._connected()
+
+    def _timeout(self) -> None:
+        self.timer = None
+        if not self.closed and self.splicer is None:
+            metrics.RELAY_ERRORS.labels("upstream-timeout").inc()
+            self.session.close_reason = "upstream-timeout"
+            self.close(reset=True)
+
+    def _failed(self, err: int) -> None:
+        s = self.session
+        if err == errno.EADDRNOTAVAIL and s.source_preserved:
+            # this source port's 4-tuple is taken towards this server: the next port (as Flow)
+            self.tries += 1
+            assert self.ssock is not None
+            self.ssock.close()
+            if self.tries >= PORT_TRIES:
+                metrics.RELAY_ERRORS.labels("source-ports-exhausted").inc()
+                self.ssock, _ = self.proxy._upstream_socket(self.family, None)
+                s.source_preserved = False
+            else:
+                self.ssock, s.source_preserved = self.proxy._upstream_socket(self.family, self.peer[0])
+            self._try()
+            return
+        reason = "upstream-refused" if err == errno.ECONNREFUSED else "upstream-unreachable"
+        metrics.RELAY_ERRORS.labels(reason).inc()
+        s.close_reason = reason
+        self.close(reset=True)
+
+    def _connected(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        assert self.ssock is not None
+        cfd, sfd = self.csock.detach(), self.ssock.detach()
+        self.csock = self.ssock = None  # type: ignore[assignment]
+        self.splicer = splice.Splicer(self.proxy.loop, cfd, sfd, self._bytes, self._end, self.family)
+        self.splicer.start()
+        metrics.SPLICED.inc()
+
+    def _bytes(self, d: int, n: int) -> None:
+        self.session.bytes[d] += n
+        self.last = time.monotonic()
+
+    def _end(self, reason: str) -> None:
+        s = self.session
+        if reason != "eof" and s.close_reason == "eof":
+            s.close_reason = reason
+        self.closed = True
+        self._finish()
+
+    def close(self, reset: bool) -> None:
+        if self.splicer is not None:
+            self.splicer.close(reset, self.session.close_reason)
+            return
+        if self.closed:
+            return
+        self.closed = True
+        self._unwatch()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        for sock in (self.csock, self.ssock):
+            if sock is None:
+                continue
+            try:
+                if reset:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
+                sock.close()
+            except OSError:
+                pass
+        self._finish()
+
+    def _finish(self) -> None:
+        if not self.done:
+            self.done = True
+            self.proxy.flow_done(self)  # type: ignore[arg-type]
+
+
 class _PortsBusy(Exception):
     """Every source port tried for one upstream was taken (EADDRINUSE)."""
 
@@ -584,6 +749,11 @@ class Proxy:
         self._port_cursor = 0
         self._skip_ports: frozenset[int] | None = None  # listener ports, known after bind()
         self.splice = splice.AVAILABLE and getattr(cfg, "splice", True)
+        # the L4 fast path needs the splice relay, and only flows without L7 identification can
+        # be final at accept: with L7 on, the listeners stay asyncio servers (unchanged path)
+        self.fast_path = (self.splice and getattr(cfg, "l4_fast_path", True)
+                          and not getattr(cfg, "l7", True))
+        self._listeners: list[socket.socket] = []
         self.offload_bytes = getattr(cfg, "dlp_offload_bytes", 65536) or (1 << 62)
         from concurrent.futures import ThreadPoolExecutor
 
@@ -627,6 +797,12 @@ class Proxy:
                 await relay.start()
                 self.udp.append(relay)
                 continue
+            if self.fast_path:
+                # our own accept loop: flows final at accept never get a transport
+                s.setblocking(False)
+                self.loop.add_reader(s.fileno(), self._on_listen, s, kind)
+                self._listeners.append(s)
+                continue
             srv = await self.loop.create_server(
                 (lambda k=kind: _Accept(self, k)), sock=s, backlog=4096)
             self.servers.append(srv)
@@ -637,6 +813,13 @@ class Proxy:
         self.ready = False
         for srv in self.servers:
             srv.close()
+        for ls in self._listeners:
+            try:
+                self.loop.remove_reader(ls.fileno())
+            except (OSError, ValueError):
+                pass
+            ls.close()
+        self._listeners = []
         for u in self.udp:
             u.close()
 
@@ -747,6 +930,114 @@ class Proxy:
         self.flows.add(flow)
         metrics.CONNECTIONS_ACTIVE.labels(direction).inc()
         self.loop.create_task(self._connect(flow, dst, peer, kind))
+
+    # ---------------------------------------------------------------- the L4 fast path
+    def _on_listen(self, ls: socket.socket, kind: str) -> None:
+        """A fast-path listener is readable: take up to ACCEPT_BATCH connections."""
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, addr = ls.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # no descriptor for it: stop accepting for a moment (the backlog holds the
+                    # clients) instead of spinning on a level-triggered readable listener
+                    metrics.RELAY_ERRORS.labels("no-descriptor").inc()
+                    fd = ls.fileno()
+                    self.loop.remove_reader(fd)
+
+                    def again(fd: int = fd) -> None:
+                        if ls in self._listeners:
+                            self.loop.add_reader(fd, self._on_listen, ls, kind)
+
+                    self.loop.call_later(0.1, again)
+                    return
+                continue  # ECONNABORTED and the like: that client is gone, take the next
+            try:
+                self._admit(kind, conn, addr)
+            except Exception:  # noqa: BLE001 - one bad connection must not stop the listener
+                log.exception("accept failed")
+                _reset_sock(conn)
+
+    def _admit(self, kind: str, conn: socket.socket, addr: Any) -> None:
+        """Decide a connection from the fast-path accept loop: refuse, splice at once (verdict
+        final: no DLP action for this pair), or adopt it as an asyncio transport (DLP applies)."""
+        conn.setblocking(False)
+        try:
+            peer = _norm(addr)
+            dst = _norm(conn.getsockname()) if kind == "inbound" else original_dst(conn)
+        except (OSError, TypeError) as exc:
+            metrics.RELAY_ERRORS.labels("original-dst").inc()
+            log.warning("cannot recover the original destination: %s", exc)
+            _reset_sock(conn)
+            return
+        direction = "inbound" if kind == "inbound" else "outbound"
+        session = Session(self.inspection, direction, peer, dst)
+        if not self._decide(kind, session, dst):
+            _reset_sock(conn)
+            metrics.CONNECTIONS_TOTAL.labels(session.direction, "deny").inc()
+            self.emit(session.record())
+            return
+        key = peer[0]
+        if not session.passthrough:
+            self.loop.create_task(self._adopt(kind, conn, session, peer, dst))
+            return
+        flow = FastFlow(self, session, conn, dst, peer)
+        flow.peer_key = key
+        self.per_peer[key] += 1
+        self.flows.add(flow)  # type: ignore[arg-type]
+        metrics.CONNECTIONS_ACTIVE.labels(direction).inc()
+        FAST_FLOWS.inc()
+        flow.connect(kind == "inbound" and self.transparent_upstream)
+
+    def _decide(self, kind: str, session: Session, dst: tuple[str, int]) -> bool:
+        """Self-connection, connection limits and the policy at accept (as ``accepted``)."""
+        if self.self_connection(kind, dst):
+            metrics.RELAY_ERRORS.labels("self-connection").inc()
+            session.verdict, session.rule, session.close_reason = "deny", "self-connection", "self-connection"
+            try:
+                session._alert("policy", "self-connection", blocked=True, severity=1,
+                               extra={"reason": f"destination {dst[0]}:{dst[1]} is the sidecar's own listener"})
+            except Exception:  # noqa: BLE001
+                log.exception("self-connection alert failed")
+            return False
+        key = session.src_ip  # the peer address (the pod itself for outbound), as in accepted()
+        if self.per_peer[key] >= self.cfg.max_connections_per_peer or len(self.flows) >= self.cfg.max_connections:
+            metrics.PEER_LIMITED.inc()
+            session.verdict, session.rule, session.close_reason = "deny", "connection-limit", "limit"
+            return False
+        try:
+            return session.open()
+        except Exception as exc:  # noqa: BLE001 - a policy bug fails closed for this flow only
+            log.exception("policy evaluation failed")
+            session.verdict, session.rule, session.close_reason = "deny", "error", f"policy-error:{exc}"
+            return False
+
+    async def _adopt(self, kind: str, conn: socket.socket, session: Session, peer: tuple[str, int],
+                     dst: tuple[str, int]) -> None:
+        """A flow the DLP reads: give the accepted socket an asyncio transport and relay it on
+        the Protocol path (``Flow``), exactly as a connection from an asyncio server."""
+        client = _Side(None, TOSERVER)  # type: ignore[arg-type]
+        flow = Flow(self, session, client)
+        client.flow = flow
+        try:
+            await self.loop.connect_accepted_socket(lambda: client, conn)
+        except OSError:
+            _reset_sock(conn)
+            session.close_reason = "reset"
+            metrics.CONNECTIONS_TOTAL.labels(session.direction, session.verdict).inc()
+            self.emit(session.record())
+            return
+        transport = client.transport
+        assert transport is not None
+        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
+        key = peer[0]
+        flow.peer_key = key
+        self.per_peer[key] += 1
+        self.flows.add(flow)
+        metrics.CONNECTIONS_ACTIVE.labels(session.direction).inc()
+        await self._connect(flow, dst, peer, kind)
 
     @property
     def own_ports(self) -> frozenset[int]:

@@ -7,6 +7,7 @@ bridge, pushes real traffic and checks bytes, addresses and flow records.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -493,3 +494,132 @@ def test_sigterm_writes_every_batched_flow_record(cluster, tmp_path):
     assert len(flows) == n
     assert len({f["flow_id"] for f in flows}) == n
     assert all(f["timestamp"] == f["flow"]["end"] for f in flows)
+
+
+FAST_POLICY = """
+apiVersion: palisade.dev/v1
+kind: FirewallPolicy
+metadata: {name: api, namespace: payments}
+spec:
+  selector:
+    matchLabels: {app: api}
+  mode: protect
+  default: deny
+  ingress:
+    - name: shop-to-api
+      from:
+        - namespace: shop
+      ports: [{port: 9300, protocol: TCP}]
+      action: allow
+"""
+
+HOLD_CLIENT = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], 9300), timeout=30)
+print(s.recv(100).decode().split()[0], flush=True)
+try:
+    print("closed" if not s.recv(100) else "data", flush=True)
+except ConnectionResetError:
+    print("reset", flush=True)
+"""
+
+
+def _fast_flows(sc) -> float:
+    m = re.search(r"^palisade_l4_fast_flows_total (\S+)", sc.http("/metrics")[1], re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def _fast_env(cluster, *extra: str):
+    from firewall.podinfo import write_podinfo
+
+    tmp_path = Path(cluster.tmp)  # readable by the sidecar's UID (it re-reads these on reload)
+    srv, cli = cluster.pod("server", namespace="payments"), cluster.pod("client", namespace="shop")
+    srv.popen([PY, "-c", textwrap.dedent(PEER_SERVER)])
+    srv.wait_listening(9300)
+    labels = {"app": "api"}
+    ident = tmp_path / "identity.json"
+    ident.write_text(json.dumps([
+        {"ip": srv.ip, "namespace": "payments", "pod": "server", "labels": labels},
+        {"ip": cli.ip, "namespace": "shop", "pod": "client", "labels": {"app": "shop"}}]))
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(FAST_POLICY)
+    podinfo = tmp_path / "podinfo"
+    podinfo.mkdir()
+    write_podinfo(str(podinfo), {}, labels)
+    os.chmod(podinfo, 0o755)
+    sc = srv.start_sidecar(*L4, "--identity", str(ident), "--policy", str(policy), "--podinfo", str(podinfo),
+                           "--labels", json.dumps(labels), *extra, env={"POD_NAMESPACE": "payments"})
+    return srv, cli, sc, policy, podinfo, labels
+
+
+def _hold(cli, srv):
+    p = cli.popen([PY, "-c", textwrap.dedent(HOLD_CLIENT), srv.ip])
+    assert p.stdout.readline().decode().strip() == cli.ip  # relayed, client address kept
+    return p
+
+
+def test_l4_fast_path_flows_are_cut_by_reload_and_quarantine(cluster):
+    """Flows final at accept skip asyncio transports (accept -> connect -> splice), yet a
+    policy reload still re-evaluates them (the new policy denies: cut, recorded as such) and
+    quarantine still cuts every open one."""
+    from firewall.podinfo import write_podinfo
+
+    srv, cli, sc, policy, podinfo, labels = _fast_env(cluster)
+    holder = _hold(cli, srv)
+    assert _fast_flows(sc) == 1.0
+    policy.write_text(FAST_POLICY.replace("namespace: shop", "namespace: shop-v2"))
+    assert holder.stdout.readline().decode().strip() in ("reset", "closed")
+    flow = sc.wait_flows(1, dest_port=9300)[0]
+    assert flow["verdict"] == "deny" and flow["close_reason"] == "reload"
+    assert flow["source_preserved"] is True
+    policy.write_text(FAST_POLICY)
+    sc.wait_event(lambda e: e.get("event_type") == "policy" and e["policy"]["action"] == "reloaded"
+                  and len(sc.flows(dest_port=9300)) == 1, timeout=15)
+    wait_until(lambda: _py(cli, f"""
+        import socket
+        s = socket.create_connection(("{srv.ip}", 9300), timeout=3); print(s.recv(64).decode().split()[0])
+    """, check=False).stdout.strip() == cli.ip, 15, what="allowed again after the second reload")
+    holder = _hold(cli, srv)
+    write_podinfo(str(podinfo), {"palisade.dev/quarantine": "true"}, labels)
+    assert holder.stdout.readline().decode().strip() in ("reset", "closed")
+    cut = sc.wait_flows(1, dest_port=9300, close_reason="quarantine")[0]
+    assert cut["verdict"] == "deny"
+    assert _fast_flows(sc) >= 3.0
+
+
+def test_l4_fast_path_idle_timeout_and_drain(cluster):
+    """A spliced fast-path flow with no bytes is reset after idle_timeout; another open one is
+    cut at the end of the SIGTERM drain, and both have their flow record."""
+    srv, cli, sc, *_ = _fast_env(cluster, "--idle-timeout", "2", "--drain-timeout", "1")
+    holder = _hold(cli, srv)
+    assert _fast_flows(sc) == 1.0
+    t0 = time.monotonic()
+    assert holder.stdout.readline().decode().strip() in ("reset", "closed")
+    assert 1.5 < time.monotonic() - t0 < 6
+    assert sc.wait_flows(1, dest_port=9300, close_reason="idle-timeout")
+    holder = _hold(cli, srv)
+    sc.proc.send_signal(signal.SIGTERM)
+    assert holder.stdout.readline().decode().strip() in ("reset", "closed")
+    assert sc.proc.wait(30) == 0
+    assert len(sc.flows(dest_port=9300, close_reason="shutdown")) == 1
+
+
+def test_l4_fast_path_only_for_flows_no_dlp_reads_and_both_paths_byte_exact(cluster):
+    """With DLP on (L7 off) a flow the DLP reads is not final at accept: it is adopted as a
+    transport (Protocol path) and stays byte-exact; with DLP off the same flow takes the fast
+    path (the client's header, sent at once, waits in the kernel until the upstream is up)."""
+    srv, cli = cluster.pod("server"), cluster.pod("client")
+    blast = srv.serve_blast(9000)
+    sc = srv.start_sidecar("--no-l7")  # DLP packs on: not final at accept
+    n = 8 * 1024 * 1024
+    r = cli.blast(srv.ip, client_bytes=n, server_bytes=n)
+    assert r["failed"] == 0, r
+    assert blast.wait_results(1)[0]["recv_ok"] is True
+    flow = sc.wait_flows(1, dest_port=9000)[0]
+    assert flow["flow"]["bytes_toserver"] == n + 24 and flow["flow"]["bytes_toclient"] == n
+    assert _fast_flows(sc) == 0.0
+    sc.stop()
+    sc = srv.start_sidecar(*L4)
+    r = cli.blast(srv.ip, client_bytes=n, server_bytes=n)
+    assert r["failed"] == 0, r
+    assert _fast_flows(sc) == 1.0
