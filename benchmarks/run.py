@@ -396,8 +396,10 @@ METRICS: list[tuple[str, str]] = [
     ("redis_LRANGE_100_rps", "redis LRANGE_100 req/s"),
     ("redis_overhead_pct", "redis overhead % (mean of 4 tests)"),
     ("churn_conn_per_s", "new connections/s"),
+    ("churn_cpu_us_per_conn", "proxy CPU us per new connection"),
     ("pingpong_p50_us", "ping-pong 1 KiB p50 us (closed loop)"),
     ("pingpong_p99_us", "ping-pong 1 KiB p99 us (closed loop)"),
+    ("pingpong_cpu_us_per_rt", "proxy CPU us per ping-pong round trip"),
     ("rss_idle_kib", "proxy RSS idle KiB"),
     ("rss_fresh_kib", "proxy RSS idle KiB, restarted before the idle test"),
     ("idle_conns", "idle connections opened"),
@@ -618,17 +620,19 @@ class Bench:
         self.cli = self.c.pod("client", namespace=CLIENT_NS)
         self.nginx_proxy: subprocess.Popen | None = None
         self.log: dict = {}
-        self.base_tree: Path | None = None
-        if a.baseline and Path(a.baseline).is_dir():
-            self.base_tree = Path(a.baseline).resolve()  # a tree holding the baseline's firewall/
-        elif a.baseline:
-            # the baseline commit's package, extracted next to the run (compare two commits in one
-            # invocation, interleaved: figures from separate runs on a shared machine are not comparable)
-            self.base_tree = self.tmp / "baseline"
-            self.base_tree.mkdir(exist_ok=True)
-            arch = subprocess.run(["git", "-C", str(REPO_DIR), "archive", a.baseline, "firewall"],
+        # other code to compare, interleaved in the same run: NAME -> a tree holding its firewall/
+        # (figures from separate runs on a shared machine are not comparable)
+        self.trees: dict[str, Path] = {}
+        for name, ref in baselines(a.baseline):
+            if Path(ref).is_dir():
+                self.trees[name] = Path(ref).resolve()
+                continue
+            tree = self.tmp / f"baseline-{name}"
+            tree.mkdir(exist_ok=True)
+            arch = subprocess.run(["git", "-C", str(REPO_DIR), "archive", ref, "firewall"],
                                   capture_output=True, check=True).stdout
-            subprocess.run(["tar", "-x", "-C", str(self.base_tree)], input=arch, check=True)
+            subprocess.run(["tar", "-x", "-C", str(tree)], input=arch, check=True)
+            self.trees[name] = tree
 
     # -- setup
     def setup(self) -> None:
@@ -701,10 +705,10 @@ class Bench:
         """Start and time process start -> /readyz 200 (polled every 2 ms from inside the pod)."""
         t0 = time.monotonic()
         env = {"POD_NAMESPACE": SERVER_NS}
-        if path.endswith("@base"):
+        if "@" in path:
             # the baseline tree's package first; PYTHONSAFEPATH keeps the working directory (this
             # checkout) off sys.path, so `-m firewall` imports the baseline's code
-            env.update({"PYTHONSAFEPATH": "1", "PYTHONPATH": str(self.base_tree)})
+            env.update({"PYTHONSAFEPATH": "1", "PYTHONPATH": str(self.trees[path.split("@", 1)[1]])})
         sc = self.srv.start_sidecar(*self.sidecar_args(path, workers, cache), apply_redirect=False, wait=False,
                                     env=env)
         r = self.srv.run([self.PY, "-c", READY_POLL, str(ADMIN_PORT), "90"], check=False, timeout=120)
@@ -752,7 +756,7 @@ class Bench:
         elif path == "nginx":
             pid = self.nginx_worker()
             r["rss_idle_kib"] = proc_stats(pid)["rss_kib"]
-        col = {"direct": 1, "nginx": 2}.get(path, 0)  # palisade paths (and their @base) use column 0
+        col = {"direct": 1, "nginx": 2}.get(path, 0)  # palisade paths (and their @NAME) use column 0
 
         def port(kind: str) -> int:
             return PORTS[kind][col]
@@ -776,8 +780,11 @@ class Bench:
                 # proof that the full path really scanned: the sprinkled PII was reported (not blocked)
                 r["dlp_alerts"] = count_dlp_alerts(sc.events_path)
         if "pingpong" in scen:
+            c0 = cpu()
             res = cli.run([PY, "-c", PINGPONG, srv.ip, str(port("echo")), str(2000 if q else 10000)], timeout=300)
             lat = json.loads(res.stdout)
+            if pid:
+                r["pingpong_cpu_us_per_rt"] = round((cpu() - c0) / len(lat) * 1e6, 1)
             r["pingpong_p50_us"] = round(statistics.median(lat), 1)
             r["pingpong_p99_us"] = round(percentile(lat, 99), 1)
         if "rps" in scen:
@@ -821,9 +828,12 @@ class Bench:
             if not got:
                 r["redis_error"] = (res.stderr or res.stdout)[-300:]
         if "churn" in scen:
+            c0 = cpu()
             res = cli.run([PY, "-c", CHURN, srv.ip, str(port("echo")), str(2 if q else 10)], timeout=120)
             j = json.loads(res.stdout)
             r["churn_conn_per_s"] = round(j["conns"] / j["secs"])
+            if pid and j["conns"]:
+                r["churn_cpu_us_per_conn"] = round((cpu() - c0) / j["conns"] * 1e6)
             if j["errors"]:
                 r["churn_errors"] = j["errors"]
         if path.startswith("palisade-full") and "workers" in scen:
@@ -924,6 +934,15 @@ def write_outputs(results: dict, out: Path) -> str:
     return md
 
 
+def baselines(specs: list[str]) -> list[tuple[str, str]]:
+    """``[NAME=]REF`` options as (name, ref); the name defaults to ``base``."""
+    out = []
+    for spec in specs:
+        name, _, ref = spec.rpartition("=") if "=" in spec else ("base", "", spec)
+        out.append((name or "base", ref))
+    return out
+
+
 def merge_rounds(rounds: list[dict]) -> dict:
     """Median of each numeric figure over interleaved rounds, with ``<key>_spread`` = [min, max]."""
     if len(rounds) == 1:
@@ -954,15 +973,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=1,
                     help="run every path this many times, interleaved (round 1: all paths, round 2: ...); "
                          "each figure is the median over the rounds, its spread in <metric>_spread")
-    ap.add_argument("--baseline", metavar="COMMIT",
-                    help="also run a palisade path on COMMIT's code (or a directory holding a firewall/ "
-                         "package): name it PATH@base in --paths (e.g. palisade-l4,palisade-l4@base)")
+    ap.add_argument("--baseline", metavar="[NAME=]COMMIT", action="append", default=[],
+                    help="also run palisade paths on COMMIT's code (or a directory holding a firewall/ "
+                         "package), named PATH@NAME in --paths (NAME defaults to 'base'; repeatable), "
+                         "e.g. --baseline main=0353a55 --paths palisade-l4,palisade-l4@main")
     a = ap.parse_args(argv)
     scen = [s for s in a.scenarios.split(",") if s]
     bad = [s for s in scen if s not in ALL_SCENARIOS]
     paths = [p for p in a.paths.split(",") if p]
+    names = {n for n, _ in baselines(a.baseline)}
     bad += [p for p in paths if p.split("@")[0] not in PATHS
-            or ("@" in p and (p.split("@")[1] != "base" or not a.baseline or not p.startswith("palisade")))]
+            or ("@" in p and (p.split("@", 1)[1] not in names or not p.startswith("palisade")))]
     if bad:
         print(f"benchmarks/run.py: unknown scenario/path {', '.join(bad)}", file=sys.stderr)
         return 2
@@ -981,10 +1002,10 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.monotonic()
     results: dict = {"machine": machine_info(), "git": git_rev(), "quick": a.quick, "scenarios": scen,
                      "bytes_each_way": nbytes, "paths": {}, "rounds": a.rounds}
-    if a.baseline:
-        results["baseline"] = (a.baseline if Path(a.baseline).is_dir() else
-                               subprocess.run(["git", "-C", str(REPO_DIR), "rev-parse", "--short", a.baseline],
-                                              capture_output=True, text=True).stdout.strip())
+    results["baselines"] = {
+        n: (ref if Path(ref).is_dir() else subprocess.run(
+            ["git", "-C", str(REPO_DIR), "rev-parse", "--short", ref], capture_output=True, text=True).stdout.strip())
+        for n, ref in baselines(a.baseline)}
     b = Bench(a, nbytes)
     old = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
