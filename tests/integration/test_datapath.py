@@ -623,3 +623,40 @@ def test_l4_fast_path_only_for_flows_no_dlp_reads_and_both_paths_byte_exact(clus
     r = cli.blast(srv.ip, client_bytes=n, server_bytes=n)
     assert r["failed"] == 0, r
     assert _fast_flows(sc) == 1.0
+
+
+RST_BURST = """
+import socket, struct, sys
+host, n = sys.argv[1], int(sys.argv[2])
+for i in range(n):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.connect((host, int(sys.argv[3])))
+    if i % 2:
+        s.sendall(b"x" * 1000)  # early bytes, then the reset
+    s.close()  # RST at once: usually before the sidecar's upstream is connected
+print("ok")
+"""
+
+
+def test_l4_fast_path_resets_and_refusals_leak_nothing(cluster):
+    """Clients that reset at once (with and without early bytes) and connections to a port
+    nobody listens on: every one ends with a flow record, none stays open, the process lives."""
+    srv, cli = cluster.pod("server"), cluster.pod("client")
+    srv.popen([PY, "-c", textwrap.dedent(CHURN_SERVER)])
+    srv.wait_listening(9301)
+    sc = srv.start_sidecar(*L4)
+    n = 300
+    r = cli.run([PY, "-c", RST_BURST, srv.ip, str(n), "9301"], check=False, timeout=120)
+    assert r.stdout.strip() == "ok", r.stderr[-2000:]
+    refused = cli.run([PY, "-c", "import socket,sys\ntry:\n socket.create_connection((sys.argv[1], 9399), timeout=5)"
+                                 ".recv(1)\nexcept OSError as e: print(type(e).__name__)", srv.ip],
+                      check=False, timeout=30)
+    assert refused.stdout.strip() in ("ConnectionResetError", "ConnectionRefusedError"), refused
+    flows = sc.wait_flows(n, dest_port=9301, timeout=30)
+    assert len(flows) == n
+    assert sc.wait_flows(1, dest_port=9399)[0]["close_reason"] == "upstream-refused"
+    wait_until(lambda: re.search(r'^palisade_connections_active\{direction="inbound"\} 0\.0',
+                                 sc.http("/metrics")[1], re.M), 10, what="no flow left open")
+    assert _fast_flows(sc) == n + 1
+    assert sc.proc.poll() is None
