@@ -635,11 +635,12 @@ class FastFlow:
             self.wfd = -1
 
     def _on_connect(self) -> None:
-        self._unwatch()
         if self.closed or self.ssock is None:
+            self._unwatch()
             return
         err = self.ssock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
+            self._unwatch()
             self._failed(err)
         else:
             self._connected()
@@ -680,6 +681,9 @@ class FastFlow:
         self.csock = self.ssock = None  # type: ignore[assignment]
         self.splicer = splice.Splicer(self.proxy.loop, cfd, sfd, self._bytes, self._end, self.family)
         self.splicer.start()
+        # only now drop the connect watcher: the pump's reader keeps the loop's poll handle for
+        # this descriptor (one epoll MOD instead of a DEL, a new handle, FIONBIO and an ADD)
+        self._unwatch()
         metrics.SPLICED.inc()
 
     def _bytes(self, d: int, n: int) -> None:
