@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+REPO_DIR = HERE.parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
@@ -395,8 +396,10 @@ METRICS: list[tuple[str, str]] = [
     ("redis_LRANGE_100_rps", "redis LRANGE_100 req/s"),
     ("redis_overhead_pct", "redis overhead % (mean of 4 tests)"),
     ("churn_conn_per_s", "new connections/s"),
+    ("churn_cpu_us_per_conn", "proxy CPU us per new connection"),
     ("pingpong_p50_us", "ping-pong 1 KiB p50 us (closed loop)"),
     ("pingpong_p99_us", "ping-pong 1 KiB p99 us (closed loop)"),
+    ("pingpong_cpu_us_per_rt", "proxy CPU us per ping-pong round trip"),
     ("rss_idle_kib", "proxy RSS idle KiB"),
     ("rss_fresh_kib", "proxy RSS idle KiB, restarted before the idle test"),
     ("idle_conns", "idle connections opened"),
@@ -426,11 +429,17 @@ def make_table(paths: dict[str, dict]) -> str:
     cols = [p for p in PATHS if p in paths] + [p for p in paths if p not in PATHS]
     known = {k for k, _ in METRICS}
     rows = [(k, label) for k, label in METRICS if any(k in paths[p] for p in cols)]
-    extra = sorted({k for p in cols for k in paths[p]} - known)
+    extra = sorted({k for p in cols for k in paths[p] if not k.endswith("_spread")} - known)
     rows += [(k, k) for k in extra]
     lines = ["| metric | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+
+    def cell(p: str, k: str) -> str:
+        spread = paths[p].get(f"{k}_spread")
+        v = _fmt(paths[p].get(k))
+        return f"{v} ({_fmt(spread[0])}-{_fmt(spread[1])})" if spread else v
+
     for k, label in rows:
-        lines.append(f"| {label} | " + " | ".join(_fmt(paths[p].get(k)) for p in cols) + " |")
+        lines.append(f"| {label} | " + " | ".join(cell(p, k) for p in cols) + " |")
     return "\n".join(lines)
 
 
@@ -611,6 +620,19 @@ class Bench:
         self.cli = self.c.pod("client", namespace=CLIENT_NS)
         self.nginx_proxy: subprocess.Popen | None = None
         self.log: dict = {}
+        # other code to compare, interleaved in the same run: NAME -> a tree holding its firewall/
+        # (figures from separate runs on a shared machine are not comparable)
+        self.trees: dict[str, Path] = {}
+        for name, ref in baselines(a.baseline):
+            if Path(ref).is_dir():
+                self.trees[name] = Path(ref).resolve()
+                continue
+            tree = self.tmp / f"baseline-{name}"
+            tree.mkdir(exist_ok=True)
+            arch = subprocess.run(["git", "-C", str(REPO_DIR), "archive", ref, "firewall"],
+                                  capture_output=True, check=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(tree)], input=arch, check=True)
+            self.trees[name] = tree
 
     # -- setup
     def setup(self) -> None:
@@ -669,6 +691,7 @@ class Bench:
 
     # -- sidecar
     def sidecar_args(self, path: str, workers: int = 1, cache: Path | None = None) -> list[str]:
+        path = path.split("@")[0]
         args = ["--labels", json.dumps(SERVER_LABELS)]
         args += ["--policy", str(POLICY100), "--identity", str(self.identity)]
         if path == "palisade-l4":
@@ -681,8 +704,13 @@ class Bench:
     def start_sidecar(self, path: str, workers: int = 1, cache: Path | None = None):
         """Start and time process start -> /readyz 200 (polled every 2 ms from inside the pod)."""
         t0 = time.monotonic()
+        env = {"POD_NAMESPACE": SERVER_NS}
+        if "@" in path:
+            # the baseline tree's package first; PYTHONSAFEPATH keeps the working directory (this
+            # checkout) off sys.path, so `-m firewall` imports the baseline's code
+            env.update({"PYTHONSAFEPATH": "1", "PYTHONPATH": str(self.trees[path.split("@", 1)[1]])})
         sc = self.srv.start_sidecar(*self.sidecar_args(path, workers, cache), apply_redirect=False, wait=False,
-                                    env={"POD_NAMESPACE": SERVER_NS})
+                                    env=env)
         r = self.srv.run([self.PY, "-c", READY_POLL, str(ADMIN_PORT), "90"], check=False, timeout=120)
         if r.returncode != 0:
             raise RuntimeError(f"sidecar ({path}) not ready: {sc.stderr()[-3000:]}")
@@ -712,7 +740,7 @@ class Bench:
         sc = None
         pid = None
         if path.startswith("palisade"):
-            if path == "palisade-full" and "startup" in scen:
+            if path.startswith("palisade-full") and "startup" in scen:
                 cold = self.tmp / "dlp-cache-cold"
                 shutil.rmtree(cold, ignore_errors=True)
                 sc, r["startup_cold_ms"] = self.start_sidecar(path, cache=cold)
@@ -728,7 +756,7 @@ class Bench:
         elif path == "nginx":
             pid = self.nginx_worker()
             r["rss_idle_kib"] = proc_stats(pid)["rss_kib"]
-        col = {"direct": 1, "nginx": 2}.get(path, 0)
+        col = {"direct": 1, "nginx": 2}.get(path, 0)  # palisade paths (and their @NAME) use column 0
 
         def port(kind: str) -> int:
             return PORTS[kind][col]
@@ -752,8 +780,11 @@ class Bench:
                 # proof that the full path really scanned: the sprinkled PII was reported (not blocked)
                 r["dlp_alerts"] = count_dlp_alerts(sc.events_path)
         if "pingpong" in scen:
+            c0 = cpu()
             res = cli.run([PY, "-c", PINGPONG, srv.ip, str(port("echo")), str(2000 if q else 10000)], timeout=300)
             lat = json.loads(res.stdout)
+            if pid:
+                r["pingpong_cpu_us_per_rt"] = round((cpu() - c0) / len(lat) * 1e6, 1)
             r["pingpong_p50_us"] = round(statistics.median(lat), 1)
             r["pingpong_p99_us"] = round(percentile(lat, 99), 1)
         if "rps" in scen:
@@ -797,12 +828,15 @@ class Bench:
             if not got:
                 r["redis_error"] = (res.stderr or res.stdout)[-300:]
         if "churn" in scen:
+            c0 = cpu()
             res = cli.run([PY, "-c", CHURN, srv.ip, str(port("echo")), str(2 if q else 10)], timeout=120)
             j = json.loads(res.stdout)
             r["churn_conn_per_s"] = round(j["conns"] / j["secs"])
+            if pid and j["conns"]:
+                r["churn_cpu_us_per_conn"] = round((cpu() - c0) / j["conns"] * 1e6)
             if j["errors"]:
                 r["churn_errors"] = j["errors"]
-        if path == "palisade-full" and "workers" in scen:
+        if path.startswith("palisade-full") and "workers" in scen:
             self.workers_pass(r, 1, sc)
         if "idle" in scen and pid:
             if sc is not None:
@@ -900,6 +934,31 @@ def write_outputs(results: dict, out: Path) -> str:
     return md
 
 
+def baselines(specs: list[str]) -> list[tuple[str, str]]:
+    """``[NAME=]REF`` options as (name, ref); the name defaults to ``base``."""
+    out = []
+    for spec in specs:
+        name, _, ref = spec.rpartition("=") if "=" in spec else ("base", "", spec)
+        out.append((name or "base", ref))
+    return out
+
+
+def merge_rounds(rounds: list[dict]) -> dict:
+    """Median of each numeric figure over interleaved rounds, with ``<key>_spread`` = [min, max]."""
+    if len(rounds) == 1:
+        return rounds[0]
+    out: dict = {}
+    for k in rounds[0]:
+        vals = [r[k] for r in rounds if k in r]
+        if vals and all(isinstance(v, int | float) and not isinstance(v, bool) for v in vals):
+            med = statistics.median(vals)
+            out[k] = round(med, 1) if isinstance(med, float) else med
+            out[f"{k}_spread"] = [min(vals), max(vals)]
+        else:
+            out[k] = vals[-1]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes and short runs: under two minutes")
@@ -911,11 +970,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--idle-conns", type=int, default=None, help="idle connections (default 10,000, quick 1,000)")
     ap.add_argument("--prefix", default="bn", help="namespace name prefix (parallel runs need distinct ones)")
     ap.add_argument("--octet", type=int, default=250, help="10.<octet>.0.0/24 for the pods")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every path this many times, interleaved (round 1: all paths, round 2: ...); "
+                         "each figure is the median over the rounds, its spread in <metric>_spread")
+    ap.add_argument("--baseline", metavar="[NAME=]COMMIT", action="append", default=[],
+                    help="also run palisade paths on COMMIT's code (or a directory holding a firewall/ "
+                         "package), named PATH@NAME in --paths (NAME defaults to 'base'; repeatable), "
+                         "e.g. --baseline main=0353a55 --paths palisade-l4,palisade-l4@main")
     a = ap.parse_args(argv)
     scen = [s for s in a.scenarios.split(",") if s]
     bad = [s for s in scen if s not in ALL_SCENARIOS]
     paths = [p for p in a.paths.split(",") if p]
-    bad += [p for p in paths if p not in PATHS]
+    names = {n for n, _ in baselines(a.baseline)}
+    bad += [p for p in paths if p.split("@")[0] not in PATHS
+            or ("@" in p and (p.split("@", 1)[1] not in names or not p.startswith("palisade")))]
     if bad:
         print(f"benchmarks/run.py: unknown scenario/path {', '.join(bad)}", file=sys.stderr)
         return 2
@@ -933,17 +1001,27 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
     results: dict = {"machine": machine_info(), "git": git_rev(), "quick": a.quick, "scenarios": scen,
-                     "bytes_each_way": nbytes, "paths": {}}
+                     "bytes_each_way": nbytes, "paths": {}, "rounds": a.rounds}
+    results["baselines"] = {
+        n: (ref if Path(ref).is_dir() else subprocess.run(
+            ["git", "-C", str(REPO_DIR), "rev-parse", "--short", ref], capture_output=True, text=True).stdout.strip())
+        for n, ref in baselines(a.baseline)}
     b = Bench(a, nbytes)
     old = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         b.setup()
+        per_round: dict[str, list[dict]] = {p: [] for p in paths}
+        for rnd in range(max(1, a.rounds)):
+            for path in paths:
+                r: dict = {}
+                t0 = time.monotonic()
+                b.run_path(path, r)
+                per_round[path].append(r)
+                print(f"round {rnd + 1} {path} ({time.monotonic() - t0:.0f}s): {r}", file=sys.stderr, flush=True)
         for path in paths:
-            r: dict = {}
-            t0 = time.monotonic()
-            b.run_path(path, r)
-            results["paths"][path] = r
-            print(f"{path} ({time.monotonic() - t0:.0f}s): {r}", file=sys.stderr, flush=True)
+            results["paths"][path] = merge_rounds(per_round[path])
+        if a.rounds > 1:
+            results["per_round"] = per_round
         if "workers" in scen and "palisade-full" in paths:
             b.workers_pass(results["paths"]["palisade-full"], 2)
     finally:

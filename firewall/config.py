@@ -57,6 +57,11 @@ class Config:
     identify_timeout: float = 0.2
     read_buffer_limit: int = 1 << 20
     splice: bool = True
+    # flow records are written in batches, at most this many seconds after a flow ends (a worker
+    # killed outright loses the records of the flows that ended in its last interval; SIGTERM
+    # loses none); and L4-only flows skip asyncio transports (accept -> connect -> splice)
+    flow_record_interval: float = 0.05
+    l4_fast_path: bool = True
     dlp_offload_bytes: int = 65536  # chunks this large are scanned on a worker thread (0: never)
     max_connections: int = 100_000
     max_connections_per_peer: int = 10_000
@@ -110,6 +115,9 @@ class Config:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
                 raise ConfigError(f"{where}: {name}: expected a number > 0, got {v!r}")
+        v = self.flow_record_interval
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 60:
+            raise ConfigError(f"{where}: flow_record_interval: expected seconds 0-60, got {v!r}")
         if self.dlp_offload_bytes < 0:
             raise ConfigError(f"{where}: dlp_offload_bytes: expected an integer >= 0")
         for name in ("workers", "read_buffer_limit", "max_connections", "max_connections_per_peer",

@@ -28,12 +28,20 @@ import time
 from collections import defaultdict
 from typing import Any
 
+from prometheus_client import Counter
+
 from firewall import metrics, splice
+from firewall.events import ts_iso
 from firewall.protocols.base import TOCLIENT, TOSERVER
 from firewall.redirect import mark_own as _own_mark
 from firewall.session import Inspection, Session
 
 log = logging.getLogger("palisade.proxy")
+
+FAST_FLOWS = Counter("palisade_l4_fast_flows", "Flows relayed on the L4 fast path (verdict final at accept: "
+                     "accept -> connect -> splice, no asyncio transports)")
+#: connections taken per wake-up of a fast-path listener (bounded: one burst cannot starve the relay)
+ACCEPT_BATCH = 32
 
 SOL_IP = 0
 SOL_IPV6 = 41
@@ -49,6 +57,10 @@ HIGH_WATER = 1 << 20
 #: source ports of ``upstream_ports`` tried (in turn) before a flow gives up the client's address
 PORT_TRIES = 32
 LOW_WATER = 256 << 10
+#: flow records are written in batches: at most this long after the flow ends ...
+RECORD_INTERVAL = 0.05
+#: ... or as soon as this many flows have ended
+RECORD_BATCH = 256
 _LINGER0 = struct.pack("ii", 1, 0)
 
 
@@ -127,6 +139,15 @@ def _reset(transport: asyncio.BaseTransport | None) -> None:
         except OSError:
             pass
     transport.abort()
+
+
+def _reset_sock(sock: socket.socket) -> None:
+    """Refuse/abort a bare socket with RST (SO_LINGER 0), as ``_reset`` does for a transport."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
+    except OSError:
+        pass
+    sock.close()
 
 
 def _peer_gone(flow: Flow) -> bool:
@@ -352,7 +373,9 @@ class Flow:
             self.proxy.loop.call_later(0.002, self.maybe_splice)
             return
         try:
-            cfd = os.dup(ct.get_extra_info("socket").fileno())
+            csock = ct.get_extra_info("socket")
+            family = csock.family
+            cfd = os.dup(csock.fileno())
             try:
                 sfd = os.dup(st.get_extra_info("socket").fileno())
             except OSError:
@@ -362,7 +385,8 @@ class Flow:
             self._cancel_splice()
             return
         try:
-            self.splicer = splice.Splicer(self.proxy.loop, cfd, sfd, self._spliced_bytes, self._spliced_end)
+            self.splicer = splice.Splicer(self.proxy.loop, cfd, sfd, self._spliced_bytes, self._spliced_end,
+                                          family)
         except OSError:
             os.close(cfd)
             os.close(sfd)
@@ -548,6 +572,163 @@ class Flow:
             self.lost[TOCLIENT] = True
 
 
+class FastFlow:
+    """A flow whose verdict was final at accept (L4-only policy, no DLP action for this peer
+    pair, no L7 identification): no asyncio transports at all.
+
+    The accepted socket is left alone (the client's early bytes wait in the kernel's receive
+    queue), the upstream is connected with ``connect_ex`` and one writer callback, and both
+    descriptors go straight to the splice relay.  It offers the proxy what ``Flow`` does for
+    its bookkeeping: ``session``, ``closed``/``done``, ``last`` (idle sweep), ``paused``,
+    ``splicer``, ``peer_key`` and ``close(reset)`` (quarantine/reload cuts, drain)."""
+
+    __slots__ = ("proxy", "session", "csock", "ssock", "closed", "done", "last", "paused", "splicer",
+                 "peer_key", "timer", "dst", "peer", "tries", "family", "wfd")
+
+    def __init__(self, proxy: Proxy, session: Session, csock: socket.socket, dst: tuple[str, int],
+                 peer: tuple[str, int]) -> None:
+        self.proxy = proxy
+        self.session = session
+        self.csock = csock
+        self.ssock: socket.socket | None = None
+        self.closed = False
+        self.done = False
+        self.last = time.monotonic()
+        self.paused = (False, False)
+        self.splicer: splice.Splicer | None = None
+        self.peer_key = ""
+        self.timer: asyncio.TimerHandle | None = None
+        self.dst, self.peer = dst, peer
+        self.tries = 0
+        self.family = csock.family
+        self.wfd = -1  # the upstream descriptor while a writer callback waits for connect()
+
+    def connect(self, keep_source: bool) -> None:
+        try:
+            self.ssock, self.session.source_preserved = self.proxy._upstream_socket(
+                self.family, self.peer[0] if keep_source else None)
+        except OSError as exc:  # EMFILE/ENFILE: this flow fails, visibly
+            metrics.RELAY_ERRORS.labels("no-descriptor").inc()
+            self.session.close_reason = f"error:{errno.errorcode.get(exc.errno or 0, exc.errno)}"
+            self.close(reset=True)
+            return
+        self._try()
+
+    def _try(self) -> None:
+        sock = self.ssock
+        assert sock is not None
+        err = sock.connect_ex(self.dst)  # a numeric address: no resolver
+        if err == 0:
+            self._connected()
+        elif err == errno.EINPROGRESS:
+            loop = self.proxy.loop
+            self.wfd = sock.fileno()
+            loop.add_writer(self.wfd, self._on_connect)
+            if self.timer is None:
+                self.timer = loop.call_later(self.proxy.cfg.connect_timeout, self._timeout)
+        else:
+            self._failed(err)
+
+    def _unwatch(self) -> None:
+        if self.wfd >= 0:
+            self.proxy.loop.remove_writer(self.wfd)
+            self.wfd = -1
+
+    def _on_connect(self) -> None:
+        if self.closed or self.ssock is None:
+            self._unwatch()
+            return
+        err = self.ssock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._unwatch()
+            self._failed(err)
+        else:
+            self._connected()
+
+    def _timeout(self) -> None:
+        self.timer = None
+        if not self.closed and self.splicer is None:
+            metrics.RELAY_ERRORS.labels("upstream-timeout").inc()
+            self.session.close_reason = "upstream-timeout"
+            self.close(reset=True)
+
+    def _failed(self, err: int) -> None:
+        s = self.session
+        if err == errno.EADDRNOTAVAIL and s.source_preserved:
+            # this source port's 4-tuple is taken towards this server: the next port (as Flow)
+            self.tries += 1
+            assert self.ssock is not None
+            self.ssock.close()
+            if self.tries >= PORT_TRIES:
+                metrics.RELAY_ERRORS.labels("source-ports-exhausted").inc()
+                self.ssock, _ = self.proxy._upstream_socket(self.family, None)
+                s.source_preserved = False
+            else:
+                self.ssock, s.source_preserved = self.proxy._upstream_socket(self.family, self.peer[0])
+            self._try()
+            return
+        reason = "upstream-refused" if err == errno.ECONNREFUSED else "upstream-unreachable"
+        metrics.RELAY_ERRORS.labels(reason).inc()
+        s.close_reason = reason
+        self.close(reset=True)
+
+    def _connected(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        assert self.ssock is not None
+        cfd, sfd = self.csock.detach(), self.ssock.detach()
+        self.csock = self.ssock = None  # type: ignore[assignment]
+        self.splicer = splice.Splicer(self.proxy.loop, cfd, sfd, self._bytes, self._end, self.family)
+        self.splicer.start()
+        # only now drop the connect watcher: the pump's reader keeps the loop's poll handle for
+        # this descriptor (one epoll MOD instead of a DEL, a new handle, FIONBIO and an ADD)
+        self._unwatch()
+        metrics.SPLICED.inc()
+
+    def _bytes(self, d: int, n: int) -> None:
+        self.session.bytes[d] += n
+        self.last = time.monotonic()
+
+    def _end(self, reason: str) -> None:
+        s = self.session
+        if reason != "eof" and s.close_reason == "eof":
+            s.close_reason = reason
+        self.closed = True
+        self._finish()
+
+    def close(self, reset: bool) -> None:
+        if self.splicer is not None:
+            self.splicer.close(reset, self.session.close_reason)
+            return
+        if self.closed:
+            return
+        self.closed = True
+        self._unwatch()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        for sock in (self.csock, self.ssock):
+            if sock is None:
+                continue
+            try:
+                if reset:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
+                sock.close()
+            except OSError:
+                pass
+        self._finish()
+
+    def _finish(self) -> None:
+        if not self.done:
+            self.done = True
+            self.proxy.flow_done(self)  # type: ignore[arg-type]
+
+
+class _PortsBusy(Exception):
+    """Every source port tried for one upstream was taken (EADDRINUSE)."""
+
+
 class Proxy:
     """Listeners + the set of open flows; the policy/DLP state lives in ``inspection``."""
 
@@ -555,6 +736,11 @@ class Proxy:
         self.cfg = cfg
         self.inspection = inspection
         self.emit = emit
+        # the sink's batched writer when it has one (EventSink); tests may pass a plain function
+        self.emit_many = getattr(getattr(emit, "__self__", None), "emit_many", None)
+        self._ended: list[tuple[Session, float]] = []  # flows closed since the last record flush
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self.record_interval = getattr(cfg, "flow_record_interval", RECORD_INTERVAL)
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
         self.flows: set[Flow] = set()
         self.servers: list[Any] = []
@@ -565,7 +751,13 @@ class Proxy:
         self._sweeper: asyncio.Task | None = None
         self.transparent_upstream = True
         self._port_cursor = 0
+        self._skip_ports: frozenset[int] | None = None  # listener ports, known after bind()
         self.splice = splice.AVAILABLE and getattr(cfg, "splice", True)
+        # the L4 fast path needs the splice relay, and only flows without L7 identification can
+        # be final at accept: with L7 on, the listeners stay asyncio servers (unchanged path)
+        self.fast_path = (self.splice and getattr(cfg, "l4_fast_path", True)
+                          and not getattr(cfg, "l7", True))
+        self._listeners: list[socket.socket] = []
         self.offload_bytes = getattr(cfg, "dlp_offload_bytes", 65536) or (1 << 62)
         from concurrent.futures import ThreadPoolExecutor
 
@@ -589,6 +781,7 @@ class Proxy:
             if cfg.ipv6 and socket.has_ipv6:
                 specs.append(("::", cfg.dns_port, True, True, "dns"))
         self._specs = []
+        self._skip_ports = None
         for host, port, transparent, udp, kind in specs:
             try:
                 s = listen_socket(host, port, transparent=transparent, udp=udp, reuseport=reuseport)
@@ -608,6 +801,12 @@ class Proxy:
                 await relay.start()
                 self.udp.append(relay)
                 continue
+            if self.fast_path:
+                # our own accept loop: flows final at accept never get a transport
+                s.setblocking(False)
+                self.loop.add_reader(s.fileno(), self._on_listen, s, kind)
+                self._listeners.append(s)
+                continue
             srv = await self.loop.create_server(
                 (lambda k=kind: _Accept(self, k)), sock=s, backlog=4096)
             self.servers.append(srv)
@@ -618,6 +817,13 @@ class Proxy:
         self.ready = False
         for srv in self.servers:
             srv.close()
+        for ls in self._listeners:
+            try:
+                self.loop.remove_reader(ls.fileno())
+            except (OSError, ValueError):
+                pass
+            ls.close()
+        self._listeners = []
         for u in self.udp:
             u.close()
 
@@ -631,6 +837,7 @@ class Proxy:
             f.session.close_reason = "shutdown"
             f.close(reset=True)
         await asyncio.sleep(0)
+        self.flush_records()  # SIGTERM loses no flow record: the batch is written before exit
         return cut
 
     async def _sweep(self) -> None:
@@ -728,6 +935,114 @@ class Proxy:
         metrics.CONNECTIONS_ACTIVE.labels(direction).inc()
         self.loop.create_task(self._connect(flow, dst, peer, kind))
 
+    # ---------------------------------------------------------------- the L4 fast path
+    def _on_listen(self, ls: socket.socket, kind: str) -> None:
+        """A fast-path listener is readable: take up to ACCEPT_BATCH connections."""
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, addr = ls.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # no descriptor for it: stop accepting for a moment (the backlog holds the
+                    # clients) instead of spinning on a level-triggered readable listener
+                    metrics.RELAY_ERRORS.labels("no-descriptor").inc()
+                    fd = ls.fileno()
+                    self.loop.remove_reader(fd)
+
+                    def again(fd: int = fd) -> None:
+                        if ls in self._listeners:
+                            self.loop.add_reader(fd, self._on_listen, ls, kind)
+
+                    self.loop.call_later(0.1, again)
+                    return
+                continue  # ECONNABORTED and the like: that client is gone, take the next
+            try:
+                self._admit(kind, conn, addr)
+            except Exception:  # noqa: BLE001 - one bad connection must not stop the listener
+                log.exception("accept failed")
+                _reset_sock(conn)
+
+    def _admit(self, kind: str, conn: socket.socket, addr: Any) -> None:
+        """Decide a connection from the fast-path accept loop: refuse, splice at once (verdict
+        final: no DLP action for this pair), or adopt it as an asyncio transport (DLP applies)."""
+        conn.setblocking(False)
+        try:
+            peer = _norm(addr)
+            dst = _norm(conn.getsockname()) if kind == "inbound" else original_dst(conn)
+        except (OSError, TypeError) as exc:
+            metrics.RELAY_ERRORS.labels("original-dst").inc()
+            log.warning("cannot recover the original destination: %s", exc)
+            _reset_sock(conn)
+            return
+        direction = "inbound" if kind == "inbound" else "outbound"
+        session = Session(self.inspection, direction, peer, dst)
+        if not self._decide(kind, session, dst):
+            _reset_sock(conn)
+            metrics.CONNECTIONS_TOTAL.labels(session.direction, "deny").inc()
+            self.emit(session.record())
+            return
+        key = peer[0]
+        if not session.passthrough:
+            self.loop.create_task(self._adopt(kind, conn, session, peer, dst))
+            return
+        flow = FastFlow(self, session, conn, dst, peer)
+        flow.peer_key = key
+        self.per_peer[key] += 1
+        self.flows.add(flow)  # type: ignore[arg-type]
+        metrics.CONNECTIONS_ACTIVE.labels(direction).inc()
+        FAST_FLOWS.inc()
+        flow.connect(kind == "inbound" and self.transparent_upstream)
+
+    def _decide(self, kind: str, session: Session, dst: tuple[str, int]) -> bool:
+        """Self-connection, connection limits and the policy at accept (as ``accepted``)."""
+        if self.self_connection(kind, dst):
+            metrics.RELAY_ERRORS.labels("self-connection").inc()
+            session.verdict, session.rule, session.close_reason = "deny", "self-connection", "self-connection"
+            try:
+                session._alert("policy", "self-connection", blocked=True, severity=1,
+                               extra={"reason": f"destination {dst[0]}:{dst[1]} is the sidecar's own listener"})
+            except Exception:  # noqa: BLE001
+                log.exception("self-connection alert failed")
+            return False
+        key = session.src_ip  # the peer address (the pod itself for outbound), as in accepted()
+        if self.per_peer[key] >= self.cfg.max_connections_per_peer or len(self.flows) >= self.cfg.max_connections:
+            metrics.PEER_LIMITED.inc()
+            session.verdict, session.rule, session.close_reason = "deny", "connection-limit", "limit"
+            return False
+        try:
+            return session.open()
+        except Exception as exc:  # noqa: BLE001 - a policy bug fails closed for this flow only
+            log.exception("policy evaluation failed")
+            session.verdict, session.rule, session.close_reason = "deny", "error", f"policy-error:{exc}"
+            return False
+
+    async def _adopt(self, kind: str, conn: socket.socket, session: Session, peer: tuple[str, int],
+                     dst: tuple[str, int]) -> None:
+        """A flow the DLP reads: give the accepted socket an asyncio transport and relay it on
+        the Protocol path (``Flow``), exactly as a connection from an asyncio server."""
+        client = _Side(None, TOSERVER)  # type: ignore[arg-type]
+        flow = Flow(self, session, client)
+        client.flow = flow
+        try:
+            await self.loop.connect_accepted_socket(lambda: client, conn)
+        except OSError:
+            _reset_sock(conn)
+            session.close_reason = "reset"
+            metrics.CONNECTIONS_TOTAL.labels(session.direction, session.verdict).inc()
+            self.emit(session.record())
+            return
+        transport = client.transport
+        assert transport is not None
+        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
+        key = peer[0]
+        flow.peer_key = key
+        self.per_peer[key] += 1
+        self.flows.add(flow)
+        metrics.CONNECTIONS_ACTIVE.labels(session.direction).inc()
+        await self._connect(flow, dst, peer, kind)
+
     @property
     def own_ports(self) -> frozenset[int]:
         """The sidecar's own listener ports (inbound, outbound, DNS, admin), from config."""
@@ -771,19 +1086,19 @@ class Proxy:
         s = flow.session
         keep_source = kind == "inbound" and self.transparent_upstream
         try:
-            sock = self._upstream_socket(family, peer[0] if keep_source else None)
+            sock, preserved = self._upstream_socket(family, peer[0] if keep_source else None)
         except OSError as exc:  # EMFILE/ENFILE: this flow fails, visibly; the process goes on
             metrics.RELAY_ERRORS.labels("no-descriptor").inc()
             s.close_reason = f"error:{errno.errorcode.get(exc.errno or 0, exc.errno)}"
             flow.close(reset=True)
             flow.lost[TOCLIENT] = True
             return
-        s.source_preserved = keep_source and self.transparent_upstream  # false if the bind was refused
+        s.source_preserved = preserved  # false if the bind was refused or every port was taken
         try:
             tries = 0
             while True:
                 try:
-                    await asyncio.wait_for(self.loop.sock_connect(sock, dst), self.cfg.connect_timeout)
+                    await self._sock_connect(sock, dst, self.cfg.connect_timeout)
                     break
                 except OSError as exc:
                     # this source port's 4-tuple is taken (an open or TIME_WAIT upstream of the
@@ -799,9 +1114,9 @@ class Proxy:
                     # This flow connects from the pod's address instead (source_preserved false).
                     metrics.RELAY_ERRORS.labels("source-ports-exhausted").inc()
                     s.source_preserved = False
-                    sock = self._upstream_socket(family, None)
+                    sock, _ = self._upstream_socket(family, None)
                 else:
-                    sock = self._upstream_socket(family, peer[0])
+                    sock, s.source_preserved = self._upstream_socket(family, peer[0])
             if flow.closed:
                 sock.close()
                 return
@@ -826,17 +1141,57 @@ class Proxy:
             return
         flow.attach_server(server)
 
-    def _upstream_socket(self, family: int, client_addr: str | None) -> socket.socket:
+    async def _sock_connect(self, sock: socket.socket, dst: tuple[str, int], timeout: float) -> None:
+        """Non-blocking connect to a numeric address, with a timer for the timeout.
+
+        ``loop.sock_connect`` resolves the address first (uvloop: ``getaddrinfo`` on libuv's
+        thread pool for every connect, even for an IP literal) and ``wait_for`` adds a task per
+        connect; ``connect_ex`` takes the literal as it is and one writer callback reports the
+        result (issue 22)."""
+        err = sock.connect_ex(dst)
+        if err == 0:
+            return
+        if err != errno.EINPROGRESS:
+            raise OSError(err, os.strerror(err))
+        loop = self.loop
+        fut = loop.create_future()
+        fd = sock.fileno()
+
+        def ready() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        def expired() -> None:
+            if not fut.done():
+                fut.set_exception(TimeoutError())
+
+        loop.add_writer(fd, ready)
+        timer = loop.call_later(timeout, expired)
+        try:
+            await fut
+        finally:
+            timer.cancel()
+            loop.remove_writer(fd)
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise OSError(err, os.strerror(err))
+
+    def _upstream_socket(self, family: int, client_addr: str | None) -> tuple[socket.socket, bool]:
         """A non-blocking socket for the upstream leg; with ``client_addr`` it is bound to the
         client's address (IP_TRANSPARENT) and a port of ``upstream_ports``, so the server sees
         the real client (the kernel's IP_LOCAL_PORT_RANGE cannot help: it only narrows the
-        ephemeral range, and ours lies outside it on purpose).  If the kernel refuses
-        transparency (no CAP_NET_ADMIN) the process falls back to the pod's own address for good."""
+        ephemeral range, and ours lies outside it on purpose).
+
+        A port that is taken (EADDRINUSE: one of our own listeners, an application's listener
+        in the pod, a leg still bound to it) only means "the next port": up to PORT_TRIES ports
+        are tried, then this one flow connects from the pod's address.  Only a refusal of
+        transparency itself (EPERM/EACCES: no CAP_NET_ADMIN) turns it off for the process -
+        taking EADDRINUSE for that once made every later flow lose the client's address."""
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
         if client_addr is None:
             _own_mark(sock)
-            return sock
+            return sock, False
         lo, hi = self.cfg.upstream_ports
         try:
             sock.setsockopt(SOL_IPV6 if family == socket.AF_INET6 else SOL_IP,
@@ -845,26 +1200,53 @@ class Proxy:
             # several upstreams may share a source port towards different servers; the kernel
             # still refuses a duplicate 4-tuple at connect() (EADDRNOTAVAIL: the next port)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((client_addr, self._source_port(lo, hi)))
+            for _ in range(PORT_TRIES):
+                try:
+                    sock.bind((client_addr, self._source_port(lo, hi)))
+                    return sock, True
+                except OSError as exc:
+                    if exc.errno != errno.EADDRINUSE:
+                        raise
+            metrics.RELAY_ERRORS.labels("source-ports-exhausted").inc()
+            raise _PortsBusy()
+        except _PortsBusy:
+            sock.close()
         except OSError as exc:
             sock.close()
             if exc.errno in (errno.EMFILE, errno.ENFILE):
                 raise
             log.warning("cannot preserve the client address (%s); connecting from the pod", exc)
             self.transparent_upstream = False
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setblocking(False)
-            _own_mark(sock)
-        return sock
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        _own_mark(sock)
+        return sock, False
+
+    def listening_ports(self) -> frozenset[int]:
+        """Every TCP/UDP port this process listens on (config ports and the bound sockets)."""
+        ports = set(self.own_ports)
+        for s, _kind in getattr(self, "_specs", ()):
+            try:
+                ports.add(s.getsockname()[1])
+            except OSError:
+                pass
+        return frozenset(ports)
 
     def _source_port(self, lo: int, hi: int) -> int:
         """The next port of ``upstream_ports``, round robin from a random start: the port a
         flow gets is the one used longest ago, so it has most likely left TIME_WAIT (random
-        picks would keep hitting recent ones as the range fills)."""
-        if not lo <= self._port_cursor <= hi:
-            self._port_cursor = random.randint(lo, hi)
-        port = self._port_cursor
-        self._port_cursor = lo if port >= hi else port + 1
+        picks would keep hitting recent ones as the range fills).  The sidecar's own listener
+        ports are never handed out (binding one fails, and the range contains them by default)."""
+        skip = self._skip_ports
+        if skip is None:
+            skip = self._skip_ports = self.listening_ports()
+        for _ in range(len(skip) + 1):
+            if not lo <= self._port_cursor <= hi:
+                self._port_cursor = random.randint(lo, hi)
+            port = self._port_cursor
+            self._port_cursor = lo if port >= hi else port + 1
+            if port not in skip:
+                return port
         return port
 
     def flow_done(self, flow: Flow) -> None:
@@ -883,7 +1265,38 @@ class Proxy:
         metrics.BYTES_TOTAL.labels("toserver", s.direction).inc(s.bytes[TOSERVER])
         metrics.BYTES_TOTAL.labels("toclient", s.direction).inc(s.bytes[TOCLIENT])
         metrics.FLOW_DURATION.observe(end - s.start)
-        self.emit(s.record(end))
+        self._ended.append((s, end))
+        if len(self._ended) >= RECORD_BATCH or not self.record_interval:
+            self.flush_records()
+        elif self._flush_timer is None and self.loop is not None:
+            self._flush_timer = self.loop.call_later(self.record_interval, self.flush_records)
+
+    def flush_records(self) -> None:
+        """Build and write the flow records of the flows that ended since the last flush.
+
+        Off the connection path: closing a flow only queues its session; the records (JSON,
+        redaction, timestamps) are made here, at most RECORD_INTERVAL later, and written in one
+        write.  What can be lost: on SIGTERM nothing (run_cli flushes after the drain); if the
+        worker process dies (SIGKILL, OOM) the records of flows that ended in its last
+        RECORD_INTERVAL (at most RECORD_BATCH of them)."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        ended, self._ended = self._ended, []
+        records = []
+        for s, end in ended:
+            try:
+                rec = s.record(end)
+            except Exception:  # noqa: BLE001 - one broken session must not cost the others' records
+                log.exception("flow record failed")
+                continue
+            rec["timestamp"] = ts_iso(end)  # when the flow ended, not when the batch was written
+            records.append(rec)
+        if self.emit_many is not None:
+            self.emit_many(records)
+        else:
+            for rec in records:
+                self.emit(rec)
 
 
 class _Accept(_Side):

@@ -154,8 +154,9 @@ class Pump:
             return
         total = 0
         for _ in range(self.ROUNDS):
+            want = self.size - self.inpipe
             try:
-                n = os.splice(self.src, self.w, self.size - self.inpipe, flags=_FLAGS)
+                n = os.splice(self.src, self.w, want, flags=_FLAGS)
             except BlockingIOError:
                 break
             except OSError as exc:
@@ -169,6 +170,11 @@ class Pump:
             total += n
             if not self._push():
                 break  # destination full: on_writable continues
+            if n < want:
+                # a short splice drained the socket's receive queue: another call would only
+                # return EAGAIN (a raised BlockingIOError); level-triggered readiness wakes us
+                # again if more arrived meanwhile
+                break
         if total:
             self.splicer.count(self.d, total)
         self._settle()
@@ -247,10 +253,8 @@ class Pump:
         if self.inpipe or self.done:
             return
         self.done = True
-        try:  # pass the half-close on (FIN) without closing our descriptor
-            s = socket.socket(fileno=os.dup(self.dst))
-            s.shutdown(socket.SHUT_WR)
-            s.close()
+        try:  # pass the half-close on (FIN): one shutdown(2), no dup
+            self.splicer.socks[1 - self.d].shutdown(socket.SHUT_WR)
         except OSError:
             pass
         self.splicer.direction_done(self.d)
@@ -270,9 +274,14 @@ class Splicer:
     """Both directions of one flow; reports bytes and the end to the flow."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, client_fd: int, server_fd: int,
-                 on_bytes: Callable[[int, int], None], on_end: Callable[[str], None]) -> None:
+                 on_bytes: Callable[[int, int], None], on_end: Callable[[str], None],
+                 family: int = socket.AF_INET) -> None:
         self.loop = loop
         self.fds = (client_fd, server_fd)
+        # socket objects over the same descriptors, for shutdown/setsockopt without a dup;
+        # family and type given, so making them costs no getsockopt calls
+        self.socks = (socket.socket(family, socket.SOCK_STREAM, 0, client_fd),
+                      socket.socket(family, socket.SOCK_STREAM, 0, server_fd))
         self.on_bytes = on_bytes
         self.on_end = on_end
         self.pumps = (Pump(self, 0, client_fd, server_fd), Pump(self, 1, server_fd, client_fd))
@@ -301,16 +310,14 @@ class Splicer:
         self.closed = True
         for p in self.pumps:
             p.stop()
-        for fd in self.fds:
+        for sock in self.socks:
             if reset:
                 try:
-                    s = socket.socket(fileno=os.dup(fd))
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
-                    s.close()
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
                 except OSError:
                     pass
             try:
-                os.close(fd)
+                sock.close()
             except OSError:
                 pass
         self.on_end(reason)

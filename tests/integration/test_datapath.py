@@ -7,6 +7,7 @@ bridge, pushes real traffic and checks bytes, addresses and flow records.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -409,3 +410,253 @@ def test_upstream_source_ports_avoid_client_ports_and_survive_a_full_range(clust
     assert float(spliced.group(1)) >= n
     fds = len(list(Path(f"/proc/{sc.pid()}/fd").iterdir()))
     assert fds < 2 * n + 100, fds
+
+
+CHURN_SERVER = """
+import socket
+ls = socket.socket(); ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+ls.bind(("0.0.0.0", 9301)); ls.listen(4096)
+while True:
+    c, (ip, port) = ls.accept()
+    c.sendall(("%s %d\\n" % (ip, port)).encode())
+    c.close()
+"""
+
+CHURN_CLIENT = """
+import json, socket, sys
+out = []
+for i in range(N):
+    s = socket.create_connection((HOST, 9301), timeout=10)
+    data = b""
+    while True:
+        chunk = s.recv(64)
+        if not chunk:
+            break
+        data += chunk
+    s.close()
+    ip, port = data.decode().split()
+    out.append([ip, int(port)])
+print(json.dumps(out))
+"""
+
+
+def test_churn_keeps_the_client_address_on_every_flow(cluster, tmp_path):
+    """Issue 22: ``upstream_ports`` contained the sidecar's own listener ports; binding one
+    failed with EADDRINUSE, which was taken for "no CAP_NET_ADMIN" and turned the transparent
+    upstream off for the life of the process.  Here the range holds the outbound (15001),
+    inbound (15006), admin (15020) and DNS (15053) listener ports and an application's own
+    listener (15500); a churn of short flows walks through all of them and every flow must
+    still reach the application from the client's own address."""
+    srv, cli = cluster.pod("server"), cluster.pod("client")
+    srv.popen([PY, "-c", textwrap.dedent(CHURN_SERVER)])
+    srv.wait_listening(9301)
+    srv.popen([PY, "-c", "import socket,time; s=socket.socket(); s.bind(('0.0.0.0',15500)); s.listen(); "
+                         "time.sleep(3600)"])
+    srv.wait_listening(15500)
+    cfg = tmp_path / "sidecar.yaml"
+    cfg.write_text("upstream_ports: [15000, 16023]\n")
+    sc = srv.start_sidecar(*L4, "--config", str(cfg))
+    n = 900  # < the range: the round robin passes every listener port in it
+    code = textwrap.dedent(CHURN_CLIENT).replace("N)", f"{n})").replace("HOST", repr(srv.ip))
+    r = _py(cli, code, timeout=180, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(r.stdout)
+    assert len(rows) == n
+    assert all(ip == cli.ip for ip, _ in rows), [row for row in rows if row[0] != cli.ip][:5]
+    ports = {p for _, p in rows}
+    assert not ports & {15001, 15006, 15020, 15053, 15500}
+    assert all(15000 <= p <= 16023 for p in ports)
+    flows = sc.wait_flows(n, dest_port=9301, timeout=60)
+    assert len(flows) == n
+    assert all(f["source_preserved"] is True for f in flows), \
+        sum(1 for f in flows if f["source_preserved"] is not True)
+    assert sc.proc.poll() is None
+
+
+def test_sigterm_writes_every_batched_flow_record(cluster, tmp_path):
+    """Flow records are written in batches (``flow_record_interval``); here the interval is
+    far longer than the test, so every record is still queued when SIGTERM arrives: the
+    shutdown must write them all, each redacted like any other event."""
+    srv, cli = cluster.pod("server"), cluster.pod("client")
+    srv.popen([PY, "-c", textwrap.dedent(CHURN_SERVER)])
+    srv.wait_listening(9301)
+    cfg = tmp_path / "sidecar.yaml"
+    cfg.write_text("flow_record_interval: 60\n")
+    sc = srv.start_sidecar(*L4, "--config", str(cfg))
+    n = 50
+    code = textwrap.dedent(CHURN_CLIENT).replace("N)", f"{n})").replace("HOST", repr(srv.ip))
+    r = _py(cli, code, timeout=60, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sc.flows(dest_port=9301) == []  # still in the batch
+    sc.proc.send_signal(signal.SIGTERM)
+    assert sc.proc.wait(30) == 0
+    flows = sc.flows(dest_port=9301)
+    assert len(flows) == n
+    assert len({f["flow_id"] for f in flows}) == n
+    assert all(f["timestamp"] == f["flow"]["end"] for f in flows)
+
+
+FAST_POLICY = """
+apiVersion: palisade.dev/v1
+kind: FirewallPolicy
+metadata: {name: api, namespace: payments}
+spec:
+  selector:
+    matchLabels: {app: api}
+  mode: protect
+  default: deny
+  ingress:
+    - name: shop-to-api
+      from:
+        - namespace: shop
+      ports: [{port: 9300, protocol: TCP}]
+      action: allow
+"""
+
+HOLD_CLIENT = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], 9300), timeout=30)
+print(s.recv(100).decode().split()[0], flush=True)
+try:
+    print("closed" if not s.recv(100) else "data", flush=True)
+except ConnectionResetError:
+    print("reset", flush=True)
+"""
+
+
+def _fast_flows(sc) -> float:
+    m = re.search(r"^palisade_l4_fast_flows_total (\S+)", sc.http("/metrics")[1], re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def _fast_env(cluster, *extra: str):
+    from firewall.podinfo import write_podinfo
+
+    tmp_path = Path(cluster.tmp)  # readable by the sidecar's UID (it re-reads these on reload)
+    srv, cli = cluster.pod("server", namespace="payments"), cluster.pod("client", namespace="shop")
+    srv.popen([PY, "-c", textwrap.dedent(PEER_SERVER)])
+    srv.wait_listening(9300)
+    labels = {"app": "api"}
+    ident = tmp_path / "identity.json"
+    ident.write_text(json.dumps([
+        {"ip": srv.ip, "namespace": "payments", "pod": "server", "labels": labels},
+        {"ip": cli.ip, "namespace": "shop", "pod": "client", "labels": {"app": "shop"}}]))
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(FAST_POLICY)
+    podinfo = tmp_path / "podinfo"
+    podinfo.mkdir()
+    write_podinfo(str(podinfo), {}, labels)
+    os.chmod(podinfo, 0o755)
+    sc = srv.start_sidecar(*L4, "--identity", str(ident), "--policy", str(policy), "--podinfo", str(podinfo),
+                           "--labels", json.dumps(labels), *extra, env={"POD_NAMESPACE": "payments"})
+    return srv, cli, sc, policy, podinfo, labels
+
+
+def _hold(cli, srv):
+    p = cli.popen([PY, "-c", textwrap.dedent(HOLD_CLIENT), srv.ip])
+    assert p.stdout.readline().decode().strip() == cli.ip  # relayed, client address kept
+    return p
+
+
+def test_l4_fast_path_flows_are_cut_by_reload_and_quarantine(cluster):
+    """Flows final at accept skip asyncio transports (accept -> connect -> splice), yet a
+    policy reload still re-evaluates them (the new policy denies: cut, recorded as such) and
+    quarantine still cuts every open one."""
+    from firewall.podinfo import write_podinfo
+
+    srv, cli, sc, policy, podinfo, labels = _fast_env(cluster)
+    holder = _hold(cli, srv)
+    assert _fast_flows(sc) == 1.0
+    policy.write_text(FAST_POLICY.replace("namespace: shop", "namespace: shop-v2"))
+    assert holder.stdout.readline().decode().strip() in ("reset", "closed")
+    flow = sc.wait_flows(1, dest_port=9300)[0]
+    assert flow["verdict"] == "deny" and flow["close_reason"] == "reload"
+    assert flow["source_preserved"] is True
+    policy.write_text(FAST_POLICY)
+    sc.wait_event(lambda e: e.get("event_type") == "policy" and e["policy"]["action"] == "reloaded"
+                  and len(sc.flows(dest_port=9300)) == 1, timeout=15)
+    wait_until(lambda: _py(cli, f"""
+        import socket
+        s = socket.create_connection(("{srv.ip}", 9300), timeout=3); print(s.recv(64).decode().split()[0])
+    """, check=False).stdout.strip() == cli.ip, 15, what="allowed again after the second reload")
+    holder = _hold(cli, srv)
+    write_podinfo(str(podinfo), {"palisade.dev/quarantine": "true"}, labels)
+    assert holder.stdout.readline().decode().strip() in ("reset", "closed")
+    cut = sc.wait_flows(1, dest_port=9300, close_reason="quarantine")[0]
+    assert cut["verdict"] == "deny"
+    assert _fast_flows(sc) >= 3.0
+
+
+def test_l4_fast_path_idle_timeout_and_drain(cluster):
+    """A spliced fast-path flow with no bytes is reset after idle_timeout; another open one is
+    cut at the end of the SIGTERM drain, and both have their flow record."""
+    srv, cli, sc, *_ = _fast_env(cluster, "--idle-timeout", "2", "--drain-timeout", "1")
+    holder = _hold(cli, srv)
+    assert _fast_flows(sc) == 1.0
+    t0 = time.monotonic()
+    assert holder.stdout.readline().decode().strip() in ("reset", "closed")
+    assert 1.5 < time.monotonic() - t0 < 6
+    assert sc.wait_flows(1, dest_port=9300, close_reason="idle-timeout")
+    holder = _hold(cli, srv)
+    sc.proc.send_signal(signal.SIGTERM)
+    assert holder.stdout.readline().decode().strip() in ("reset", "closed")
+    assert sc.proc.wait(30) == 0
+    assert len(sc.flows(dest_port=9300, close_reason="shutdown")) == 1
+
+
+def test_l4_fast_path_only_for_flows_no_dlp_reads_and_both_paths_byte_exact(cluster):
+    """With DLP on (L7 off) a flow the DLP reads is not final at accept: it is adopted as a
+    transport (Protocol path) and stays byte-exact; with DLP off the same flow takes the fast
+    path (the client's header, sent at once, waits in the kernel until the upstream is up)."""
+    srv, cli = cluster.pod("server"), cluster.pod("client")
+    blast = srv.serve_blast(9000)
+    sc = srv.start_sidecar("--no-l7")  # DLP packs on: not final at accept
+    n = 8 * 1024 * 1024
+    r = cli.blast(srv.ip, client_bytes=n, server_bytes=n)
+    assert r["failed"] == 0, r
+    assert blast.wait_results(1)[0]["recv_ok"] is True
+    flow = sc.wait_flows(1, dest_port=9000)[0]
+    assert flow["flow"]["bytes_toserver"] == n + 24 and flow["flow"]["bytes_toclient"] == n
+    assert _fast_flows(sc) == 0.0
+    sc.stop()
+    sc = srv.start_sidecar(*L4)
+    r = cli.blast(srv.ip, client_bytes=n, server_bytes=n)
+    assert r["failed"] == 0, r
+    assert _fast_flows(sc) == 1.0
+
+
+RST_BURST = """
+import socket, struct, sys
+host, n = sys.argv[1], int(sys.argv[2])
+for i in range(n):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.connect((host, int(sys.argv[3])))
+    if i % 2:
+        s.sendall(b"x" * 1000)  # early bytes, then the reset
+    s.close()  # RST at once: usually before the sidecar's upstream is connected
+print("ok")
+"""
+
+
+def test_l4_fast_path_resets_and_refusals_leak_nothing(cluster):
+    """Clients that reset at once (with and without early bytes) and connections to a port
+    nobody listens on: every one ends with a flow record, none stays open, the process lives."""
+    srv, cli = cluster.pod("server"), cluster.pod("client")
+    srv.popen([PY, "-c", textwrap.dedent(CHURN_SERVER)])
+    srv.wait_listening(9301)
+    sc = srv.start_sidecar(*L4)
+    n = 300
+    r = cli.run([PY, "-c", RST_BURST, srv.ip, str(n), "9301"], check=False, timeout=120)
+    assert r.stdout.strip() == "ok", r.stderr[-2000:]
+    refused = cli.run([PY, "-c", "import socket,sys\ntry:\n socket.create_connection((sys.argv[1], 9399), timeout=5)"
+                                 ".recv(1)\nexcept OSError as e: print(type(e).__name__)", srv.ip],
+                      check=False, timeout=30)
+    assert refused.stdout.strip() in ("ConnectionResetError", "ConnectionRefusedError"), refused
+    flows = sc.wait_flows(n, dest_port=9301, timeout=30)
+    assert len(flows) == n
+    assert sc.wait_flows(1, dest_port=9399)[0]["close_reason"] == "upstream-refused"
+    wait_until(lambda: re.search(r'^palisade_connections_active\{direction="inbound"\} 0\.0',
+                                 sc.http("/metrics")[1], re.M), 10, what="no flow left open")
+    assert _fast_flows(sc) == n + 1
+    assert sc.proc.poll() is None
