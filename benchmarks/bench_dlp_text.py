@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dlp_corpus import binary, pii_text  # noqa: E402
 
-from firewall.dlp import DlpEngine  # noqa: E402
+from firewall.dlp.engine import DlpEngine  # noqa: E402
 
 PAYLOAD_SIZE = 8 << 20  # what run.py writes to payload-text.bin
 
@@ -55,8 +55,9 @@ def payload(mib: int) -> bytes:
 
 
 def baseline_engine(commit: str, cache: str) -> Any:
-    """The DLP engine (firewall/dlp*.py) and default rule packs of an earlier commit, loaded
-    under another package name next to the current one."""
+    """The DLP engine and default rule packs of an earlier commit, loaded under another
+    package name next to the current one.  The baseline predates the firewall/dlp/ package,
+    so its files are the flat firewall/dlp*.py modules."""
     root = Path(tempfile.mkdtemp(prefix="dlp-baseline-"))
     atexit.register(shutil.rmtree, root, True)
     repo = Path(__file__).resolve().parent.parent

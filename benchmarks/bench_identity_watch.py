@@ -53,7 +53,7 @@ def child(port: int, token: str, ca: str, page_size: int) -> None:
     from kubernetes import client
     from kubernetes.config.incluster_config import InClusterConfigLoader
 
-    from firewall.identity import KubernetesIdentitySource
+    from firewall.identity.identity import KubernetesIdentitySource
 
     rss0 = _rss_kib()
     cfg = client.Configuration()

@@ -55,9 +55,9 @@ def identities(n: int, server_ip: str | None = None) -> list[dict]:
 
 def _inner_sync(n: int, repeat: int) -> dict:
     """Runs inside the pod's namespace (after ``redirect apply``)."""
-    from firewall.identity import Identity
-    from firewall.l3rules import L3Sync, compile_plan
-    from firewall.policy import PolicySet
+    from firewall.datapath.l3rules import L3Sync, compile_plan
+    from firewall.identity.identity import Identity
+    from firewall.policy.engine import PolicySet
 
     tmp = Path(os.environ.get("BENCH_TMP", "/tmp"))
     pol = tmp / "bench-l3-policy.yaml"

@@ -23,8 +23,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from firewall.identity import Identity  # noqa: E402
-from firewall.policy import FlowInfo, PolicySet  # noqa: E402
+from firewall.identity.identity import Identity  # noqa: E402
+from firewall.policy.engine import FlowInfo, PolicySet  # noqa: E402
 from firewall.protocols.base import L7Event  # noqa: E402
 
 LOCAL = Identity.make("10.0.0.5", "bench", "svc-0", {"app": "svc"})

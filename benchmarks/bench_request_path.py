@@ -2,12 +2,12 @@
 
 Run: ``python benchmarks/bench_request_path.py [--requests 2000] [--runs 7] [--profile] [--json out.json]``
 
-What it answers: how many microseconds of CPU does ``firewall.session.Session`` spend on one
+What it answers: how many microseconds of CPU does ``firewall.datapath.session.Session`` spend on one
 request + answer of ``benchmarks/run.py``'s 1,000 req/s scenario (palisade-full)?  That is the
 inspection share of the "vCPU per 1,000 req/s" target; the relay around it (uvloop, the
 transports) is not measured here.
 
-The session is driven exactly as ``firewall/proxy.py``'s ``Flow`` drives it for chunks below the
+The session is driven exactly as ``firewall/datapath/proxy.py``'s ``Flow`` drives it for chunks below the
 DLP offload size: ``open()`` at accept, then per chunk ``session.bytes[d] += n``,
 ``feed(d, chunk)`` (inspect -> DLP scan -> assemble), ``passthrough``/``holding(d)`` checks.
 State is what ``run_cli.py`` builds for the benchmark's sidecar: ``PolicySet.load`` of
@@ -83,10 +83,10 @@ class State:
     """The sidecar's loaded state, built the way run_cli.py builds it."""
 
     def __init__(self, dlp_cache: str | None) -> None:
-        from firewall.dlp import DlpEngine
-        from firewall.fqdn import FqdnCache
-        from firewall.identity import Identity, load_identity_file
-        from firewall.policy import PolicySet
+        from firewall.dlp.engine import DlpEngine
+        from firewall.identity.fqdn import FqdnCache
+        from firewall.identity.identity import Identity, load_identity_file
+        from firewall.policy.engine import PolicySet
 
         self.tmp = tempfile.mkdtemp(prefix="bench-reqpath-")
         ident = [{"ip": SERVER_IP, "namespace": SERVER_NS, "pod": "server", "labels": SERVER_LABELS},
@@ -102,7 +102,7 @@ class State:
         self.events: list[dict] = []
 
     def inspection(self, config: str) -> Any:
-        from firewall.session import Inspection
+        from firewall.datapath.session import Inspection
 
         policy = self.policy if config in ("parse+policy", "full") else None
         dlp = self.dlp if config == "full" else None
@@ -114,7 +114,7 @@ class FlowDriver:
     """One kept-alive flow: the calls proxy.py's Flow makes on its session, minus the sockets."""
 
     def __init__(self, insp: Any, exchanges: list[list[tuple[int, bytes]]]) -> None:
-        from firewall.session import Session
+        from firewall.datapath.session import Session
 
         self.session = Session(insp, "inbound", (CLIENT_IP, 40682), (SERVER_IP, HTTP_PORT))
         if not self.session.open():

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dlp_corpus import corpus  # noqa: E402
 
-from firewall.dlp import DlpEngine  # noqa: E402
+from firewall.dlp.engine import DlpEngine  # noqa: E402
 
 GOAL = 0.995
 GOAL_GROUPS = {"payment cards": lambda r: r.startswith("card."), "ssn": lambda r: r == "us.ssn",

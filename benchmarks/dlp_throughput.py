@@ -44,7 +44,7 @@ from bench_dlp_text import baseline_engine  # noqa: E402
 from bench_dlp_text import payload as runpy_text  # noqa: E402
 from dlp_corpus import binary, dense_text, pii_text  # noqa: E402
 
-from firewall.dlp import DlpEngine  # noqa: E402
+from firewall.dlp.engine import DlpEngine  # noqa: E402
 
 # What a straightforward implementation compiles: one full regex per rule, \b boundaries,
 # start of match tracked so the value can be cut out and validated.

@@ -6,9 +6,9 @@ Data flows one way through the sidecar::
            -> per-direction inspection (protocol parser -> L7 verdict -> DLP scan)
            -> forward or block -> flow record -> events / metrics
 
-``proxy.py`` owns the sockets and nothing else; ``session.py`` is the sans-IO
-inspection pipeline for one flow; ``policy.py``, ``dlp.py`` and
-``protocols/`` are pure data + functions that the session calls.
+``datapath/proxy.py`` owns the sockets and nothing else; ``datapath/session.py`` is the
+sans-IO inspection pipeline for one flow; ``policy/``, ``dlp/`` and ``protocols/`` are pure
+data + functions that the session calls.  One package per concern (docs/architecture.md).
 """
 
 __version__ = "0.1.0"

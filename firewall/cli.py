@@ -13,14 +13,14 @@ import sys
 
 # command -> the module that registers it; a family whose module is absent is skipped.
 COMMANDS = {
-    "run": "firewall.run_cli",
-    "redirect": "firewall.redirect",
-    "policy": "firewall.policy_cli",
-    "dlp": "firewall.dlp_cli",
-    "capture": "firewall.capture_cli",
-    "report": "firewall.report_cli",
-    "segtest": "firewall.segtest",
-    "demo": "firewall.demo",
+    "run": "firewall.sidecar.app",
+    "redirect": "firewall.datapath.redirect",
+    "policy": "firewall.policy.cli",
+    "dlp": "firewall.dlp.cli",
+    "capture": "firewall.capture.cli",
+    "report": "firewall.audit.cli",
+    "segtest": "firewall.audit.segtest",
+    "demo": "firewall.lab.demo",
 }
 COMMAND_MODULES = list(COMMANDS.values())
 

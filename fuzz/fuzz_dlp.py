@@ -5,7 +5,7 @@ then the payload. The payload is scanned once whole (the reference) and once as 
 stream cut by the split spec. Checked:
 
 * ``scan``/``close`` never raise;
-* **the blocking contract** (firewall/dlp.py): every value of the reference is
+* **the blocking contract** (firewall/dlp/engine.py): every value of the reference is
   reported by the stream no later than the ``scan()`` call that passed its last
   byte - otherwise the session would have forwarded a complete value;
 * after retractions, the stream's findings equal the reference (segmentation
@@ -24,7 +24,7 @@ import tempfile
 from fuzz.common import Bytes, check, instrumented, main, segments
 
 with instrumented(__name__ == "__main__"):
-    from firewall.dlp import DlpEngine
+    from firewall.dlp.engine import DlpEngine
 
 _CACHE = os.environ.get("PALISADE_DLP_CACHE") or os.path.join(tempfile.gettempdir(), "palisade-fuzz-dlp-cache")
 ENGINE = DlpEngine.load(cache_dir=_CACHE)

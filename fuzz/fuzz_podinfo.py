@@ -20,8 +20,8 @@ from __future__ import annotations
 from fuzz.common import check, instrumented, main
 
 with instrumented(__name__ == "__main__"):
-    from firewall.capture import CaptureSpecError, parse_spec
-    from firewall.podinfo import PodinfoError, format_downward, go_quote, parse_downward
+    from firewall.capture.manager import CaptureSpecError, parse_spec
+    from firewall.identity.podinfo import PodinfoError, format_downward, go_quote, parse_downward
     from injector.annotations import AnnotationError, check_mode, exclusions, inject_flag
 
 ANN_PCAP = "palisade.dev/pcap"

@@ -17,8 +17,8 @@ import tempfile
 from fuzz.common import REPO, check, instrumented, main
 
 with instrumented(__name__ == "__main__"):
-    from firewall.identity import Identity
-    from firewall.policy import FlowInfo, PolicyError, PolicySet
+    from firewall.identity.identity import Identity
+    from firewall.policy.engine import FlowInfo, PolicyError, PolicySet
     from firewall.protocols.base import TOSERVER, L7Event
 
 _DIR = tempfile.mkdtemp(prefix="palisade-fuzz-policy-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)

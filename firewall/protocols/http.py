@@ -25,8 +25,8 @@ import re
 from collections import deque
 from typing import Any
 
-from firewall.http_canon import CanonError, canonical_target
 from firewall.protocols.base import TOCLIENT, TOSERVER, L7Event, ParseError, Probe, declare_fields
+from firewall.protocols.http_canon import CanonError, canonical_target
 from firewall.protocols.redact import redact_path
 from firewall.protocols.stream import DirState, StreamParser, find_line
 
@@ -146,7 +146,7 @@ _facts_cache: tuple[dict[str, tuple], dict[str, tuple]] = ({}, {})  # responses,
 def _request_facts(text: str) -> tuple:
     """(method, host, path, version, content_length, chunked, content_encoding, content_type,
     upgrade, raw_target) of a request head; ParseError for a request a server could read two
-    ways (framing, Host, bare LF) or whose path has no one canonical form (firewall/http_canon).
+    ways (framing, Host, bare LF) or whose path has no one canonical form (firewall/protocols/http_canon.py).
 
     ``path`` is the canonical path plus the raw query: the one form the policy matches, the
     flow record shows and the report counts."""

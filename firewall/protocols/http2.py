@@ -21,9 +21,9 @@ from typing import Any
 
 import hpack
 
-from firewall.http_canon import CanonError, canonical_target
 from firewall.protocols.base import TOCLIENT, TOSERVER, L7Event, ParseError, Probe
 from firewall.protocols.http import _summary_path
+from firewall.protocols.http_canon import CanonError, canonical_target
 from firewall.protocols.stream import DirState, StreamParser
 
 APP_PROTO = "http2"

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from firewall.podinfo import write_podinfo
+from firewall.identity.podinfo import write_podinfo
 from tests.harness import PY, Cluster, wait_until
 
 PAN = "4111111111111111"

@@ -22,7 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from firewall.metrics import AdminLimits, AdminServer
+from firewall.observe.metrics import AdminLimits, AdminServer
 from tests.harness import PY, wait_until
 
 # --------------------------------------------------------------------------- admin port, in process
@@ -194,7 +194,7 @@ def test_admin_bad_request_is_400_without_traceback(admin_factory, caplog, name)
 
 
 def test_admin_allow_list_config_rejects_bad_entries(tmp_path):
-    from firewall.config import ConfigError, load_config
+    from firewall.sidecar.config import ConfigError, load_config
 
     p = tmp_path / "c.yaml"
     p.write_text("admin_allow: [node, 10.0.0.0/8, 'fd00::/8']\nadmin_request_timeout: 2\n")
@@ -427,7 +427,7 @@ def _rss_mib() -> float:
 def test_webhook_queue_bounded_in_bytes_behind_a_slow_endpoint(path_kb):
     from prometheus_client import REGISTRY
 
-    from firewall.alertsink import WebhookSink
+    from firewall.observe.alertsink import WebhookSink
 
     rec = _SlowReceiver(0.5)
     budget = 4 << 20
@@ -459,7 +459,7 @@ def test_webhook_queue_bounded_in_bytes_behind_a_slow_endpoint(path_kb):
 
 
 def test_webhook_single_event_bigger_than_the_budget_dropped_as_too_large():
-    from firewall.alertsink import WebhookSink
+    from firewall.observe.alertsink import WebhookSink
 
     rec = _SlowReceiver(0)
     sink = WebhookSink(rec.url, queue_bytes=10_000, batch=1)
@@ -476,7 +476,7 @@ def test_webhook_single_event_bigger_than_the_budget_dropped_as_too_large():
 
 
 def test_webhook_queue_bytes_config(tmp_path):
-    from firewall.config import ConfigError, load_config
+    from firewall.sidecar.config import ConfigError, load_config
 
     p = tmp_path / "c.yaml"
     p.write_text("webhook_queue_bytes: 1048576\nwebhook_queue_size: 100\n")
@@ -509,8 +509,8 @@ def _flow(paths=None, app="http", port=9000, bytes_toserver=None, direction="inb
 
 
 def _learn(events, tmp_path, **opts):
-    from firewall.learn import LearnOptions, learn_from_events, render_policies
-    from firewall.policy import PolicySet
+    from firewall.policy.engine import PolicySet
+    from firewall.policy.learn import LearnOptions, learn_from_events, render_policies
 
     pols = learn_from_events(events, options=LearnOptions(**opts))
     text = render_policies(pols)
@@ -520,8 +520,8 @@ def _learn(events, tmp_path, **opts):
 
 
 def _http_allowed(ps, method: str, path: str, port: int = 9000) -> bool:
-    from firewall.identity import Identity
-    from firewall.policy import FlowInfo
+    from firewall.identity.identity import Identity
+    from firewall.policy.engine import FlowInfo
     from firewall.protocols.base import L7Event
 
     api = Identity.make("10.0.0.5", "payments", "api-1", _API["labels"])
@@ -589,7 +589,7 @@ def test_learn_unidentified_data_on_its_own_port_is_still_learned(tmp_path):
 
 
 def test_learn_prefix_aggregation_is_linear(tmp_path):
-    from firewall.learn import learn_from_events, render_policies
+    from firewall.policy.learn import learn_from_events, render_policies
 
     def run(n: int) -> float:
         evs = [_flow([["GET", f"/p{chr(97 + i % 26)}x{i}/q"]]) for i in range(n)]
@@ -648,8 +648,8 @@ def test_learn_50k_outside_addresses_give_a_small_policy_that_validates_fast(tmp
     text = out.read_text()
     assert "aggregated: 50000 outside addresses" in text
 
-    from firewall.identity import Identity
-    from firewall.policy import FlowInfo, PolicySet
+    from firewall.identity.identity import Identity
+    from firewall.policy.engine import FlowInfo, PolicySet
 
     ps = PolicySet.load([str(out)])
     api = Identity.make("10.0.0.5", "payments", "api-1", _API["labels"])

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from firewall.policy_match import normalize_path, path_has_prefix
+from firewall.policy.match import normalize_path, path_has_prefix
 from tests.harness import wait_until
 
 pytestmark = pytest.mark.netns

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from firewall.fqdn import FqdnCache
-from firewall.identity import Identity
-from firewall.policy import PolicySet
+from firewall.datapath.session import Inspection, Session
+from firewall.identity.fqdn import FqdnCache
+from firewall.identity.identity import Identity
+from firewall.policy.engine import PolicySet
 from firewall.protocols.base import TOCLIENT, TOSERVER
 from firewall.protocols.dns import DnsTcpParser
-from firewall.session import Inspection, Session
 
 TYPES = {"A": 1, "CNAME": 5, "AAAA": 28}
 

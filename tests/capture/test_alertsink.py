@@ -13,8 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from prometheus_client import REGISTRY
 
-from firewall.alertsink import WebhookError, WebhookSink
-from firewall.events import EventSink
+from firewall.observe.alertsink import WebhookError, WebhookSink
+from firewall.observe.events import EventSink
 
 
 class Receiver:

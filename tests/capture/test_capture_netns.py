@@ -12,8 +12,8 @@ import time
 import pytest
 
 from firewall import ANN_PCAP
-from firewall.capture import CaptureManager, parse_spec
-from firewall.podinfo import PodinfoWatcher, write_podinfo
+from firewall.capture.manager import CaptureManager, parse_spec
+from firewall.identity.podinfo import PodinfoWatcher, write_podinfo
 
 from .conftest import NEEDS_ROOT, NEEDS_TOOLS, sha256_file, tcpdump_lines, tshark_fields
 

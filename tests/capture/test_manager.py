@@ -8,7 +8,7 @@ import stat
 import tempfile
 
 from firewall import ANN_PCAP
-from firewall.capture import STATE_FILE, CaptureManager
+from firewall.capture.manager import STATE_FILE, CaptureManager
 
 
 def test_bad_annotation_emits_one_failed_event_and_no_capture(tmp_path, events):
@@ -68,7 +68,7 @@ def test_pcap_dir_is_created_private(tmp_path, events):
 
 
 def test_auto_trigger_shapes():
-    from firewall.capture import _auto_trigger
+    from firewall.capture.manager import _auto_trigger
 
     # what the session passes today: the flow's fields at top level
     t = _auto_trigger("10.0.0.2", {"rule": "default-deny", "flow_id": 7, "src_ip": "10.0.0.1",

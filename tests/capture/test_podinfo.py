@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from firewall.podinfo import (
+from firewall.identity.podinfo import (
     PodInfo,
     PodinfoError,
     PodinfoWatcher,

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from firewall import ANN_PCAP
-from firewall.podinfo import write_podinfo
+from firewall.identity.podinfo import write_podinfo
 from tests.harness import PY, Cluster, wait_until
 
 from .conftest import CLIENT, NEEDS_TOOLS, SERVER, sha256_file, tcpdump_lines, tshark_fields

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from firewall.capture import (
+from firewall.capture.manager import (
     DEFAULT_MAX_BYTES,
     CaptureSpec,
     CaptureSpecError,

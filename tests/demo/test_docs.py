@@ -16,19 +16,19 @@ from pathlib import Path
 import pytest
 import yaml
 
-from firewall import docs_gen
+from firewall.audit import docs_gen
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs"
 GUIDES = ["architecture.md", "platform.md", "policy.md", "auditor.md", "sre.md", "policy-reference.md",
           "events.md", "metrics.md"]
-SIDECAR_METRIC_MODULES = ["firewall.metrics", "firewall.capture", "firewall.alertsink", "firewall.proxy",
-                          "firewall.session", "firewall.dnsrelay", "firewall.run_cli"]
+SIDECAR_METRIC_MODULES = ["firewall.observe.metrics", "firewall.capture.manager", "firewall.observe.alertsink", "firewall.datapath.proxy",
+                          "firewall.datapath.session", "firewall.datapath.dnsrelay", "firewall.sidecar.app"]
 
 
 def test_policy_reference_is_generated_from_the_shipped_schema():
     committed = (DOCS / "policy-reference.md").read_text(encoding="utf-8")
-    assert committed == docs_gen.render_file(), "stale: run python -m firewall.docs_gen"
+    assert committed == docs_gen.render_file(), "stale: run python -m firewall.audit.docs_gen"
     schema = json.loads(docs_gen.SCHEMA.read_text())
     for name, d in schema["$defs"].items():
         assert f"## {name}\n" in committed

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from firewall.dlp import DlpEngine
+from firewall.dlp.engine import DlpEngine
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))

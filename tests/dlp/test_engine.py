@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from firewall.dlp import DlpEngine, DlpRuleError, Finding
-from firewall.signature import signature_id
+from firewall.dlp.engine import DlpEngine, DlpRuleError, Finding
+from firewall.observe.signature import signature_id
 from tests.dlp.conftest import MC_2SERIES, REPO, TEST_PANS, spans
 
 SAMPLE = (

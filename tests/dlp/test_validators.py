@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from firewall.dlp_mask import mask_card, mask_hint, mask_shape, sanitize
-from firewall.dlp_validators import (
+from firewall.dlp.mask import mask_card, mask_hint, mask_shape, sanitize
+from firewall.dlp.validators import (
     itin,
     jwt,
     luhn,

@@ -530,7 +530,7 @@ def _fast_flows(sc) -> float:
 
 
 def _fast_env(cluster, *extra: str):
-    from firewall.podinfo import write_podinfo
+    from firewall.identity.podinfo import write_podinfo
 
     tmp_path = Path(cluster.tmp)  # readable by the sidecar's UID (it re-reads these on reload)
     srv, cli = cluster.pod("server", namespace="payments"), cluster.pod("client", namespace="shop")
@@ -562,7 +562,7 @@ def test_l4_fast_path_flows_are_cut_by_reload_and_quarantine(cluster):
     """Flows final at accept skip asyncio transports (accept -> connect -> splice), yet a
     policy reload still re-evaluates them (the new policy denies: cut, recorded as such) and
     quarantine still cuts every open one."""
-    from firewall.podinfo import write_podinfo
+    from firewall.identity.podinfo import write_podinfo
 
     srv, cli, sc, policy, podinfo, labels = _fast_env(cluster)
     holder = _hold(cli, srv)

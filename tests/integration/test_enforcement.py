@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from firewall.podinfo import write_podinfo
+from firewall.identity.podinfo import write_podinfo
 from tests.harness import PY, Cluster, nginx_template, wait_until
 
 pytestmark = pytest.mark.netns

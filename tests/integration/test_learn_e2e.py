@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from firewall.podinfo import write_podinfo
+from firewall.identity.podinfo import write_podinfo
 from tests.harness import PY, REPO, Cluster, Pod, nginx_template, wait_until
 
 pytestmark = pytest.mark.netns

@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from firewall.podinfo import write_podinfo
-from firewall.report import chromium_args, find_chromium
+from firewall.audit.report import chromium_args, find_chromium
+from firewall.identity.podinfo import write_podinfo
 from tests.harness import PY, REPO, Cluster, nginx_template, wait_until
 
 pytestmark = pytest.mark.netns

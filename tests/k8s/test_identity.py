@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from firewall.identity import KubernetesIdentitySource
+from firewall.identity.identity import KubernetesIdentitySource
 from tests.harness import wait_until
 from tests.k8s.tcpproxy import TcpProxy
 

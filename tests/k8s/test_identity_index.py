@@ -3,7 +3,7 @@ IP reuse between pods, no publish when nothing a lookup sees changed."""
 
 from __future__ import annotations
 
-from firewall.identity import KubernetesIdentitySource
+from firewall.identity.identity import KubernetesIdentitySource
 
 
 def pod(uid: str, name: str, ip: str | None, labels: dict | None = None, phase: str = "Running") -> dict:

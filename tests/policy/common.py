@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pathlib
 
-from firewall.identity import Identity
+from firewall.identity.identity import Identity
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "payment-api.yaml"

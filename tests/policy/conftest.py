@@ -4,7 +4,7 @@ import pathlib
 
 import pytest
 
-from firewall.policy import PolicySet
+from firewall.policy.engine import PolicySet
 from tests.policy.common import NODE, TABLE_POLICY, write
 
 
@@ -17,8 +17,8 @@ def table_ps(tmp_path: pathlib.Path) -> PolicySet:
 def _pydantic_agrees(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every document the tests here load (valid ones and every error case) is validated by the
     pydantic reference too, and both must give the same records or the same errors."""
-    from firewall import policy_loader
-    from firewall.policy_model import MODELS
+    from firewall.policy import loader as policy_loader
+    from firewall.policy.model import MODELS
     from tests.policy.crosscheck import assert_agree
 
     real = policy_loader.validate

@@ -1,7 +1,7 @@
 """Run a document through both validators and say whether they agree.
 
-The run-time validator (``firewall.policy_model.validate``) replaced pydantic in the
-sidecar; the pydantic models (``firewall.policy_schema``) are the reference.  Agreement
+The run-time validator (``firewall.policy.model.validate``) replaced pydantic in the
+sidecar; the pydantic models (``firewall.policy.schema``) are the reference.  Agreement
 means: both accept and build the same values (types included: ``port: "80"`` is the int
 80 in both), or both reject with the same errors - type, location and message, in the
 same order (the loader prints them sorted by line with a stable sort, so order within a
@@ -15,7 +15,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from firewall import policy_model, policy_schema
+from firewall.policy import model as policy_model
+from firewall.policy import schema as policy_schema
 
 
 def canon(value: Any) -> Any:

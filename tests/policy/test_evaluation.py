@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from firewall.fqdn import FqdnCache
-from firewall.policy import FlowInfo, PolicySet
+from firewall.identity.fqdn import FqdnCache
+from firewall.policy.engine import FlowInfo, PolicySet
 from tests.policy.common import (
     BATCH,
     CARDNET,
@@ -200,7 +200,7 @@ def test_fqdn_peer_from_dns_answers(table_ps: PolicySet) -> None:
 
 
 def test_fqdn_held_by_policyset(tmp_path) -> None:
-    from firewall.identity import Identity
+    from firewall.identity.identity import Identity
     from tests.policy.common import TABLE_POLICY, write
 
     cache = FqdnCache()

@@ -8,7 +8,7 @@ import tempfile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from firewall.policy import PolicyError, PolicySet
+from firewall.policy.engine import PolicyError, PolicySet
 from tests.policy.common import EXAMPLE
 
 BASE = EXAMPLE.read_text()

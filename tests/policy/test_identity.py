@@ -14,7 +14,7 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from firewall.identity import (
+from firewall.identity.identity import (
     Identity,
     IdentityError,
     IdentityMap,

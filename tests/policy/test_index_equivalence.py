@@ -13,8 +13,8 @@ import random
 
 import yaml
 
-from firewall.identity import Identity
-from firewall.policy import FlowInfo, PolicySet
+from firewall.identity.identity import Identity
+from firewall.policy.engine import FlowInfo, PolicySet
 from tests.policy.common import write
 
 NAMESPACES = ["a", "b", "c"]

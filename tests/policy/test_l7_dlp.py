@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from firewall.identity import Identity
-from firewall.policy import FlowInfo, PolicySet
-from firewall.policy_match import normalize_path, path_has_prefix, tls_rank
+from firewall.identity.identity import Identity
+from firewall.policy.engine import FlowInfo, PolicySet
+from firewall.policy.match import normalize_path, path_has_prefix, tls_rank
 from firewall.protocols.base import L7Event
 from tests.policy.common import CHK, DB, PAY, STRANGER, write
 

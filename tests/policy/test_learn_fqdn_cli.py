@@ -7,10 +7,10 @@ import json
 import pytest
 
 from firewall.cli import main
-from firewall.fqdn import FqdnCache, fqdn_matches
-from firewall.identity import Identity
-from firewall.learn import learn_from_events, path_prefix, render_policies, selector_labels
-from firewall.policy import FlowInfo, PolicySet
+from firewall.identity.fqdn import FqdnCache, fqdn_matches
+from firewall.identity.identity import Identity
+from firewall.policy.engine import FlowInfo, PolicySet
+from firewall.policy.learn import learn_from_events, path_prefix, render_policies, selector_labels
 from firewall.protocols.base import L7Event
 from tests.policy.common import EXAMPLE, write
 

@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from firewall.policy import PolicyError, PolicySet
-from firewall.policy_model import json_schema
+from firewall.policy.engine import PolicyError, PolicySet
+from firewall.policy.model import json_schema
 from tests.policy.common import EXAMPLE, ROOT, write
 
 
@@ -194,7 +194,7 @@ def test_all_examples_validate() -> None:
 
 
 def test_example_identity_file() -> None:
-    from firewall.identity import load_identity_file
+    from firewall.identity.identity import load_identity_file
 
     m = load_identity_file(str(ROOT / "examples" / "identity" / "identities.yaml"))
     assert m.resolve("fd00::105").pod == "checkout-0" and m.resolve("10.0.0.5").scope == "cde"

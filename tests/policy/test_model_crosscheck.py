@@ -22,8 +22,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from firewall import policy_model as pm
-from firewall.policy_yaml import YamlSourceError, load_documents
+from firewall.policy import model as pm
+from firewall.policy.yaml import YamlSourceError, load_documents
 from tests.policy.common import ROOT
 from tests.policy.crosscheck import assert_agree
 

@@ -12,7 +12,7 @@ from tests.policy.common import ROOT
 
 STARTUP = textwrap.dedent("""
     import os, sys
-    from firewall import run_cli
+    from firewall.sidecar import app as run_cli
     from firewall.cli import build_parser
 
     args = build_parser().parse_args(sys.argv[1:])
@@ -39,7 +39,7 @@ def test_sidecar_startup_and_reload_do_not_import_pydantic(tmp_path) -> None:
 
 
 def test_policy_schema_still_uses_pydantic() -> None:
-    r = subprocess.run([sys.executable, "-c", "import sys\nfrom firewall.policy_model import json_schema\n"
+    r = subprocess.run([sys.executable, "-c", "import sys\nfrom firewall.policy.model import json_schema\n"
                         "assert 'pydantic' not in sys.modules\njson_schema()\nprint('pydantic' in sys.modules)"],
                        cwd=str(ROOT), capture_output=True, text=True, timeout=120)
     assert r.stdout.strip() == "True", r.stderr[-2000:]

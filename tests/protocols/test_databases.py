@@ -224,7 +224,7 @@ def test_mysql_error_greeting():
 
 # -- the switch through the session ------------------------------------------------------------
 def _pg_session(tmp_path, port, mode="protect"):
-    from firewall.dlp import DlpEngine
+    from firewall.dlp.engine import DlpEngine
     from tests.protocols.test_tls import make_session
 
     return make_session(tmp_path, DlpEngine.load(), port, mode)
@@ -268,8 +268,8 @@ def test_switch_in_monitor_mode_alerts_and_forwards(tmp_path):
 
 
 def test_mysql_statements_a_verbs_rule_cannot_see_are_incomplete():
-    from firewall.policy_match import L7Matcher
-    from firewall.policy_model import SqlMatch
+    from firewall.policy.match import L7Matcher
+    from firewall.policy.model import SqlMatch
 
     m = L7Matcher.build("sql", SqlMatch(verbs=["SELECT"]))
     multi = 0x000FA68D | 0x8  # includes CLIENT_MULTI_STATEMENTS (0x10000), as the mysql client sends

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from firewall import policy, policy_match
-from firewall.policy_match import READS, L7Matcher, field_name
-from firewall.policy_model import TlsMatch
+from firewall.policy import engine as policy
+from firewall.policy import match as policy_match
+from firewall.policy.match import READS, L7Matcher, field_name
+from firewall.policy.model import TlsMatch
 from firewall.protocols import SCHEMAS, TOCLIENT, TOSERVER, make_parser
 from firewall.protocols.base import EventFields
 from tests.protocols.replay import load, recordings, run_udp
@@ -102,8 +103,8 @@ def test_min_version_on_real_openssl_hellos(version, allowed):
 
 def test_min_version_end_to_end_with_the_readme_policy(tmp_path):
     """PolicySet with the README's card-network rule: TLS 1.3 and 1.2 allowed, 1.1 and 1.0 denied."""
-    from firewall.fqdn import FqdnCache
-    from firewall.policy import FlowInfo, PolicySet
+    from firewall.identity.fqdn import FqdnCache
+    from firewall.policy.engine import FlowInfo, PolicySet
     from tests.policy.common import CARDNET, PAY, TABLE_POLICY, write
 
     if "minVersion" not in TABLE_POLICY:
@@ -124,7 +125,7 @@ def test_min_version_end_to_end_with_the_readme_policy(tmp_path):
 
 
 def test_http2_host_rule_reads_the_authority_the_parser_writes():
-    from firewall.policy_model import HttpMatch
+    from firewall.policy.model import HttpMatch
     from firewall.protocols.base import L7Event
 
     m = L7Matcher.build("http", [HttpMatch(host="api.example")])
@@ -133,7 +134,7 @@ def test_http2_host_rule_reads_the_authority_the_parser_writes():
 
 
 def test_sql_rule_checks_every_statement_of_a_query():
-    from firewall.policy_model import SqlMatch
+    from firewall.policy.model import SqlMatch
 
     m = L7Matcher.build("sql", SqlMatch(verbs=["SELECT"]))
     p = make_parser("pgsql")
@@ -155,7 +156,7 @@ def test_sql_rule_checks_every_statement_of_a_query():
 def test_sql_rule_refuses_what_the_parser_could_not_list(sql, allowed):
     import struct
 
-    from firewall.policy_model import SqlMatch
+    from firewall.policy.model import SqlMatch
 
     m = L7Matcher.build("sql", SqlMatch(verbs=["SELECT"]))
     p = make_parser("pgsql")

@@ -281,13 +281,13 @@ def test_memoised_heads_give_the_same_events_as_fresh_parsing():
     assert all(len(c) <= http_mod._HEAD_CACHE_ENTRIES for c in http_mod._facts_cache)
 
 
-# -- the canonical path (firewall/http_canon.py) -----------------------------------------------
+# -- the canonical path (firewall/protocols/http_canon.py) -----------------------------------------------
 
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from firewall.http_canon import CanonError, canonical_target  # noqa: E402
-from firewall.policy_match import normalize_path  # noqa: E402
+from firewall.policy.match import normalize_path  # noqa: E402
+from firewall.protocols.http_canon import CanonError, canonical_target  # noqa: E402
 
 _PIECES = st.sampled_from(["/", "//", ".", "..", "%2e", "%2E", "%2f", "%5c", "%25", "%00", ";", "%20", "a",
                            "%41", "~", "%c3%a9", "%ff", "%", "%z", "?", "?q=%2F/../x", "#", "\\", "+", "admin"])

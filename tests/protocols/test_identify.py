@@ -288,7 +288,7 @@ def test_undecided_at_max_depth_is_recorded():
 
 @pytest.mark.parametrize("mode,refused", [("protect", True), ("learn", False)])
 def test_session_hands_undecided_identification_to_the_exception_policy(tmp_path, mode, refused):
-    from firewall.dlp import DlpEngine
+    from firewall.dlp.engine import DlpEngine
     from tests.protocols.test_tls import make_session
 
     s, events = make_session(tmp_path, DlpEngine.load(), 443, mode)

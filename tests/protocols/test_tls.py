@@ -128,15 +128,15 @@ def _golden(name: str) -> bytes:
 
 @pytest.fixture(scope="module")
 def dlp_engine():
-    from firewall.dlp import DlpEngine
+    from firewall.dlp.engine import DlpEngine
 
     return DlpEngine.load()
 
 
 def make_session(tmp_path, dlp_engine, port: int, mode: str = "protect"):
-    from firewall.identity import Identity
-    from firewall.policy import PolicySet
-    from firewall.session import Inspection, Session
+    from firewall.datapath.session import Inspection, Session
+    from firewall.identity.identity import Identity
+    from firewall.policy.engine import PolicySet
 
     p = tmp_path / f"p-{mode}.yaml"
     p.write_text(SESSION_POLICY.replace("MODE", mode))

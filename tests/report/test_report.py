@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from firewall.dlp_validators import luhn
-from firewall.report import build_report, chromium_args, find_chromium, write_report
-from firewall.report_data import EventStats, aggregate_files, mask_pans
-from firewall.report_svg import render_diagram
+from firewall.audit.report import build_report, chromium_args, find_chromium, write_report
+from firewall.audit.report_data import EventStats, aggregate_files, mask_pans
+from firewall.audit.report_svg import render_diagram
+from firewall.dlp.validators import luhn
 from tests.report import scenario as sc
 
 REPO = Path(__file__).resolve().parents[2]

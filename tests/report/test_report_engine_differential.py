@@ -28,13 +28,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from firewall import LABEL_SCOPE
-from firewall.fqdn import FqdnCache
-from firewall.identity import Identity
-from firewall.policy import FlowInfo, PolicySet
-from firewall.policy_loader import LoadedDocument, validate_document
-from firewall.policy_yaml import load_documents
-from firewall.report import build_report
-from firewall.report_data import workload_name
+from firewall.audit.report import build_report
+from firewall.audit.report_data import workload_name
+from firewall.identity.fqdn import FqdnCache
+from firewall.identity.identity import Identity
+from firewall.policy.engine import FlowInfo, PolicySet
+from firewall.policy.loader import LoadedDocument, validate_document
+from firewall.policy.yaml import load_documents
 
 API = "palisade.dev/v1"
 WORLD_IP = "203.0.113.5"
@@ -288,7 +288,7 @@ def test_cde_pod_stays_in_the_inventory_beside_an_out_of_scope_sibling():
 
 def test_policy_the_engine_rejects_is_an_input_error(tmp_path):
     """No lenient second reader: what the sidecar would refuse, the report refuses (file:line)."""
-    from firewall.report import ReportError
+    from firewall.audit.report import ReportError
 
     bad = tmp_path / "p.yaml"
     bad.write_text(yaml.safe_dump(_shop_policy({})))  # an empty peer: rejected by the engine
@@ -413,9 +413,9 @@ def test_report_statements_equal_engine_decisions(docs, pods):
 
 def test_report_reads_identity_files_with_the_sidecars_loader(tmp_path):
     """Same file, same meaning, same errors for the sidecar and the report (issue 18)."""
-    from firewall.identity import IdentityError, load_identity_file
-    from firewall.report import ReportError
-    from firewall.report_data import load_identity
+    from firewall.audit.report import ReportError
+    from firewall.audit.report_data import load_identity
+    from firewall.identity.identity import IdentityError, load_identity_file
 
     good = tmp_path / "ids.yaml"
     good.write_text(yaml.safe_dump({"identities": [

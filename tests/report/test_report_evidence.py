@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from firewall.report import build_report, write_report
-from firewall.report_data import EventStats, aggregate_files, coarsen_world
+from firewall.audit.report import build_report, write_report
+from firewall.audit.report_data import EventStats, aggregate_files, coarsen_world
 from tests.report.scenario import POLICY
 
 CDE = {"namespace": "payments", "pod": "payment-api-5d8-x1", "scope": "cde",

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from firewall.report import build_report
-from firewall.segtest import PlanError, load_plan, parse_plan, run_plan
+from firewall.audit.report import build_report
+from firewall.audit.segtest import PlanError, load_plan, parse_plan, run_plan
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -301,8 +301,7 @@ def test_job_manifest_runs_a_valid_segtest_command():
 
     import yaml
 
-    from firewall import segtest
-
+    from firewall.audit import segtest
     (job,) = [d for d in yaml.safe_load_all((REPO / "deploy" / "segtest-job.yaml").read_text()) if d]
     assert job["kind"] == "Job" and job["spec"]["backoffLimit"] == 0
     pod = job["spec"]["template"]

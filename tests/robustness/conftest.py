@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from firewall.podinfo import write_podinfo
+from firewall.identity.podinfo import write_podinfo
 from tests.harness import PY, Cluster
 
 # Luhn-valid test numbers (published test cards) and the forms they are sent in

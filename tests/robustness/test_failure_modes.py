@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from firewall import ANN_PCAP
-from firewall.podinfo import write_podinfo
+from firewall.identity.podinfo import write_podinfo
 from tests.harness import PY, REPO, Cluster, wait_until
 
 from .conftest import PAN, Env, assert_no_pan, http_request, received_everything, sidecar_outputs

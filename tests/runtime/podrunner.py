@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from firewall.podinfo import format_downward, write_podinfo_files
+from firewall.identity.podinfo import format_downward, write_podinfo_files
 
 HERE = Path(__file__).resolve().parent
 OCI_WRAPPER = HERE / "oci_no_ambient.py"

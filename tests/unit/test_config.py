@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from firewall.config import ConfigError, load_config
+from firewall.sidecar.config import ConfigError, load_config
 
 
 def test_defaults_without_file():

@@ -7,9 +7,9 @@ empty policy set in protect mode. tests/runtime proves it in containers; this is
 
 from __future__ import annotations
 
-from firewall.config import Config
-from firewall.events import EventSink
-from firewall.run_cli import Sidecar, _with_yaml
+from firewall.observe.events import EventSink
+from firewall.sidecar.app import Sidecar, _with_yaml
+from firewall.sidecar.config import Config
 
 
 def _sidecar(tmp_path, policy_files: dict[str, str], dlp_files: dict[str, str]) -> Sidecar:

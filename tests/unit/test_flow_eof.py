@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import asyncio
 
-from firewall.config import Config
+from firewall.datapath.proxy import Flow, Proxy, _Side
+from firewall.datapath.session import Session
 from firewall.protocols.base import TOCLIENT, TOSERVER
-from firewall.proxy import Flow, Proxy, _Side
-from firewall.session import Session
+from firewall.sidecar.config import Config
 from tests.unit.test_session import engine, insp  # noqa: F401 - fixtures
 
 
@@ -90,7 +90,7 @@ def test_fin_behind_a_running_scan_does_not_cut_the_last_bytes(insp):  # noqa: F
 def test_batched_records_are_redacted_one_by_one_and_drops_counted(tmp_path):
     """``EventSink.emit_many`` (the proxy's batched flow records) keeps both guarantees of the
     sink: every record redacted on its own, and a failed write counted per lost record."""
-    from firewall.events import EventSink, read_events
+    from firewall.observe.events import EventSink, read_events
 
     path = tmp_path / "eve.json"
     sink = EventSink(path=str(path))
@@ -111,7 +111,7 @@ def test_batched_records_are_redacted_one_by_one_and_drops_counted(tmp_path):
 def test_cached_timestamp_prefix_matches_strftime():
     from datetime import UTC, datetime
 
-    from firewall.events import ts_iso
+    from firewall.observe.events import ts_iso
 
     for epoch in (0.0, 1.25, 1700000000.123456, 1700000059.5, 1700000060.000001, 1767225599.999):
         want = datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f+0000")

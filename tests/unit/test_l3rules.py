@@ -12,9 +12,8 @@ import struct
 
 import pytest
 
-from firewall.identity import Identity
-from firewall.l3rules import compile_plan, render_full, render_sets
-from firewall.nflog import (
+from firewall.datapath.l3rules import compile_plan, render_full, render_sets
+from firewall.datapath.nflog import (
     NFULA_PAYLOAD,
     NFULA_PREFIX,
     L3Events,
@@ -23,8 +22,9 @@ from firewall.nflog import (
     parse_packet,
     parse_prefix,
 )
-from firewall.policy import PolicySet
-from firewall.policy_loader import PolicyError, load_policy_files
+from firewall.identity.identity import Identity
+from firewall.policy.engine import PolicySet
+from firewall.policy.loader import PolicyError, load_policy_files
 
 SCOPE = "pci.palisade.dev/scope"
 POLICY = """\
@@ -265,7 +265,7 @@ def test_events_are_aggregated_per_flow_and_rate_limited():
 
 
 def test_policy_learn_learns_kernel_records_and_validate_accepts_them(tmp_path):
-    from firewall.learn import learn_from_events, render_policies
+    from firewall.policy.learn import learn_from_events, render_policies
 
     local = {"namespace": "pay", "pod": "api-0", "labels": {"app": "api", SCOPE: "cde"}, "scope": "cde"}
     peer = {"namespace": "shop", "pod": "web-0", "labels": {"app": "web", SCOPE: "connected"}, "scope": "connected"}
@@ -285,7 +285,7 @@ def test_policy_learn_learns_kernel_records_and_validate_accepts_them(tmp_path):
 
 
 def test_report_names_portless_protocols():
-    from firewall.report import _port_text
+    from firewall.audit.report import _port_text
 
     assert _port_text({"protocol": "ICMP", "icmpTypes": ["echo-request"]}) == "ICMP echo-request"
     assert _port_text({"protocol": "47"}) == "47"

@@ -1,4 +1,4 @@
-"""The one redaction rule (firewall/redaction.py) and the event sink that applies it.
+"""The one redaction rule (firewall/observe/redaction.py) and the event sink that applies it.
 
 Every variant an attacker could choose to spell a card number in a field the
 sidecar logs: separators, percent-encoding (single and double), Unicode digits,
@@ -18,9 +18,9 @@ import urllib.parse
 import pytest
 from prometheus_client import REGISTRY
 
-from firewall import events as events_mod
-from firewall.events import EventSink
-from firewall.redaction import MAX_FIELD, mask_text, redact_event
+from firewall.observe import events as events_mod
+from firewall.observe.events import EventSink
+from firewall.observe.redaction import MAX_FIELD, mask_text, redact_event
 
 CARDS = ["4111111111111111", "5555555555554444", "378282246310005", "6011111111111117",
          "4000056655665556", "2223003122003222"]
@@ -162,7 +162,7 @@ def test_metric_is_exported_on_the_admin_format() -> None:
 
 
 def test_dlp_pack_values_masked_when_the_sink_has_the_engine(tmp_path) -> None:
-    from firewall.dlp import DlpEngine
+    from firewall.dlp.engine import DlpEngine
 
     path = tmp_path / "eve.json"
     sink = EventSink(path=str(path))
@@ -182,7 +182,7 @@ def test_dlp_pack_values_masked_when_the_sink_has_the_engine(tmp_path) -> None:
 def test_log_lines_are_masked_too() -> None:
     import io
 
-    from firewall.events import redact_logs
+    from firewall.observe.events import redact_logs
 
     logger = logging.getLogger("palisade.test-redaction")
     logger.propagate = False
@@ -210,7 +210,7 @@ def test_control_unicode_and_escaped_separators(sep: str) -> None:
 
 @pytest.mark.parametrize("at", [-8, -20, 0, 6, 300, 505, 511])
 def test_card_straddling_either_cut_shows_at_most_six_digits(at: int) -> None:
-    from firewall.redaction import _CUT_SLACK
+    from firewall.observe.redaction import _CUT_SLACK
 
     card = "%25" + "%25".join(f"3{c}" for c in CARDS[0])  # double-encoded: the longest spelling
     for pos in (MAX_FIELD + at, MAX_FIELD + _CUT_SLACK + at):

@@ -7,7 +7,14 @@ import sys
 
 import pytest
 
-from firewall.redirect import RedirectConfig, RedirectError, parse_cidrs, parse_ports, render, render_remove
+from firewall.datapath.redirect import (
+    RedirectConfig,
+    RedirectError,
+    parse_cidrs,
+    parse_ports,
+    render,
+    render_remove,
+)
 
 
 def test_render_is_one_idempotent_transaction():

@@ -6,11 +6,11 @@ import dataclasses
 
 import pytest
 
-from firewall.dlp import DlpEngine
-from firewall.identity import Identity
-from firewall.policy import PolicySet
+from firewall.datapath.session import Inspection, Session
+from firewall.dlp.engine import DlpEngine
+from firewall.identity.identity import Identity
+from firewall.policy.engine import PolicySet
 from firewall.protocols.base import TOCLIENT, TOSERVER
-from firewall.session import Inspection, Session
 
 POLICY = """
 apiVersion: palisade.dev/v1
@@ -288,7 +288,7 @@ def test_gzip_bomb_is_refused_where_dlp_blocks(insp):
 
 def test_needs_decoding_matches_the_decoder():
     """The session skips building a BodyDecoder exactly when it would not be needed."""
-    from firewall.httpdecode import BodyDecoder, needs_decoding
+    from firewall.protocols.httpdecode import BodyDecoder, needs_decoding
 
     for chunked in (False, True):
         for form in (False, True):
@@ -456,7 +456,7 @@ def test_on_inspection_error_allow_forwards_with_an_alert(tmp_path, engine):
 
 
 def test_exception_metric_counts_the_decision(insp):
-    from firewall.exception_policy import INSPECTION_EXCEPTIONS
+    from firewall.datapath.exception_policy import INSPECTION_EXCEPTIONS
 
     before = INSPECTION_EXCEPTIONS.labels("normalise", "refuse")._value.get()
     s, _ = inbound(insp)
@@ -585,7 +585,7 @@ def test_held_digit_run_is_released_when_it_ends_without_a_card(insp):
 
 
 def test_dlp_scanner_exception_refuses_where_dlp_blocks(insp, monkeypatch):
-    from firewall.dlp import DlpStream
+    from firewall.dlp.engine import DlpStream
 
     def boom(self, data):
         raise RuntimeError("scanner fault")

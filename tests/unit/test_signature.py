@@ -6,11 +6,11 @@ import json
 import re
 from pathlib import Path
 
-import firewall.dlp as dlp
-import firewall.events as events
-import firewall.nflog as nflog
-import firewall.session as session
-from firewall.signature import signature_id
+import firewall.datapath.nflog as nflog
+import firewall.datapath.session as session
+import firewall.dlp.engine as dlp
+import firewall.observe.events as events
+from firewall.observe.signature import signature_id
 
 ROOT = Path(__file__).resolve().parents[2]
 

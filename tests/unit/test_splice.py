@@ -14,7 +14,7 @@ import socket
 
 import pytest
 
-from firewall import splice
+from firewall.datapath import splice
 
 pytestmark = pytest.mark.skipif(not splice.AVAILABLE, reason="os.splice needs Linux and Python 3.10+")
 

@@ -1,0 +1,1 @@
+"""Auditor evidence: the report (data, HTML, SVG, CLI), the segmentation test and generated docs."""

@@ -1,0 +1,1 @@
+"""Bounded packet captures (pcap) of the pod's traffic and the `capture` CLI."""

@@ -1,0 +1,1 @@
+"""The sidecar process: `python -m firewall run` (the Sidecar app), its configuration and privilege drop."""
