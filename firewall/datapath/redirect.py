@@ -285,7 +285,13 @@ def render_l3_base(cfg: RedirectConfig) -> list[str]:
         out.append(f"  chain l3_{hook} {{")
         out.append(f"    type filter hook {hook} priority filter + 10; policy accept;")
         out.append(f'    {dev} "lo" accept')
-        out.append(f'    ct state invalid log group {g} snaplen 128 prefix "pl3|deny|1|{_DIR[direction]}|ct-invalid" drop')
+        # conntrack marks a SYN that reuses a tuple still in FIN_WAIT/CLOSE_WAIT/LAST_ACK invalid
+        # and relies on it passing (the SYN/ACK then reopens the entry): dropping it made
+        # connects from a reused port time out. A pure SYN is therefore not dropped here; one the
+        # redirect did not take is still dropped below ("tcp-not-redirected").
+        for sel in ("meta l4proto != tcp", "tcp flags & (fin | syn | rst | ack) != syn"):
+            out.append(f'    ct state invalid {sel} log group {g} snaplen 128 '
+                       f'prefix "pl3|deny|1|{_DIR[direction]}|ct-invalid" drop')
         out.append(f'    tcp flags & (syn | fin) == syn | fin log group {g} snaplen 128 '
                    f'prefix "pl3|deny|1|{_DIR[direction]}|tcp-syn-fin" drop')
         out.append(f"    meta mark {{ {m}, {dm}, {own} }} accept")
