@@ -630,30 +630,10 @@ class EventStats:
             self.by_type[k] = self.by_type.get(k, 0) + v
         self.first = _min(self.first, other.first)
         self.last = _max(self.last, other.last)
-        for wid, wl in other.workloads.items():
-            mine = self.workloads.get(wid)
-            if mine is None:
-                self.workloads[wid] = wl
-            else:
-                mine.merge(wl)
-        for key, rec in other.edges.items():
-            mine = self.edges.get(key)
-            if mine is None:
-                self.edges[key] = rec
-            else:
-                _merge_edge(mine, rec)
-        for key, rec in other.dlp.items():
-            mine = self.dlp.get(key)
-            if mine is None:
-                self.dlp[key] = rec
-            else:
-                _merge_dlp(mine, rec)
-        for key, rec in other.alerts.items():
-            mine = self.alerts.get(key)
-            if mine is None:
-                self.alerts[key] = rec
-            else:
-                _merge_alert(mine, rec)
+        _merge_maps(self.workloads, other.workloads, lambda mine, wl: mine.merge(wl))
+        _merge_maps(self.edges, other.edges, _merge_edge)
+        _merge_maps(self.dlp, other.dlp, _merge_dlp)
+        _merge_maps(self.alerts, other.alerts, _merge_alert)
         self.pcap.merge(other.pcap)
         self.modes.merge(other.modes)
         self.dropped = _merge_dropped(self.dropped, other.dropped)
@@ -686,6 +666,16 @@ def coarsen_world(wid: str, level: int) -> str:
     if net.prefixlen <= plen:
         return wid
     return f"{WORLD_PREFIX}{net.supernet(new_prefix=plen)}"
+
+
+def _merge_maps(mine: dict, other: dict, merge: Any) -> None:
+    """Fold one worker's keyed records into another's: new keys taken over, shared keys merged."""
+    for key, rec in other.items():
+        have = mine.get(key)
+        if have is None:
+            mine[key] = rec
+        else:
+            merge(have, rec)
 
 
 def _merge_edge(mine: list[Any], rec: list[Any]) -> None:
