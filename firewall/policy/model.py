@@ -6,19 +6,20 @@ dataclasses the engine compiles.  Field names are camelCase like Kubernetes reso
 every record forbids unknown fields so a typo (``frm:``) is an error with its path
 instead of a rule that silently matches everything.
 
-Why not pydantic here: the sidecar must stay small (issue 9: idle RSS <= 40 MiB) and
-pydantic plus the validators it builds per model cost ~10 MiB in every sidecar, for
-work done once at load.  pydantic still describes the same schema in
-``firewall/policy/schema.py``, used offline only: ``policy schema`` generates the
-shipped JSON Schema from it, and ``tests/policy/test_model_crosscheck.py`` runs both
-validators over every policy in the repository and over generated documents and
-requires the same result - the same records, or the same errors (type, location,
-message, order).  So the coercions below follow pydantic's lax mode for the values a
-YAML document can hold (``port: "80"`` is 80, ``capture: "yes"`` is true, ``port: 80.5``
-is an error), and the errors carry pydantic's types and messages, which
-``policy_loader`` turns into ``file:line: path: message`` lines.
+These tables are the single description of a policy document: the shipped JSON Schema
+(``python -m firewall policy schema``, ``firewall/schema/policy.schema.json``) is generated
+from them by ``firewall/policy/schema.py`` - field names, types, defaults, descriptions
+(``_Field.doc``) and the checks a JSON Schema can state - and
+``tests/policy/test_schema_differential.py`` requires the schema's verdict on generated
+documents to equal this validator's, except for the listed checks only code can make.
 
-The checks (``check_*``) are shared with the pydantic models, so a message is written once.
+Why no pydantic: the sidecar must stay small (issue 9: idle RSS <= 40 MiB) and pydantic
+plus the validators it builds per model cost ~10 MiB in every sidecar, for work done
+once at load.  The coercions below keep pydantic's lax mode for the values a YAML
+document can hold (``port: "80"`` is 80, ``capture: "yes"`` is true, ``port: 80.5`` is
+an error), as policies written for earlier releases rely on them, and the errors keep
+pydantic's types and messages, which ``policy/loader.py`` turns into
+``file:line: path: message`` lines.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def normalize_app_proto(value: str) -> str:
     return APP_PROTO_ALIASES.get(v, v)
 
 
-# --- field checks (shared with firewall/policy/schema.py); ValueError = a problem -------------
+# --- field checks (firewall/policy/schema.py states the ones it can); ValueError = a problem -----
 
 def check_labels(labels: dict[str, str] | None) -> dict[str, str] | None:
     for k, v in (labels or {}).items():
@@ -214,7 +215,10 @@ def app_proto_before(v: Any) -> Any:
 
 
 def protocol_before(v: Any) -> Any:
-    """``protocol: 47`` (a YAML int) is the string "47"; booleans stay what they are (an error)."""
+    """``protocol: 47`` (a YAML int) is the string "47", and so is ``47.0`` - JSON, and so the
+    JSON Schema, cannot tell 47.0 from 47; booleans stay what they are (an error)."""
+    if isinstance(v, float) and v.is_integer() and abs(v) < 2.0 ** 63:
+        v = int(v)
     return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
 
@@ -266,7 +270,7 @@ def check_packs(v: list[str]) -> list[str]:
     return v
 
 
-# --- record checks (after every field is valid; shared with firewall/policy/schema.py) ----------
+# --- record checks (after every field is valid; stated in the schema where JSON Schema can) -----
 
 def check_port_range(p: Any) -> None:
     if p.protocol in PORT_PROTOCOLS:
@@ -601,8 +605,10 @@ _FALSE = frozenset({"0", "f", "n", "no", "off", "false"})
 _I64 = 2.0 ** 63
 
 
-def _err(errs: Errors, kind: str, loc: Loc, msg: str) -> _Bad:
-    errs.append({"type": kind, "loc": loc, "msg": msg})
+def _err(errs: Errors, kind: str, loc: Loc, msg: str, check: Callable[..., Any] | None = None) -> _Bad:
+    """Record one problem; ``check`` names the ``check_*`` that raised it, so the schema's
+    differential test can tell the checks a JSON Schema cannot express from the ones it does."""
+    errs.append({"type": kind, "loc": loc, "msg": msg} | ({"check": check.__name__} if check else {}))
     return _BAD
 
 
@@ -751,10 +757,11 @@ class _Bool:
 
 
 class _Lit:
-    __slots__ = ("values", "msg")
+    __slots__ = ("values", "ordered", "msg")
 
     def __init__(self, values: tuple[str, ...]) -> None:
         self.values = frozenset(values)
+        self.ordered = tuple(values)  # as declared: the schema and the docs list them so
         quoted = [f"'{v}'" for v in values]
         self.msg = "Input should be " + (quoted[0] if len(quoted) == 1 else
                                          ", ".join(quoted[:-1]) + " or " + quoted[-1])
@@ -831,6 +838,8 @@ class _Field:
     factory: Callable[[], Any] | None = None
     before: Callable[[Any], Any] | None = None
     after: Callable[[Any], Any] | None = None
+    #: the field's description in the generated JSON Schema (firewall/policy/schema.py)
+    doc: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -867,7 +876,7 @@ def _parse(cls: type, value: Any, loc: Loc, errs: Errors) -> Any:
                 try:
                     v = f.after(v)
                 except ValueError as exc:
-                    _err(errs, "value_error", where, f"Value error, {exc}")
+                    _err(errs, "value_error", where, f"Value error, {exc}", f.after)
                     continue
             kw[f.attr] = v
         elif f.factory is not None:
@@ -888,7 +897,7 @@ def _parse(cls: type, value: Any, loc: Loc, errs: Errors) -> Any:
         try:
             check(obj)
         except ValueError as exc:
-            return _err(errs, "value_error", loc, f"Value error, {exc}")
+            return _err(errs, "value_error", loc, f"Value error, {exc}", check)
     return obj
 
 
@@ -908,18 +917,20 @@ def _o(t: Any) -> _Opt:
 _PORT = _Int(1, 65535)
 _PEERS = _o(_List(_Rec(Peer)))
 _RULE_FIELDS = [
-    _Field("name", "name", _STR, after=check_rule_name),
-    _Field("description", "description", _o(_STR), None),
-    _Field("ports", "ports", _o(_List(_Rec(PortSpec))), None),
+    _Field("name", "name", _STR, after=check_rule_name,
+           doc="Unique within the policy; shown as alert.signature and in reports."),
+    _Field("description", "description", _o(_STR), None, doc="Business justification (PCI DSS 1.2.5)."),
+    _Field("ports", "ports", _o(_List(_Rec(PortSpec))), None, doc="Absent = any port."),
     _Field("app_proto", "appProto", _o(_Lit(APP_PROTOS)), None, before=app_proto_before),
     _Field("http", "http", _o(_List(_Rec(HttpMatch))), None),
     _Field("tls", "tls", _o(_Rec(TlsMatch)), None),
     _Field("dns", "dns", _o(_Rec(DnsMatch)), None),
     _Field("redis", "redis", _o(_Rec(RedisMatch)), None),
     _Field("sql", "sql", _o(_Rec(SqlMatch)), None),
-    _Field("action", "action", _Lit(RULE_ACTIONS)),
-    _Field("capture", "capture", _Bool(), False),
-    _Field("exception", "exception", _Bool(), False),
+    _Field("action", "action", _Lit(RULE_ACTIONS), doc="alert = allow and emit an alert event."),
+    _Field("capture", "capture", _Bool(), False, doc="Start a bounded packet capture when this rule matches."),
+    _Field("exception", "exception", _Bool(), False,
+           doc="Named exception to the built-in cde-segmentation rule (out-of-scope -> cde); needs a description."),
 ]
 _MODE = _Lit(MODES)
 _VERDICT = _o(_Lit(VERDICTS))
@@ -927,49 +938,71 @@ _VERDICT = _o(_Lit(VERDICTS))
 # The schema, one table per record, fields in the order they are checked and reported.
 _SPECS: dict[type, _Spec] = {
     Metadata: _spec([
-        _Field("name", "name", _STR, after=check_dns_name),
-        _Field("namespace", "namespace", _o(_STR), None, after=check_dns_name),
+        _Field("name", "name", _STR, after=check_dns_name, doc="DNS-1123 name, unique per kind (and namespace)."),
+        _Field("namespace", "namespace", _o(_STR), None, after=check_dns_name,
+               doc="Required for FirewallPolicy, absent for ClusterFirewallPolicy."),
         _Field("labels", "labels", _StrMap(), factory=dict, after=check_labels),
-        _Field("annotations", "annotations", _StrMap(), factory=dict),
+        _Field("annotations", "annotations", _StrMap(), factory=dict,
+               doc="Free-form; palisade.dev/last-reviewed is shown in the PCI report (DSS 1.2.7)."),
     ]),
-    Selector: _spec([_Field("match_labels", "matchLabels", _StrMap(), factory=dict, after=check_labels)]),
+    Selector: _spec([_Field("match_labels", "matchLabels", _StrMap(), factory=dict, after=check_labels,
+                             doc="Workloads whose labels include all of these; {} = every pod of the namespace.")]),
     PortSpec: _spec([
-        _Field("port", "port", _o(_PORT), None),
-        _Field("end_port", "endPort", _o(_PORT), None),
-        _Field("protocol", "protocol", _STR, "TCP", before=protocol_before, after=check_protocol),
+        _Field("port", "port", _o(_PORT), None,
+               doc="TCP/UDP/SCTP port; required for TCP, omitted = every port (UDP/SCTP); absent for ICMP "
+                   "and numbered protocols."),
+        _Field("end_port", "endPort", _o(_PORT), None, doc="Inclusive end of a port range starting at port."),
+        _Field("protocol", "protocol", _STR, "TCP", before=protocol_before, after=check_protocol,
+               doc="TCP, UDP, SCTP, ICMP, ICMPv6 or an IP protocol number 1-254. TCP goes through the proxy; "
+                   "everything else is enforced by nftables rules compiled from the same policy."),
         _Field("icmp_types", "icmpTypes", _o(_List(_STR)), None, before=icmp_types_before,
-               after=check_icmp_types),
+               after=check_icmp_types,
+               doc="ICMP/ICMPv6 only: type names (echo-request, ...) or numbers; omitted = every type. "
+                   "Neighbour discovery, packet-too-big and the error types always pass."),
     ], check_port_range),
     Peer: _spec([
         _Field("namespace", "namespace", _o(_STR), None),
         _Field("labels", "labels", _o(_StrMap()), None, after=check_labels),
-        _Field("scope", "scope", _o(_Lit(SCOPES)), None),
-        _Field("cidr", "cidr", _o(_STR), None, after=check_cidr),
-        _Field("fqdn", "fqdn", _o(_STR), None, after=check_fqdn),
+        _Field("scope", "scope", _o(_Lit(SCOPES)), None,
+               doc="PCI scope; the world (unknown IPs) counts as out-of-scope."),
+        _Field("cidr", "cidr", _o(_STR), None, after=check_cidr,
+               doc="IPv4/IPv6 network, matched against the peer address."),
+        _Field("fqdn", "fqdn", _o(_STR), None, after=check_fqdn,
+               doc="Egress only: DNS name or *.suffix (one or more labels) learned from this pod's own DNS "
+                   "answers."),
     ], check_peer_shape),
     HttpMatch: _spec([
         _Field("methods", "methods", _o(_List(_STR)), None, after=check_methods),
-        _Field("path_prefix", "pathPrefix", _o(_STR), None, after=check_path_prefix),
-        _Field("host", "host", _o(_STR), None, after=check_host),
+        _Field("path_prefix", "pathPrefix", _o(_STR), None, after=check_path_prefix,
+               doc="Segment-aware: /v1/charge matches /v1/charge and /v1/charge/x, not /v1/charges."),
+        _Field("host", "host", _o(_STR), None, after=check_host,
+               doc="Host header (port ignored); '*.' prefix = any subdomain."),
     ]),
     TlsMatch: _spec([
-        _Field("sni", "sni", _o(_List(_STR)), None, after=check_sni),
-        _Field("min_version", "minVersion", _o(_Lit(TLS_VERSIONS)), None, before=tls_version_before),
+        _Field("sni", "sni", _o(_List(_STR)), None, after=check_sni,
+               doc="Allowed server names; '*.' prefix = any subdomain."),
+        _Field("min_version", "minVersion", _o(_Lit(TLS_VERSIONS)), None, before=tls_version_before,
+               doc="Checked against the highest version offered in the ClientHello and the negotiated one."),
     ]),
-    DnsMatch: _spec([_Field("qname_suffix", "qnameSuffix", _List(_STR), after=check_qname_suffix)]),
+    DnsMatch: _spec([_Field("qname_suffix", "qnameSuffix", _List(_STR), after=check_qname_suffix,
+                             doc="Query name equals or ends with one of these domains.")]),
     RedisMatch: _spec([_Field("commands", "commands", _List(_STR), after=check_commands)]),
-    SqlMatch: _spec([_Field("verbs", "verbs", _List(_STR), after=check_verbs)]),
-    IngressRule: _spec([*_RULE_FIELDS, _Field("from_", "from", _PEERS, None)],
+    SqlMatch: _spec([_Field("verbs", "verbs", _List(_STR), after=check_verbs,
+                             doc="Statement verbs, e.g. SELECT, INSERT (pgsql and mysql).")]),
+    IngressRule: _spec([*_RULE_FIELDS, _Field("from_", "from", _PEERS, None, doc="Absent = any peer.")],
                        check_rule_consistent, check_ingress_no_fqdn),
-    EgressRule: _spec([*_RULE_FIELDS, _Field("to", "to", _PEERS, None)], check_rule_consistent),
+    EgressRule: _spec([*_RULE_FIELDS, _Field("to", "to", _PEERS, None, doc="Absent = any peer.")],
+                      check_rule_consistent),
     ClusterRule: _spec([*_RULE_FIELDS, _Field("direction", "direction", _Lit(DIRECTIONS)),
-                        _Field("from_", "from", _PEERS, None), _Field("to", "to", _PEERS, None)],
+                        _Field("from_", "from", _PEERS, None, doc="ingress only; absent = any peer."),
+                        _Field("to", "to", _PEERS, None, doc="egress only; absent = any peer.")],
                        check_rule_consistent, check_cluster_direction),
     DlpRule: _spec([
         _Field("name", "name", _STR, after=check_dlp_name),
         _Field("description", "description", _o(_STR), None),
-        _Field("packs", "packs", _List(_STR), after=check_packs),
-        _Field("direction", "direction", _o(_Lit(DIRECTIONS)), None),
+        _Field("packs", "packs", _List(_STR), after=check_packs, doc="DLP rule packs; '*' = every enabled pack."),
+        _Field("direction", "direction", _o(_Lit(DIRECTIONS)), None,
+               doc="Absent: egress if 'to' is given, ingress if 'from' is given, else both."),
         _Field("from_", "from", _PEERS, None),
         _Field("to", "to", _PEERS, None),
         _Field("action", "action", _Lit(DLP_ACTIONS)),
@@ -978,13 +1011,16 @@ _SPECS: dict[type, _Spec] = {
     FirewallPolicySpec: _spec([
         _Field("selector", "selector", _Rec(Selector), factory=Selector),
         _Field("mode", "mode", _MODE, "protect"),
-        _Field("default", "default", _VERDICT, None),
-        _Field("default_ingress", "defaultIngress", _VERDICT, None),
-        _Field("default_egress", "defaultEgress", _VERDICT, None),
+        _Field("default", "default", _VERDICT, None, doc="Unmatched traffic; absent = deny."),
+        _Field("default_ingress", "defaultIngress", _VERDICT, None, doc="Overrides default for ingress."),
+        _Field("default_egress", "defaultEgress", _VERDICT, None, doc="Overrides default for egress."),
         _Field("ingress", "ingress", _List(_Rec(IngressRule)), factory=list),
         _Field("egress", "egress", _List(_Rec(EgressRule)), factory=list),
         _Field("dlp", "dlp", _List(_Rec(DlpRule)), factory=list),
-        _Field("on_inspection_error", "onInspectionError", _o(_Lit(("deny", "allow"))), None),
+        _Field("on_inspection_error", "onInspectionError", _o(_Lit(("deny", "allow"))), None,
+               doc="Protect mode, a flow an L7 or DLP block rule governs whose inspection failed (parser "
+                   "anomaly, decoder limit, scanner error...): deny (refuse; the default) or allow (alert "
+                   "and forward). Learn/monitor always forward."),
     ], check_spec_names),
     ClusterFirewallPolicySpec: _spec([
         _Field("mode", "mode", _MODE, "protect"),
@@ -1005,10 +1041,3 @@ _SPECS: dict[type, _Spec] = {
     ], check_cluster_namespace),
 }
 
-
-def json_schema() -> dict[str, Any]:
-    """The JSON Schema of one policy document (what ``policy schema`` prints); needs pydantic,
-    which the sidecar never imports (see firewall/policy/schema.py)."""
-    from firewall.policy.schema import json_schema as generate
-
-    return generate()

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from firewall.policy.engine import PolicyError, PolicySet
-from firewall.policy.model import json_schema
+from firewall.policy.schema import json_schema
 from tests.policy.common import EXAMPLE, ROOT, write
 
 
