@@ -4,8 +4,12 @@ PCI DSS 3.4.1 allows at most the BIN and the last four digits of a PAN to be
 displayed, so cards keep their first six and last four digits.  Everything else
 is fully masked except a short, non-secret type hint (``AKIA``, the IBAN country,
 the PEM header).  Context snippets around a finding are sanitised a second time
-with shape rules (long digit runs, long mixed tokens) so a neighbouring value that
-no enabled rule reported - or only half of one - never leaks through a log line.
+with shape rules so a neighbouring value that no enabled rule reported - or only
+half of one - never leaks through a log line: card-shaped runs by the event sink's
+own rule (``observe.redaction.mask_text``: first six / last four, the same text the
+sink would write), shorter numbers of six or more digits and long mixed tokens fully,
+and a number the snippet's outer edge cuts fully (its visible part may be the middle
+of a card).
 """
 
 from __future__ import annotations
@@ -13,15 +17,20 @@ from __future__ import annotations
 import re
 
 from firewall.dlp.validators import digits_of
+from firewall.observe.redaction import mask_text
 
 STAR = "*"
 _ALNUM = re.compile(r"[A-Za-z0-9]")
-# At least 6 digits, each pair at most two punctuation characters apart: masked in context.
-_DIGIT_RUN = re.compile(r"[0-9](?:[^A-Za-z0-9]{0,2}[0-9]){5,}")
+# At least 6 digits, each pair at most two punctuation characters apart: masked whole in context
+# (what is left between the card-shaped runs ``mask_text`` masks).
+_SHORT_RUN = re.compile(r"[0-9](?:[^A-Za-z0-9]{0,2}[0-9]){5,}")
+# A number at the edge where the caller cut the snippet out of the stream.
+_CUT_AT_START = re.compile(r"^[^A-Za-z0-9]{0,3}[0-9](?:[^A-Za-z0-9]{0,3}[0-9])*")
+_CUT_AT_END = re.compile(r"[0-9](?:[^A-Za-z0-9]{0,3}[0-9])*[^A-Za-z0-9]{0,3}$")
 # A long token mixing letters and digits (keys, tokens, base64): masked in context.
 _TOKEN = re.compile(r"[A-Za-z0-9+/_=-]{16,}")
 _CONTROL = bytes(46 if i < 32 or i == 127 else i for i in range(256))  # control bytes -> "."
-_HAS_DIGIT = re.compile(r"[0-9]")
+_HAS_DIGIT = re.compile(r"\d")  # Unicode decimal digits too: the one rule counts them
 
 
 def mask_card(value: bytes) -> str:
@@ -51,8 +60,12 @@ def mask_hint(value: bytes, hint: bytes | None, hint_inside: bool) -> str:
 _DIGITS_TO_STARS = str.maketrans("0123456789", STAR * 10)
 
 
-def _mask_digit_run(m: re.Match[str]) -> str:
+def _star_digits(m: re.Match[str]) -> str:
     return m.group(0).translate(_DIGITS_TO_STARS)
+
+
+def _mask_short_runs(text: str) -> str:
+    return _SHORT_RUN.sub(_star_digits, text)
 
 
 def _mask_token(m: re.Match[str]) -> str:
@@ -62,15 +75,22 @@ def _mask_token(m: re.Match[str]) -> str:
     return STAR * len(tok)
 
 
-def sanitize(raw: bytes) -> str:
-    """Defence in depth for context snippets: mask anything shaped like a value."""
+def sanitize(raw: bytes, cut_start: bool = False, cut_end: bool = False) -> str:
+    """Defence in depth for context snippets: mask anything shaped like a value.
+    ``cut_start``/``cut_end``: the bytes were cut out of a longer text at that side, so a
+    number touching it may be a fragment whose visible digits are not a card's first six or
+    last four - all of its digits are masked."""
     text = raw.translate(_CONTROL).decode("utf-8", "replace")
     if _HAS_DIGIT.search(text) is None:
         return _TOKEN.sub(_mask_token, text) if len(text) >= 16 else text
-    text = _TOKEN.sub(_mask_token, text)
-    return _DIGIT_RUN.sub(_mask_digit_run, text)
+    if cut_start:
+        text = _CUT_AT_START.sub(_star_digits, text)
+    if cut_end:
+        text = _CUT_AT_END.sub(_star_digits, text)
+    return mask_text(_TOKEN.sub(_mask_token, text), between=_mask_short_runs)
 
 
 def context_snippet(left: bytes, masked: str, right: bytes) -> str:
-    """``left`` and ``right`` are the raw bytes around the value (each bounded by the caller)."""
-    return f"{sanitize(left)}{masked}{sanitize(right)}"
+    """``left`` and ``right`` are the raw bytes around the value, each cut by the caller
+    from the stream on its outer side."""
+    return f"{sanitize(left, cut_start=True)}{masked}{sanitize(right, cut_end=True)}"

@@ -49,6 +49,7 @@ from typing import Any
 import yaml
 
 from firewall import ANN_MODE, ANN_PCAP, ANN_QUARANTINE, LABEL_SCOPE
+from firewall.observe.redaction import mask_text
 
 PY = sys.executable
 PKG_ROOT = Path(__file__).resolve().parents[2]  # the directory that holds the firewall package
@@ -89,11 +90,6 @@ def wait_until(pred: Callable[[], Any], timeout: float, what: str, interval: flo
         if time.monotonic() > deadline:
             raise DemoError(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(interval)
-
-
-def mask_digits(text: str) -> str:
-    """Mask any run of 13-19 digits as first 6 / last 4 (what the demo prints and stores)."""
-    return re.sub(r"\d{13,19}", lambda m: m.group()[:6] + "*" * (len(m.group()) - 10) + m.group()[-4:], text)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -382,7 +378,7 @@ class Sidecar:
             lines = self.log_path.read_text(errors="replace").splitlines()
         except OSError:
             return ""
-        return mask_digits(" | ".join(lines[-n:]))
+        return mask_text(" | ".join(lines[-n:]))
 
     def events(self, event_type: str | None = None) -> list[dict]:
         ev = read_jsonl(self.events_path)
@@ -467,7 +463,7 @@ class Narrator:
         from rich.markup import escape
 
         shown = " ".join(a if re.fullmatch(r"[\w./:=@,+-]+", a) else repr(a) for a in argv)
-        self.console.print(f"  [dim]{escape(where + ' ' if where else '')}$[/dim] [green]{escape(mask_digits(shown))}[/green]")
+        self.console.print(f"  [dim]{escape(where + ' ' if where else '')}$[/dim] [green]{escape(mask_text(shown))}[/green]")
 
     def check(self, ok: bool, text: str) -> None:
         """Record one expectation; a false one ends the step as failed."""
@@ -482,7 +478,7 @@ class Narrator:
         res.ok = not error
         res.error = error
         if error:
-            self.console.print(f"  [bold red]✘ {mask_digits(error)}[/bold red]")
+            self.console.print(f"  [bold red]✘ {mask_text(error)}[/bold red]")
         self.progress.advance(self.task)
 
     def table(self) -> Any:
@@ -495,7 +491,7 @@ class Narrator:
         t.add_column("checks", justify="right")
         t.add_column("time", justify="right")
         for i, r in enumerate(self.results, 1):
-            res = "[green]as narrated[/green]" if r.ok else f"[red]FAILED: {mask_digits(r.error)[:90]}[/red]"
+            res = "[green]as narrated[/green]" if r.ok else f"[red]FAILED: {mask_text(r.error)[:90]}[/red]"
             t.add_row(str(i), r.title, res, str(len(r.checks)), f"{r.seconds:.1f}s")
         return t
 
@@ -1041,7 +1037,7 @@ class Demo:
         if not ok and self.args.quiet:
             for r in n.results:
                 if not r.ok:
-                    print(f"demo: step failed: {r.title}: {mask_digits(r.error)}", file=sys.stderr)
+                    print(f"demo: step failed: {r.title}: {mask_text(r.error)}", file=sys.stderr)
         return 0 if ok else 1
 
     def show_logs(self) -> None:
@@ -1061,7 +1057,7 @@ class Demo:
         for p in self.workdir.glob("*.eve.json"):
             shutil.copyfile(p, self.out / "events" / p.name)
         for p in self.workdir.glob("*.log"):
-            (self.out / "logs" / p.name).write_text(mask_digits(p.read_text(errors="replace")))
+            (self.out / "logs" / p.name).write_text(mask_text(p.read_text(errors="replace")))
 
     def finish(self) -> None:
         """Stop the sidecars gently (their captures and flows finish), keep the artifacts, remove the rest.

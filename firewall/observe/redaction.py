@@ -5,7 +5,9 @@ from them (report, learned policy) all pass through ``redact_event`` at the
 event sink (``firewall/observe/events.py``), so no producer - a parser that keeps a
 path, a summary that lists DNS names, a future module - can hand a full card
 number to the SIEM.  Producers may mask more (``protocols/redact.py`` drops
-query-string values); they can never mask less.
+query-string values, ``dlp/mask.py`` stars shorter numbers in context snippets); they
+can never mask less.  Their digit runs go through ``mask_text`` here as well, so a card
+reads the same (``411111******1111``) in a flow summary, a DLP context and an event.
 
 The rule, applied to every string (and dict key) at any depth:
 
@@ -91,16 +93,25 @@ def _mask_ascii_run(m: re.Match[str]) -> str:
     return run[:first] + run[first:last].translate(_STARS) + run[last:]
 
 
-def mask_text(s: str) -> str:
-    """Mask every card-shaped digit run in ``s`` (see the module docstring)."""
-    if len(s) < MIN_DIGITS:
-        return s
-    if s.isascii():
-        if _TS.fullmatch(s):
-            return s
-        if "%" not in s:
-            return _ASCII_RUN.sub(_mask_ascii_run, s)
-    return _RUN.sub(_mask_run, s)
+def mask_text(s: str, between: Callable[[str], str] | None = None) -> str:
+    """Mask every card-shaped digit run in ``s`` (see the module docstring).
+
+    ``between``, if given, rewrites the text between those runs: a producer that masks more
+    (shorter numbers, say) without touching the card runs this rule already masked."""
+    if len(s) < MIN_DIGITS or (s.isascii() and _TS.fullmatch(s)):
+        return between(s) if between is not None else s
+    if s.isascii() and "%" not in s:
+        run, mask = _ASCII_RUN, _mask_ascii_run
+    else:
+        run, mask = _RUN, _mask_run
+    if between is None:
+        return run.sub(mask, s)
+    out, last = [], 0
+    for m in run.finditer(s):
+        out += (between(s[last:m.start()]), mask(m))
+        last = m.end()
+    out.append(between(s[last:]))
+    return "".join(out)
 
 
 def bound(s: str, limit: int = MAX_FIELD) -> str:
