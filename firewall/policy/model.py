@@ -573,7 +573,8 @@ MODELS: dict[str, type[FirewallPolicy] | type[ClusterFirewallPolicy]] = {
 
 # --- the validator ---------------------------------------------------------------------------
 # Errors are dicts shaped like pydantic's ``ValidationError.errors()`` entries: ``type``,
-# ``loc`` (path of keys and list indexes) and ``msg``; the loader formats them.
+# ``loc`` (path of keys and list indexes) and ``msg``, plus ``check`` (the ``check_*`` that
+# raised a ``value_error``); the loader formats them.
 
 Loc = tuple[str | int, ...]
 Errors = list[dict[str, Any]]
