@@ -225,12 +225,13 @@ class Pod:
     """One pod: network namespace ``netns`` with ``eth0`` on the cluster bridge, and its identity."""
 
     def __init__(self, cluster: Cluster, key: str, idx: int, name: str, namespace: str,
-                 labels: dict[str, str]) -> None:
+                 labels: dict[str, str], host: int | None = None) -> None:
         self.cluster, self.key, self.idx = cluster, key, idx
         self.name, self.namespace, self.labels = name, namespace, dict(labels)
         self.netns = f"{cluster.prefix}-{key}"
-        self.ip = f"{cluster.subnet}.{idx + 1}"
-        self.ip6 = f"fd00:{cluster.octet:x}::{idx + 1:x}"
+        host = idx + 1 if host is None else host
+        self.ip = f"{cluster.subnet}.{host}"
+        self.ip6 = f"fd00:{cluster.octet:x}::{host:x}"
         self.sidecar: Sidecar | None = None
 
     @property
@@ -369,10 +370,12 @@ class Cluster:
         return {k: p.namespace for k, p in self.pods.items()}
 
     def pod(self, key: str, namespace: str = "default", *, name: str | None = None,
-            labels: dict[str, str] | None = None) -> Pod:
-        """A new pod ``key`` (also its Kubernetes name unless ``name``) in Kubernetes ``namespace``."""
+            labels: dict[str, str] | None = None, host: int | None = None) -> Pod:
+        """A new pod ``key`` (also its Kubernetes name unless ``name``) in Kubernetes ``namespace``.
+
+        Its address is 10.<octet>.0.<host>, by default the next one (.2, .3, ...)."""
         idx = len(self.pods) + 1
-        pod = self.pod_class(self, key, idx, name or key, namespace, labels or {})
+        pod = self.pod_class(self, key, idx, name or key, namespace, labels or {}, host)
         h, p = f"{self.prefix}{idx}h", f"{self.prefix}{idx}p"
         self.pods[key] = pod  # before the namespace exists: close() must find it whatever fails next
         sh(["ip", "netns", "add", pod.netns])
@@ -388,6 +391,13 @@ class Cluster:
             sh([*ex, "ip", "-6", "addr", "add", f"{pod.ip6}/64", "dev", "eth0", "nodad"], check=False)
         sh([*ex, "ip", "link", "set", "eth0", "up"])
         return pod
+
+    def disable_ipv6(self) -> None:
+        """No IPv6 at all in any namespace of the cluster, the switch included: no router
+        solicitations or MLD reports on the wire (tests that count every captured packet)."""
+        for ns in (self.sw, *(p.netns for p in self.pods.values())):
+            for scope in ("all", "default"):
+                sh(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", f"net.ipv6.conf.{scope}.disable_ipv6=1"])
 
     def close(self) -> list[str]:
         """Kill every process started here (by process group) and in the namespaces, delete them."""
