@@ -607,7 +607,7 @@ def git_rev() -> str:
 
 class Bench:
     def __init__(self, a: argparse.Namespace, nbytes: int) -> None:
-        from tests.harness import PY, Cluster
+        from firewall.lab.netns import PY, Cluster
 
         self.PY = PY
         self.a = a

@@ -23,7 +23,9 @@ import sys
 import threading
 from typing import Any
 
-from firewall.capture.manager import CaptureManager, CaptureSpecError, compile_filter, parse_size, parse_spec
+from firewall.capture.bpf import compile_filter
+from firewall.capture.manager import CaptureManager
+from firewall.capture.spec import CaptureSpecError, parse_size, parse_spec
 from firewall.observe.events import EventSink
 
 

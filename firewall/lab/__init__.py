@@ -1,1 +1,1 @@
-"""The network-namespace lab: `python -m firewall demo` and its container-runtime variant."""
+"""The network-namespace lab (``netns``: pods, sidecars, clean-up) and the demo built on it."""

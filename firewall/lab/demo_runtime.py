@@ -48,11 +48,10 @@ def _runtime_args() -> list[str]:
 class ContainerSidecar(base.Sidecar):
     """The sidecar container: same flags as the netns demo's process, run from the image."""
 
-    def __init__(self, demo: PodmanDemo, pod: base.Pod, phase: str, events: Path, podinfo: Path,
-                 identity: Path, pcap_dir: Path, dlp_cache: Path, policy: Path | None) -> None:
-        cluster = demo.cluster
-        self.cluster, self.pod, self.events_path = cluster, pod, events
-        self.log_path = cluster.workdir / f"{pod.name}-{phase}-sidecar.log"
+    def __init__(self, demo: PodmanDemo, pod: base.Pod, phase: str, policy: Path | None) -> None:
+        key = pod.key
+        events = demo.workdir / f"{phase}-{key}.eve.json"
+        log_path = demo.workdir / f"{pod.name}-{phase}-sidecar.log"
         self.name = f"{demo.prefix}-{pod.name}-{phase}"
         demo.containers.append(self.name)
         mounts = sorted({str(demo.workdir), str(demo.out)} | ({str(policy.parent)} if policy else set()))
@@ -65,19 +64,15 @@ class ContainerSidecar(base.Sidecar):
         for m in mounts:
             cmd += ["-v", f"{m}:{m}"]
         cmd += ["--entrypoint", "python", demo.image, "-m", "firewall", "run",
-                "--events", str(events), "--podinfo", str(podinfo), "--identity", str(identity),
-                "--pcap-dir", str(pcap_dir), "--dlp-cache", str(dlp_cache), "--pod-ip", pod.ip,
-                "--pod-namespace", pod.namespace, "--pod-name", pod.name, "--drain-timeout", "2", "--no-ipv6"]
-        if policy is not None:
-            cmd += ["--policy", str(policy)]
+                "--events", str(events), "--dlp-cache", str(demo.dlp_cache), "--pod-ip", pod.ip,
+                *demo.sidecar_flags(key, policy)]
         # podman run proxies SIGTERM to the container: Sidecar.stop() drains it as before. Not via
         # `ip netns exec` (it remounts /sys, and podman then finds no cgroups): --network joins the pod.
-        log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the cluster's logs
-        cluster._logs.append(log)
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True, cwd=str(cluster.workdir))
-        cluster.procs.append(self.proc)
-        pod.sidecar = self
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True, cwd=str(demo.workdir))
+        pod.cluster.procs.append(proc)
+        super().__init__(pod, proc, events, log_path)
 
 
 class PodmanDemo(base.Demo):
@@ -92,12 +87,7 @@ class PodmanDemo(base.Demo):
         for path in (self.dlp_cache, *self.workdir.glob("events*"), *self.workdir.glob("podinfo-*")):
             if path.is_dir():
                 os.chmod(path, 0o777)
-        scs: list[base.Sidecar] = []
-        for key in ("payments", "db"):
-            pod = self.pods[key]
-            scs.append(ContainerSidecar(self, pod, phase, self.workdir / f"{phase}-{key}.eve.json",
-                                        self.workdir / f"podinfo-{key}", self.workdir / "identity.yaml",
-                                        self.workdir / f"pcap-{key}", self.dlp_cache, policy))
+        scs: list[base.Sidecar] = [ContainerSidecar(self, self.pods[key], phase, policy) for key in ("payments", "db")]
         for sc in scs:
             sc.wait_ready()
         return scs

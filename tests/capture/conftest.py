@@ -1,23 +1,24 @@
-"""Fixtures for capture tests: two network namespaces joined by a veth pair.
+"""Fixtures for capture tests: two pods of a lab cluster (``firewall/lab/netns.py``).
 
-``pc-<tag>a`` plays the pod (``eth0`` 10.77.0.1/24, ``lo`` up), ``pc-<tag>b`` its
-peers (``eth0`` 10.77.0.2/24 and 10.77.0.3/24). IPv6 is off in both so captures
-hold only the traffic a test makes. Traffic never leaves these namespaces.
+``pc<tag>-a`` plays the pod (``eth0`` 10.77.0.1/24, ``lo`` up), ``pc<tag>-b`` its
+peers (``eth0`` 10.77.0.2/24 and 10.77.0.3/24). IPv6 is off in every namespace of the
+cluster so captures hold only the traffic a test makes. Traffic never leaves these namespaces.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import secrets
 import shutil
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
+
+from firewall.lab import netns as lab
 
 PY = sys.executable
 NEEDS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces")
@@ -68,9 +69,19 @@ def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
 
 @dataclass
 class NsPair:
-    pod: str
-    peer: str
-    servers: list[subprocess.Popen] = field(default_factory=list)
+    """The pod and its peers, two pods of one lab cluster; ``pod``/``peer`` are namespace names."""
+
+    cluster: lab.Cluster
+    pod_pod: lab.Pod
+    peer_pod: lab.Pod
+
+    @property
+    def pod(self) -> str:
+        return self.pod_pod.netns
+
+    @property
+    def peer(self) -> str:
+        return self.peer_pod.netns
 
     @property
     def pod_path(self) -> str:
@@ -78,44 +89,31 @@ class NsPair:
 
     def serve(self, *addrs: str, ns: str | None = None) -> None:
         """TCP sink servers (``host:port``) in the peer namespace (or ``ns``); returns once listening."""
-        proc = subprocess.Popen(["ip", "netns", "exec", ns or self.peer, PY, "-c", SERVER, *addrs],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.servers.append(proc)
+        where = self.pod_pod if ns == self.pod else self.peer_pod
+        proc = where.popen([PY, "-c", SERVER, *addrs], stdin=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "ready", "test servers did not start"
 
     def traffic(self, *flows: str) -> None:
         """Run client flows from the pod namespace: ``tcp:host:port:bytes`` / ``udp:...``."""
-        res = sh("ip", "netns", "exec", self.pod, PY, "-c", CLIENT, *flows, check=False)
+        res = self.pod_pod.run([PY, "-c", CLIENT, *flows], check=False)
         assert res.returncode == 0, f"traffic {flows} failed: {res.stderr.strip()[-500:]}"
 
     def close(self) -> None:
-        for proc in self.servers:
-            proc.kill()
-            proc.wait()
-        for ns in (self.pod, self.peer):
-            sh("ip", "netns", "del", ns, check=False)
+        self.cluster.close()
 
 
 @pytest.fixture
 def nspair() -> Iterator[NsPair]:
-    tag = secrets.token_hex(3)
-    pair = NsPair(f"pc-{tag}a", f"pc-{tag}b")
+    c = lab.Cluster("pc", 77)
     try:
-        sh("ip", "netns", "add", pair.pod)
-        sh("ip", "netns", "add", pair.peer)
-        sh("ip", "link", "add", "eth0", "netns", pair.pod, "type", "veth", "peer", "name", "eth0",
-           "netns", pair.peer)
-        for ns, addrs in ((pair.pod, ["10.77.0.1/24"]), (pair.peer, ["10.77.0.2/24", "10.77.0.3/24"])):
-            sh("ip", "netns", "exec", ns, "sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1")
-            sh("ip", "netns", "exec", ns, "sysctl", "-q", "-w", "net.ipv6.conf.default.disable_ipv6=1")
-            for a in addrs:
-                sh("ip", "-n", ns, "addr", "add", a, "dev", "eth0")
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-            sh("ip", "-n", ns, "link", "set", "eth0", "up")
-        yield pair
+        pod = c.pod("a", host=1)
+        peer = c.pod("b", host=2)
+        peer.run(["ip", "addr", "add", "10.77.0.3/24", "dev", "eth0"])
+        c.disable_ipv6()
+        yield NsPair(c, pod, peer)
     finally:
-        pair.close()
+        c.close()
 
 
 class Events:

@@ -12,7 +12,8 @@ import time
 import pytest
 
 from firewall import ANN_PCAP
-from firewall.capture.manager import CaptureManager, parse_spec
+from firewall.capture.manager import CaptureManager
+from firewall.capture.spec import parse_spec
 from firewall.identity.podinfo import PodinfoWatcher, write_podinfo
 
 from .conftest import NEEDS_ROOT, NEEDS_TOOLS, sha256_file, tcpdump_lines, tshark_fields

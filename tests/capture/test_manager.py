@@ -8,7 +8,8 @@ import stat
 import tempfile
 
 from firewall import ANN_PCAP
-from firewall.capture.manager import STATE_FILE, CaptureManager
+from firewall.capture.manager import CaptureManager
+from firewall.capture.triggers import STATE_FILE
 
 
 def test_bad_annotation_emits_one_failed_event_and_no_capture(tmp_path, events):
@@ -68,14 +69,14 @@ def test_pcap_dir_is_created_private(tmp_path, events):
 
 
 def test_auto_trigger_shapes():
-    from firewall.capture.manager import _auto_trigger
+    from firewall.capture.triggers import auto_trigger
 
     # what the session passes today: the flow's fields at top level
-    t = _auto_trigger("10.0.0.2", {"rule": "default-deny", "flow_id": 7, "src_ip": "10.0.0.1",
+    t = auto_trigger("10.0.0.2", {"rule": "default-deny", "flow_id": 7, "src_ip": "10.0.0.1",
                                    "dest_ip": "10.0.0.2", "dest_port": 5432})
     assert t == {"rule": "default-deny", "peer": "10.0.0.2",
                  "flow": {"flow_id": 7, "src_ip": "10.0.0.1", "dest_ip": "10.0.0.2", "dest_port": 5432}}
-    t = _auto_trigger("10.0.0.2", {"rule": "r", "category": "dlp", "flow": {"flow_id": 1}})
+    t = auto_trigger("10.0.0.2", {"rule": "r", "category": "dlp", "flow": {"flow_id": 1}})
     assert t == {"rule": "r", "peer": "10.0.0.2", "flow": {"flow_id": 1}, "category": "dlp"}
 
 

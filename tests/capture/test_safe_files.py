@@ -12,7 +12,9 @@ import stat
 import pytest
 
 from firewall import ANN_PCAP
-from firewall.capture.manager import STATE_FILE, CaptureManager, PcapWriter
+from firewall.capture.manager import CaptureManager
+from firewall.capture.pcapfile import PcapWriter
+from firewall.capture.triggers import STATE_FILE
 
 
 def _hash(value: str) -> str:
@@ -85,7 +87,7 @@ def test_pcap_file_creation_refuses_a_planted_symlink_and_is_private(tmp_path):
 
 
 def test_pcap_events_mark_cardholder_data_and_budget(tmp_path, events):
-    from firewall.capture.manager import parse_spec
+    from firewall.capture.spec import parse_spec
 
     mgr = CaptureManager(str(tmp_path / "pcap"), events, disk_budget_bytes=10 << 20,
                          netns=str(tmp_path / "no-such-netns"))  # fails at once, before any packet

@@ -7,12 +7,11 @@ import subprocess
 
 import pytest
 
-from firewall.capture.manager import (
+from firewall.capture.bpf import compile_filter, exclude_ifindex
+from firewall.capture.spec import (
     DEFAULT_MAX_BYTES,
     CaptureSpec,
     CaptureSpecError,
-    compile_filter,
-    exclude_ifindex,
     parse_duration,
     parse_size,
     parse_spec,

@@ -17,6 +17,7 @@ import pytest
 
 from firewall.audit.report import build_report
 from firewall.audit.segtest import PlanError, load_plan, parse_plan, run_plan
+from firewall.lab import netns as lab_netns
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -154,8 +155,8 @@ def test_unknown_source_is_a_plan_error(tmp_path):
 
 # --------------------------------------------------------------------------- network namespaces
 
-SUFFIX = str(os.getpid() % 100000)
-NS = {k: f"pr-{k}-{SUFFIX}" for k in ("br", "cde", "con", "oos")}
+PREFIX = f"pr{os.getpid() % 100000}"  # the lab's namespaces: <prefix>-cde, <prefix>-con, <prefix>-oos
+NS = {k: f"{PREFIX}-{k}" for k in ("cde", "con", "oos")}
 ADDR = {"cde": "10.78.0.10", "con": "10.78.0.20", "oos": "10.78.0.30"}
 DB_PORT, CACHE_PORT = 5432, 6379
 
@@ -199,25 +200,16 @@ while True:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    """pr-br holds a bridge; pr-cde (server + nftables), pr-con and pr-oos hang off it on 10.78.0.0/24."""
+    """Three pods of a lab cluster (``firewall/lab/netns.py``) on 10.78.0.0/24: cde (server +
+    nftables), con and oos."""
     if os.geteuid() != 0 or not shutil.which("nft") or not shutil.which("ip"):
         pytest.skip("needs root, ip and nft to build network namespaces")
-    server = None
+    cluster = lab_netns.Cluster(PREFIX, 78, unique=False, ipv6=False)
     try:
-        for ns in NS.values():
-            _sh("ip", "netns", "add", ns)
-        _sh("ip", "-n", NS["br"], "link", "add", "br0", "type", "bridge")
-        _sh("ip", "-n", NS["br"], "link", "set", "br0", "up")
         for key, addr in ADDR.items():
-            _sh("ip", "link", "add", "eth0", "netns", NS[key], "type", "veth", "peer", "name", f"v-{key}",
-                "netns", NS["br"])
-            _sh("ip", "-n", NS["br"], "link", "set", f"v-{key}", "master", "br0", "up")
-            _sh("ip", "-n", NS[key], "addr", "add", f"{addr}/24", "dev", "eth0")
-            _sh("ip", "-n", NS[key], "link", "set", "eth0", "up")
-            _sh("ip", "-n", NS[key], "link", "set", "lo", "up")
+            cluster.pod(key, host=int(addr.rsplit(".", 1)[1]))
         _sh("ip", "netns", "exec", NS["cde"], "nft", "-f", "-", input=_rules(hole=False))
-        server = subprocess.Popen(["ip", "netns", "exec", NS["cde"], sys.executable, "-c", SERVER],
-                                  stdout=subprocess.PIPE, text=True)
+        server = cluster.pods["cde"].popen([sys.executable, "-c", SERVER], text=True)
         assert server.stdout.readline().strip() == "ready"
         d = tmp_path_factory.mktemp("segtest")
         plan = d / "plan.yaml"
@@ -233,11 +225,7 @@ def lab(tmp_path_factory):
 """)
         yield d, plan
     finally:
-        if server is not None:
-            server.kill()
-            server.wait()
-        for ns in NS.values():
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        cluster.close()
 
 
 def _run_from(source: str, plan: Path, out: Path) -> tuple[int, dict, str]:
