@@ -24,8 +24,11 @@ The rule, applied to every string (and dict key) at any depth:
 * **lengths are bounded**: strings to ``MAX_FIELD`` characters, lists to
   ``MAX_ITEMS`` items, nesting to ``MAX_DEPTH`` levels.
 
-The sidecar's own ISO timestamps are the only strings exempt (their shape
-cannot hold 12 free digits).  Other DLP-pack values (IBANs, SSNs, keys) are
+Two kinds of string are exempt, both the sidecar's own: its ISO timestamps (their
+shape cannot hold 12 free digits) and the SHA-256 digests of its capture files (exactly 64
+lowercase hex characters under a ``sha256`` key; one digest in fourteen holds a run of 12
+digits, and a masked digest no longer matches its file).  No parser declares a ``sha256``
+field, so traffic cannot put text there.  Other DLP-pack values (IBANs, SSNs, keys) are
 masked when the sink is given the DLP engine (``EventSink.set_scanner``).
 """
 
@@ -58,6 +61,8 @@ _ASCII_RUN = re.compile(rf"[0-9](?:[\x00-\x20\x7f\-./+_\\]{{0,3}}[0-9]){{{MIN_DI
 _STARS = str.maketrans("0123456789", STAR * 10)
 _TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,9})?(?:Z|[+-]\d\d:?\d\d)?")
 # ints under these keys are the sidecar's own counters and ids, never traffic
+_DIGEST_KEY = "sha256"
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 _INT_KEYS = frozenset({"flow_id", "signature_id", "bytes_toserver", "bytes_toclient", "pkts_toserver",
                        "pkts_toclient", "offset", "length", "bytes", "size"})
 
@@ -145,6 +150,8 @@ def redact_value(v: Any, key: str = "", depth: int = 0, found: list | None = Non
     ``found`` collects ``(container, key)`` of the string values worth a DLP pass."""
     t = type(v)
     if t is str:
+        if key == _DIGEST_KEY and _DIGEST.fullmatch(v):
+            return v  # a capture file's digest (see the module docstring)
         return redact_str(v)
     if v is None or t is bool or t is float:
         return v
@@ -165,7 +172,11 @@ def redact_value(v: Any, key: str = "", depth: int = 0, found: list | None = Non
             # the common cases inline (this runs for every field of every event)
             ks = k if type(k) is str and len(k) < MIN_DIGITS else redact_str(str(k))
             ti = type(item)
-            if ti is str:
+            if ti is str and key == _DIGEST_KEY and _DIGEST.fullmatch(item):
+                out[ks] = item  # {file name: digest} under "sha256" (see the module docstring)
+            elif ti is str and ks == _DIGEST_KEY and _DIGEST.fullmatch(item):
+                out[ks] = item
+            elif ti is str:
                 r = out[ks] = item if len(item) < MIN_DIGITS else redact_str(item)
                 if found is not None and len(r) >= 8 and _worthy(r):
                     found.append((out, ks))
