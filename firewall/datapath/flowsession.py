@@ -190,7 +190,7 @@ class FlowSession:
 
     __slots__ = ("session", "limits", "clock", "connected", "closed", "early", "early_len", "eof",
                  "eof_pending", "gone", "fast", "scanning", "inflight", "queued", "replaying",
-                 "hold_since", "hold_dir", "hold_armed", "want_splice", "splice_tries", "spliced",
+                 "hold_since", "hold_dir", "hold_armed", "want_splice", "splice_tries", "spliced", "lingering",
                  "pause_why", "born", "last_data")
 
     def __init__(self, session: Session, limits: Limits,
@@ -199,7 +199,8 @@ class FlowSession:
         self.limits = limits
         self.clock = clock
         self.connected = False
-        self.closed = False
+        self.closed = False  # nothing more is relayed
+        self.lingering = False  # ... but a refusal's answer is still being delivered
         self.early: list[bytes] = []
         self.early_len = 0
         self.eof = [False, False]  # a FIN was read from this side
@@ -298,16 +299,24 @@ class FlowSession:
             out.append(SetTimer(SPLICE, 0.0))  # not from inside connection_made (uvloop)
         return out
 
+    @property
+    def finished(self) -> bool:
+        """Closed and not delivering an answer (the proxy's idle sweep and drain may still
+        reset a flow whose refusal its client never reads)."""
+        return self.closed and not self.lingering
+
     def close(self, reset: bool) -> list[Command]:
-        if self.closed:
+        if self.closed and not self.lingering:
             return []
         self.closed = True
+        self.lingering = False
         return [Close(None, reset)]
 
     def lost(self, side: int, error: bool) -> list[Command]:
         """A side's connection ended without our close: a reset is passed on as a reset,
         a plain close closes the other side after its buffered bytes."""
         self.gone[side] = True
+        self.lingering = False
         if self.closed:
             return []
         self.closed = True
@@ -447,6 +456,7 @@ class FlowSession:
             return []
         self.closed = True
         if stop.reply and not self.gone[d]:
+            self.lingering = True
             return [Send(d, stop.reply), Close(1 - d, True), Close(d, False)]
         return [Close(None, True)]
 

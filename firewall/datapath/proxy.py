@@ -229,7 +229,7 @@ class Flow:
 
     @property
     def closed(self) -> bool:
-        return self.fs.closed
+        return self.fs.finished
 
     @property
     def connected(self) -> bool:

@@ -373,6 +373,18 @@ def test_pipelined_denied_request_split_across_segments_is_refused_the_same(insp
     assert cmds[-2:] == [Close(SERVER, True), Close(CLIENT, False)]
 
 
+def test_a_refusal_nobody_reads_can_still_be_reset_by_the_idle_sweep(insp):  # noqa: F811
+    """While the 403 is being delivered the flow relays nothing, yet it is not finished: a
+    client that never reads its answer is reset by the proxy's sweep (or drain)."""
+    fs = _shop(insp)
+    cmds = fs.handle(DataReceived(CLIENT, b"GET /admin HTTP/1.1\r\nHost: api\r\n\r\n"))
+    assert cmds[-1] == Close(CLIENT, False) and fs.closed and not fs.finished
+    assert (Playbook(fs) >> DataReceived(SERVER, b"late")  # relays nothing
+            >> CloseRequested(True) << Close(None, True)
+            >> CloseRequested(True))
+    assert fs.finished
+
+
 def test_refusal_after_the_client_is_gone_resets_instead_of_answering(insp):  # noqa: F811
     fs = _shop(insp)
     fs.gone[CLIENT] = True  # its connection was lost while the request was in the pipeline
