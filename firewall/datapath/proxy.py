@@ -1,10 +1,13 @@
 """The relay: sockets in, sockets out, nothing else ("no await beyond this point").
 
-One ``Flow`` joins two asyncio Protocols (client side, server side).  Bytes read
-on one side go through ``Session.feed`` and are written to the other; flow
-control is the transports' own: when one side's write buffer passes its high-water
-mark, its protocol's ``pause_writing`` pauses *reading* on the other side, so a
-slow receiver never makes memory grow.  Half-close is passed on with
+One ``Flow`` joins two asyncio Protocols (client side, server side) and executes what its
+sans-IO ``FlowSession`` (firewall/datapath/flowsession.py) answers to each socket callback:
+send these bytes to that side, pass a FIN on, close or reset, pause or resume reading, scan
+this chunk on the worker thread, arm a timer, hand over to splice.  Every per-flow decision
+and state (early bytes, scan queue, pending FIN, holds, why reading is paused) lives there;
+here are only sockets.  Flow control is the transports' own: when one side's write buffer
+passes its high-water mark, its protocol's ``pause_writing`` becomes a pause reason for the
+other side, so a slow receiver never makes memory grow.  Half-close is passed on with
 ``write_eof``; a reset on one side becomes a reset (SO_LINGER 0) on the other.
 
 Inbound flows arrive on a transparent (TPROXY) listener whose accepted socket's
