@@ -481,3 +481,88 @@ def test_handle_refuses_what_is_not_an_event(insp):  # noqa: F811
     fs = _tcp_analytics(insp)
     with pytest.raises(TypeError):
         fs.handle(Send(CLIENT, b"x"))  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ random interleavings
+def _interleave(insp: Inspection, seed: int, new: Inspection) -> None:  # noqa: F811
+    """One random run: both directions split at random, scans completing at random moments,
+    FINs, reloads and write-buffer pressure in between; every byte must arrive once, in
+    order, before its FIN, and the flow closes gracefully only after both FINs."""
+    import random
+
+    rng = random.Random(seed)
+    fs = _tcp_analytics(insp)
+    fs.limits = dataclasses.replace(fs.limits, offload_bytes=rng.choice([1, 8, 64, 512, 1 << 20]))
+    alphabet = b"abcdefghij \n"
+    streams = {side: bytes(rng.choice(alphabet) for _ in range(rng.randint(0, 2000))) for side in (CLIENT, SERVER)}
+    chunks: dict[int, list[bytes]] = {}
+    for side, data in streams.items():
+        cuts = sorted(rng.sample(range(1, len(data)), min(len(data) - 1, rng.randint(0, 12)))) if len(data) > 1 else []
+        chunks[side] = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True) if b > a]
+    got = {CLIENT: bytearray(), SERVER: bytearray(HELLO)}  # bytes sent TO the side
+    fin = {CLIENT: False, SERVER: False}
+    eof_sent = {CLIENT: False, SERVER: False}
+    closes: list[Close] = []
+    scans: dict[int, bytes] = {}
+    paused = {CLIENT: False, SERVER: False}
+    trace: list[str] = []
+
+    def run(ev: Any) -> None:
+        trace.append(_short(ev))
+        for c in fs.handle(ev):
+            trace.append("  " + _short(c))
+            if isinstance(c, Send):
+                assert not fin[c.side] and not closes, f"seed {seed}: bytes after FIN/close\n" + "\n".join(trace)
+                got[c.side] += c.data
+            elif isinstance(c, HalfClose):
+                assert not fin[c.side], f"seed {seed}: two FINs"
+                fin[c.side] = True
+            elif isinstance(c, Close):
+                closes.append(c)
+            elif isinstance(c, StartScan):
+                assert c.side not in scans, f"seed {seed}: two scans in flight on one side"
+                scans[c.side] = c.data
+            elif isinstance(c, PauseReading | ResumeReading):
+                paused[c.side] = isinstance(c, PauseReading)
+
+    for _step in range(20000):
+        if not chunks[CLIENT] and not chunks[SERVER] and all(eof_sent.values()) and not scans:
+            break
+        choices: list[tuple] = []
+        for side in (CLIENT, SERVER):
+            if chunks[side]:
+                if not paused[side] or rng.random() < 0.15:  # a read already on its way
+                    choices.append(("data", side))
+            elif not eof_sent[side]:
+                choices.append(("eof", side))
+            choices.append(("pressure", side))
+        choices += [("scan", side) for side in scans]
+        if rng.random() < 0.1:
+            choices.append(("reload",))
+        pick = rng.choice(choices)
+        if pick[0] == "data":
+            run(DataReceived(pick[1], chunks[pick[1]].pop(0)))
+        elif pick[0] == "eof":
+            eof_sent[pick[1]] = True
+            run(EofReceived(pick[1]))
+        elif pick[0] == "scan":
+            side = pick[1]
+            data = scans.pop(side)
+            run(ScanDone(side, fs.session.scan_findings(side, data)))
+        elif pick[0] == "pressure":
+            run(rng.choice([WriterPaused, WriterResumed])(pick[1]))
+        else:
+            run(Reloaded(new))
+    else:
+        raise AssertionError(f"seed {seed}: the flow stalled (reading paused for good?)\n" + "\n".join(trace[-40:]))
+    where = f"seed {seed}\n" + "\n".join(trace[-40:])
+    assert bytes(got[SERVER]) == HELLO + streams[CLIENT], where
+    assert bytes(got[CLIENT]) == streams[SERVER], where
+    assert fin == {CLIENT: True, SERVER: True}, where
+    assert closes == [Close(None, False)], where
+
+
+def test_random_interleavings_deliver_every_byte_before_its_fin(insp, tmp_path):  # noqa: F811
+    new = _reload_insp(insp, tmp_path, POLICY.replace("to-analytics", "to-analytics-v2"))
+    for seed in range(300):
+        _interleave(insp, seed, new)
