@@ -257,6 +257,13 @@ class FlowSession:
     def paused(self) -> tuple[bool, bool]:
         return bool(self.pause_why[0]), bool(self.pause_why[1])
 
+    def wants_reading(self, side: int) -> bool:
+        """Whether ``side`` should be read now.  The proxy executes ``PauseReading`` and
+        ``ResumeReading`` only when they still agree with this: a command list is computed
+        before it runs, and a ``Send`` in it can re-enter the session (the receiver's
+        ``pause_writing`` adds a reason) before a ``ResumeReading`` later in the same list."""
+        return not self.pause_why[side]
+
     # ------------------------------------------------------------------ flow control
     def pause(self, side: int, why: str) -> list[Command]:
         reasons = self.pause_why[side]

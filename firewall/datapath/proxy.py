@@ -314,6 +314,12 @@ class Flow:
                 if side is not None and side.transport is not None and not side.transport.is_closing():
                     side.transport.write(c.data)
             elif kind is PauseReading or kind is ResumeReading:
+                # a command list is computed before it runs, and a write in it can re-enter
+                # the session (the receiver's pause_writing): the session's pause state *now*
+                # decides, so a stale resume never overrides the backpressure that arrived
+                # meanwhile (nor a stale pause a resume)
+                if (kind is ResumeReading) is not self.fs.wants_reading(c.side):
+                    continue
                 side = self.sides[c.side]
                 if side is not None and side.transport is not None:
                     try:

@@ -325,6 +325,23 @@ def test_reload_under_backpressure_and_a_running_scan_resumes_only_when_both_cle
             >> WriterResumed(SERVER) << ResumeReading(CLIENT))
 
 
+def test_backpressure_arriving_while_a_resume_is_on_its_way_wins(insp):  # noqa: F811
+    """A scan's answer is [Send, ResumeReading]; executing the Send can make the server's
+    buffer pass its high-water mark (``pause_writing``, a re-entrant WriterPaused) before the
+    ResumeReading runs.  The session's state then says "do not read": the proxy executes a
+    pause/resume only while ``wants_reading`` agrees (a stale resume once let a sender that
+    the server never read from fill the sidecar's memory)."""
+    fs = _tcp_analytics(insp)
+    big = b"s" * 200
+    assert (Playbook(fs)
+            >> DataReceived(CLIENT, big) << StartScan(CLIENT, big) << PauseReading(CLIENT)
+            >> scanned(fs, CLIENT, big) << Send(SERVER, big) << ResumeReading(CLIENT)
+            >> WriterPaused(SERVER) << PauseReading(CLIENT))  # re-entrant, during that Send
+    assert not fs.wants_reading(CLIENT)  # so the ResumeReading still queued is not executed
+    assert Playbook(fs) >> WriterResumed(SERVER) << ResumeReading(CLIENT)
+    assert fs.wants_reading(CLIENT)
+
+
 def test_reload_that_denies_cuts_the_flow_and_forwards_nothing_more(insp, tmp_path):  # noqa: F811
     fs = _tcp_analytics(insp)
     new = _reload_insp(insp, tmp_path, POLICY.replace("app: analytics", "app: analytics-v2"))
