@@ -45,6 +45,7 @@ from firewall.datapath.flowsession import (
     Send,
     SetTimer,
     Splice,
+    Spliced,
     StartScan,
 )
 from firewall.datapath.redirect import mark_own as _own_mark
@@ -396,7 +397,7 @@ class Flow:
             os.close(cfd)
             os.close(sfd)
             return self.fs.cancel_splice()
-        self.fs.spliced = True
+        self.fs.handle(Spliced())
         ct.close()  # closes uvloop's descriptor only: our dups keep the connection
         st.close()
         self.splicer.start()
