@@ -1,10 +1,13 @@
 """The relay: sockets in, sockets out, nothing else ("no await beyond this point").
 
-One ``Flow`` joins two asyncio Protocols (client side, server side).  Bytes read
-on one side go through ``Session.feed`` and are written to the other; flow
-control is the transports' own: when one side's write buffer passes its high-water
-mark, its protocol's ``pause_writing`` pauses *reading* on the other side, so a
-slow receiver never makes memory grow.  Half-close is passed on with
+One ``Flow`` joins two asyncio Protocols (client side, server side) and executes what its
+sans-IO ``FlowSession`` (firewall/datapath/flowsession.py) answers to each socket callback:
+send these bytes to that side, pass a FIN on, close or reset, pause or resume reading, scan
+this chunk on the worker thread, arm a timer, hand over to splice.  Every per-flow decision
+and state (early bytes, scan queue, pending FIN, holds, why reading is paused) lives there;
+here are only sockets.  Flow control is the transports' own: when one side's write buffer
+passes its high-water mark, its protocol's ``pause_writing`` becomes a pause reason for the
+other side, so a slow receiver never makes memory grow.  Half-close is passed on with
 ``write_eof``; a reset on one side becomes a reset (SO_LINGER 0) on the other.
 
 Inbound flows arrive on a transparent (TPROXY) listener whose accepted socket's
@@ -31,6 +34,20 @@ from typing import Any
 from prometheus_client import Counter
 
 from firewall.datapath import splice
+from firewall.datapath.flowsession import (
+    Close,
+    Command,
+    FlowSession,
+    HalfClose,
+    Limits,
+    PauseReading,
+    ResumeReading,
+    Send,
+    SetTimer,
+    Splice,
+    Spliced,
+    StartScan,
+)
 from firewall.datapath.redirect import mark_own as _own_mark
 from firewall.datapath.session import Inspection, Session
 from firewall.observe import metrics
@@ -170,7 +187,7 @@ class _Side(asyncio.Protocol):
 
     def __init__(self, flow: Flow, d: int) -> None:
         self.flow = flow
-        self.d = d  # direction of the bytes this side READS
+        self.d = d  # direction of the bytes this side READS (== its side number)
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -188,45 +205,45 @@ class _Side(asyncio.Protocol):
         self.flow.on_lost(self.d, exc)
 
     def pause_writing(self) -> None:
-        self.flow.pause_reading(1 - self.d)
+        self.flow.execute(self.flow.fs.pause(1 - self.d, "backpressure"))
 
     def resume_writing(self) -> None:
-        self.flow.resume_reading(1 - self.d)
+        self.flow.execute(self.flow.fs.unpause(1 - self.d, "backpressure"))
 
 
 class Flow:
-    """Both halves of one relayed TCP connection and their session."""
+    """Both halves of one relayed TCP connection: socket callbacks become events of the
+    flow's sans-IO ``FlowSession`` and its commands are executed here; no decision is made
+    in this class (firewall/datapath/flowsession.py)."""
 
-    __slots__ = ("proxy", "session", "sides", "early", "early_len", "eof", "lost", "closed",
-                 "last", "paused", "done", "connected", "peer_key", "hold_timer",
-                 "_fast", "splicer", "want_splice", "_splice_tries", "scanning", "queued", "eof_pending", "replaying", "hold_since")
+    __slots__ = ("proxy", "session", "fs", "sides", "lost", "last", "done", "peer_key", "timers",
+                 "splicer")
 
     def __init__(self, proxy: Proxy, session: Session, client: _Side) -> None:
         self.proxy = proxy
         self.session = session
+        self.fs = FlowSession(session, proxy.limits)
         self.sides: list[_Side | None] = [client, None]  # index = direction its reads travel
-        self.early: list[bytes] = []
-        self.early_len = 0
-        self.eof = [False, False]
         self.lost = [False, False]
-        self.closed = False
         self.done = False
         self.last = time.monotonic()
-        self.paused = [False, False]
-        self.connected = False
         self.peer_key = ""
-        self.hold_timer: asyncio.TimerHandle | None = None
-        self._fast = False
+        self.timers: dict[str, asyncio.TimerHandle] = {}
         self.splicer: splice.Splicer | None = None
-        self.want_splice = False
-        self._splice_tries = 0
-        self.scanning = [False, False]  # a DLP scan of this direction is running on the worker thread
-        self.queued: list[list[bytes]] = [[], []]
-        self.eof_pending = [False, False]
-        self.replaying = False
-        self.hold_since = 0.0  # when the bytes now held started to be held (header deadline)
 
-    # -- wiring
+    @property
+    def closed(self) -> bool:
+        return self.fs.finished
+
+    @property
+    def connected(self) -> bool:
+        return self.fs.connected
+
+    @property
+    def paused(self) -> tuple[bool, bool]:
+        return self.fs.paused
+
+    # -- events in
     def side_made(self, side: _Side) -> None:
         """The upstream connection is made: attach it now, before uvloop can deliver the
         server's first bytes (server-first protocols: MySQL greeting, HTTP/2 preface)."""
@@ -241,138 +258,128 @@ class Flow:
             return
         self.sides[TOCLIENT] = server
         server.transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)  # type: ignore[union-attr]
-        self.connected = True
-        self._fast = self.session.passthrough
-        early, self.early = self.early, []
-        self.early_len = 0
-        self.replaying = True  # no splice hand-over in the middle of the replay
-        try:
-            for chunk in early:
-                self.on_data(TOSERVER, chunk)
-                if self.closed:
-                    return
-        finally:
-            self.replaying = False
-        if self.eof[TOSERVER] and not self.closed:
-            self._pass_eof(TOSERVER)
-        if self.paused[TOSERVER] and not self.closed:
-            self.resume_reading(TOSERVER)
-        if self._fast and not self.closed:
-            # not from inside connection_made: uvloop attaches the socket object after it returns
-            self.proxy.loop.call_soon(self.maybe_splice)
+        self.execute(self.fs.connected_upstream())
 
-    # -- data
     def on_data(self, d: int, data: bytes) -> None:
-        if self.closed:
-            return
         self.last = time.monotonic()
-        if not self.connected:
-            self.early.append(data)
-            self.early_len += len(data)
-            if self.early_len > self.proxy.cfg.read_buffer_limit:
-                self.pause_reading(TOSERVER)
-            return
-        self.session.bytes[d] += len(data)
-        self._relay(d, data)
+        self.execute(self.fs.data(d, data))
 
-    def _relay(self, d: int, data: bytes) -> None:
-        """Inspect (unless passthrough) and forward one chunk already counted in the session."""
-        s = self.session
-        dst = self.sides[1 - d]
-        if self._fast and s.passthrough:
-            dst.transport.write(data)  # type: ignore[union-attr]
-            return
-        if self.scanning[d]:
-            self.queued[d].append(data)  # keep the order: one scan in flight per direction
-            self.pause_reading(d)
-            return
-        if len(data) >= self.proxy.offload_bytes and s.wants_scan():
-            stop = s.inspect(d, data)
-            if stop is None and s.wants_scan():
-                self._offload(d, data)
-                return
-            out, stop = s.assemble(d, data, stop)
+    def on_eof(self, d: int) -> None:
+        self.execute(self.fs.eof_received(d))
+
+    def on_lost(self, d: int, exc: Exception | None) -> None:
+        if self.splicer is not None:
+            return  # the transport was closed by the hand-over; the splicer owns the sockets now
+        self.lost[d] = True
+        self.execute(self.fs.lost(d, exc is not None))
+        self._maybe_done()
+
+    def reload(self, insp: Inspection, reason: str) -> bool:
+        """Re-decide this open flow under a new inspection state; True if it was cut."""
+        if self.fs.closed:
+            return False
+        cmds = self.fs.reloaded(insp, reason)
+        if not cmds:
+            return False
+        if self.splicer is not None:
+            self.splicer.close(True, self.session.close_reason)
         else:
-            out, stop = s.feed(d, data)
-        became_fast = s.passthrough and not self._fast
-        self._fast = s.passthrough
-        if out:
-            dst.transport.write(out)  # type: ignore[union-attr]
-        if stop is not None:
-            self._stop(stop, d)
-        elif s.holding(d):
-            if not self.hold_since:
-                self.hold_since = time.monotonic()
-            self._arm_hold(d)
-        else:
-            self.hold_since = 0.0
-            if became_fast:
-                self.maybe_splice()  # nothing reads this flow any more: hand it to the kernel
+            self.execute(cmds)
+        return True
+
+    def close(self, reset: bool) -> None:
+        if self.splicer is not None:
+            self.splicer.close(reset, self.session.close_reason)
+            return
+        self.execute(self.fs.close(reset))
 
     # -- DLP scans of large chunks on the worker thread (Hyperscan releases the GIL)
-    def _offload(self, d: int, data: bytes) -> None:
-        metrics.DLP_OFFLOADED.inc()
-        self.scanning[d] = True
-        self.pause_reading(d)
+    def _scan(self, d: int, data: bytes) -> None:
         loop = self.proxy.loop
-        s = self.session
-        fut = self.proxy.executor.submit(s.scan_findings, d, data)
-        fut.add_done_callback(lambda f: loop.call_soon_threadsafe(self._scanned, d, data, f))
+        fut = self.proxy.executor.submit(self.session.scan_findings, d, data)
+        fut.add_done_callback(lambda f: loop.call_soon_threadsafe(self._scanned, d, f))
 
-    def _scanned(self, d: int, data: bytes, fut: Any) -> None:
-        self.scanning[d] = False
-        if self.closed:
-            return
-        s = self.session
+    def _scanned(self, d: int, fut: Any) -> None:
         try:
-            stop = s.scanned(d, fut.result())
-        except Exception:  # noqa: BLE001 - a scanner fault: fail closed where policy blocks
-            stop = s.scanned(d, None, error=True)
-        out, stop = s.assemble(d, data, stop)
-        dst = self.sides[1 - d]
-        if out and dst is not None and dst.transport is not None and not dst.transport.is_closing():
-            dst.transport.write(out)
-        if stop is not None:
-            self._stop(stop, d)
-            return
-        queued, self.queued[d] = self.queued[d], []
-        for i, chunk in enumerate(queued):
-            self._relay(d, chunk)
-            if self.scanning[d] or self.closed:
-                self.queued[d] = queued[i + 1:] + self.queued[d]
-                return
-        if self.eof_pending[d]:
-            self.eof_pending[d] = False
-            self._pass_eof(d)
-        if not self.closed and (dst is None or dst.transport is None
-                                or dst.transport.get_write_buffer_size() < HIGH_WATER):
-            self.resume_reading(d)  # else resume_writing of the receiver resumes it
+            findings, error = fut.result(), False
+        except Exception:  # noqa: BLE001 - a scanner fault: the session fails closed where policy blocks
+            findings, error = None, True
+        self.execute(self.fs.scan_done(d, findings, error))
+
+    # -- commands out
+    def execute(self, cmds: list[Command]) -> None:
+        for c in cmds:
+            kind = type(c)
+            if kind is Send:
+                side = self.sides[c.side]
+                if side is not None and side.transport is not None and not side.transport.is_closing():
+                    side.transport.write(c.data)
+            elif kind is PauseReading or kind is ResumeReading:
+                # a command list is computed before it runs, and a write in it can re-enter
+                # the session (the receiver's pause_writing): the session's pause state *now*
+                # decides, so a stale resume never overrides the backpressure that arrived
+                # meanwhile (nor a stale pause a resume)
+                if (kind is ResumeReading) is not self.fs.wants_reading(c.side):
+                    continue
+                side = self.sides[c.side]
+                if side is not None and side.transport is not None:
+                    try:
+                        if kind is PauseReading:
+                            side.transport.pause_reading()
+                        else:
+                            side.transport.resume_reading()
+                    except (RuntimeError, AttributeError):
+                        pass
+            elif kind is StartScan:
+                self._scan(c.side, c.data)
+            elif kind is HalfClose:
+                side = self.sides[c.side]
+                if side is not None and side.transport is not None and not side.transport.is_closing():
+                    try:
+                        if side.transport.can_write_eof():
+                            side.transport.write_eof()
+                    except OSError:
+                        pass
+            elif kind is Close:
+                self._close(c.side, c.reset)
+            elif kind is SetTimer:
+                self._set_timer(c.kind, c.delay)
+            elif kind is Splice:
+                self.execute(self._splice())
+
+    def _set_timer(self, kind: str, delay: float) -> None:
+        old = self.timers.pop(kind, None)
+        if old is not None:
+            old.cancel()
+
+        def fire() -> None:
+            self.timers.pop(kind, None)
+            self.execute(self.fs.timer_fired(kind))
+
+        self.timers[kind] = self.proxy.loop.call_later(delay, fire)
+
+    def _close(self, which: int | None, reset: bool) -> None:
+        for i in (TOSERVER, TOCLIENT) if which is None else (which,):
+            side = self.sides[i]
+            if side is None or side.transport is None:
+                continue
+            if reset:
+                _reset(side.transport)
+            else:
+                side.transport.close()
+        if which is None and self.sides[TOCLIENT] is None:
+            self.lost[TOCLIENT] = True
 
     # -- zero-copy hand-over (firewall/datapath/splice.py)
-    def maybe_splice(self) -> None:
-        """Hand a flow nothing inspects any more to the kernel (splice), once both write
-        buffers are empty; until then reading stays paused so no byte overtakes another."""
-        if (self.splicer is not None or not self.proxy.splice or self.closed or self.replaying
-                or self._splice_tries >= 10**6):
-            return
-        if self.eof[0] or self.eof[1] or self.session.holding(0) or self.session.holding(1):
-            self._cancel_splice()  # a half-closed or held flow stays on the Protocol path
-            return
+    def _splice(self) -> list[Command]:
+        """Execute ``Splice``: both descriptors to the kernel relay once both write buffers
+        are empty (reading is paused meanwhile, so no byte overtakes another)."""
         c, s = self.sides
         if c is None or s is None or c.transport is None or s.transport is None:
-            return
+            return []
         ct, st = c.transport, s.transport
-        if not self.want_splice:
-            self.want_splice = True
-            for d in (TOSERVER, TOCLIENT):
-                self.pause_reading(d)
         if ct.get_write_buffer_size() or st.get_write_buffer_size():
-            self._splice_tries += 1
-            if self._splice_tries > 2000:  # a receiver that never reads: stay on the Protocol path
-                self._cancel_splice()
-                return
-            self.proxy.loop.call_later(0.002, self.maybe_splice)
-            return
+            return self.fs.splice_deferred()
         try:
             csock = ct.get_extra_info("socket")
             family = csock.family
@@ -383,27 +390,23 @@ class Flow:
                 os.close(cfd)
                 raise
         except (OSError, AttributeError):
-            self._cancel_splice()
-            return
+            return self.fs.cancel_splice()
         try:
-            self.splicer = splice.Splicer(self.proxy.loop, cfd, sfd, self._spliced_bytes, self._spliced_end,
-                                          family)
+            self.splicer = self._make_splicer(cfd, sfd, family)
         except OSError:
             os.close(cfd)
             os.close(sfd)
-            self._cancel_splice()
-            return
+            return self.fs.cancel_splice()
+        self.fs.handle(Spliced())
         ct.close()  # closes uvloop's descriptor only: our dups keep the connection
         st.close()
         self.splicer.start()
         metrics.SPLICED.inc()
+        return []
 
-    def _cancel_splice(self) -> None:
-        if self.want_splice:
-            self.want_splice = False
-            self._splice_tries = 10**6  # do not try again for this flow
-            for d in (TOSERVER, TOCLIENT):
-                self.resume_reading(d)
+    def _make_splicer(self, cfd: int, sfd: int, family: int) -> splice.Splicer:
+        """The kernel relay for this flow's two descriptors (one place, for the native relay)."""
+        return splice.Splicer(self.proxy.loop, cfd, sfd, self._spliced_bytes, self._spliced_end, family)
 
     def _spliced_bytes(self, d: int, n: int) -> None:
         self.session.bytes[d] += n
@@ -413,115 +416,8 @@ class Flow:
         s = self.session
         if reason != "eof" and s.close_reason == "eof":
             s.close_reason = reason
-        self.closed = True
+        self.fs.closed = True
         self.lost = [True, True]
-        self._maybe_done()
-
-    def _arm_hold(self, d: int) -> None:
-        """Bytes are held while a protocol is identified or a request head completes;
-        a peer that stops sending must not be stalled forever (identify_timeout)."""
-        if self.hold_timer is not None:
-            return
-        loop = self.proxy.loop
-
-        def fire() -> None:
-            self.hold_timer = None
-            if self.closed:
-                return
-            s = self.session
-            if s._ident is not None:
-                # identification undecided: the policy depends on the protocol (that is why
-                # bytes are held), so wait for more bytes up to header_timeout, then decide
-                # "unknown" (which such a policy normally denies) rather than guess early
-                if time.time() - s.start < self.proxy.cfg.header_timeout:
-                    self.hold_timer = loop.call_later(self.proxy.cfg.identify_timeout, fire)
-                    return
-                out = s.release(d)
-                if out and not self.closed:
-                    self.sides[1 - d].transport.write(out)  # type: ignore[union-attr]
-                if s._stopped is not None:
-                    self._stop(s._stopped, d)
-                    return
-                self._fast = s.passthrough
-            elif s.holding(d):
-                # an incomplete request head: wait up to header_timeout, then refuse
-                if time.monotonic() - (self.hold_since or self.last) > self.proxy.cfg.header_timeout:
-                    s.close_reason = "header-timeout"
-                    self.close(reset=True)
-                else:
-                    self.hold_timer = loop.call_later(self.proxy.cfg.identify_timeout, fire)
-
-        self.hold_timer = loop.call_later(self.proxy.cfg.identify_timeout, fire)
-
-    def _stop(self, stop: Any, d: int) -> None:
-        s = self.session
-        s.close_reason = stop.reason.split(":")[0]
-        if stop.reply:
-            # answer the sender of the offending bytes (the client for requests)
-            replier = self.sides[d]
-            if replier is not None and replier.transport is not None and not replier.transport.is_closing():
-                replier.transport.write(stop.reply)
-                other = self.sides[1 - d]
-                _reset(other.transport if other else None)
-                replier.transport.close()  # graceful: the 403 is delivered, then FIN
-                return
-        self.close(reset=True)
-
-    def on_eof(self, d: int) -> None:
-        self.eof[d] = True
-        if self.closed:
-            return
-        if not self.connected:
-            return  # passed on after the upstream connects
-        if self.scanning[d] or self.queued[d]:
-            self.eof_pending[d] = True  # after the bytes still being scanned
-            return
-        self._pass_eof(d)
-
-    def _pass_eof(self, d: int) -> None:
-        if self.scanning[d] or self.queued[d]:
-            self.eof_pending[d] = True  # the FIN follows the bytes still being scanned
-            return
-        s = self.session
-        if not s.passthrough:
-            out, stop = s.eof(d)
-            dst = self.sides[1 - d]
-            if out and dst is not None:
-                dst.transport.write(out)  # type: ignore[union-attr]
-            if stop is not None:
-                self._stop(stop, d)
-                return
-        dst = self.sides[1 - d]
-        if dst is not None and dst.transport is not None and not dst.transport.is_closing():
-            try:
-                if dst.transport.can_write_eof():
-                    dst.transport.write_eof()
-            except OSError:
-                pass
-        # both sides have finished - but a direction whose FIN waits behind a DLP scan has not
-        # delivered its last bytes yet: closing now would cut them (that direction's
-        # _scanned passes its FIN on and comes back here)
-        if (self.eof[TOSERVER] and self.eof[TOCLIENT] and not self.eof_pending[TOSERVER]
-                and not self.eof_pending[TOCLIENT]):
-            self.close(reset=False)
-
-    def on_lost(self, d: int, exc: Exception | None) -> None:
-        if self.splicer is not None:
-            return  # the transport was closed by the hand-over; the splicer owns the sockets now
-        self.lost[d] = True
-        if exc is not None and not self.closed:
-            if self.session.close_reason == "eof":
-                self.session.close_reason = "reset"
-            metrics.RELAY_ERRORS.labels("reset").inc()
-            other = self.sides[1 - d]
-            _reset(other.transport if other else None)
-            self.closed = True
-        elif not self.closed:
-            # closed without our close(): treat like EOF on that side, then close the other
-            other = self.sides[1 - d]
-            if other is not None and other.transport is not None:
-                other.transport.close()
-            self.closed = True
         self._maybe_done()
 
     def _maybe_done(self) -> None:
@@ -530,47 +426,10 @@ class Flow:
         need = [self.sides[0] is not None, self.sides[1] is not None]
         if all(self.lost[i] or not need[i] for i in (0, 1)):
             self.done = True
-            if self.hold_timer is not None:
-                self.hold_timer.cancel()
+            for t in self.timers.values():
+                t.cancel()
+            self.timers.clear()
             self.proxy.flow_done(self)
-
-    # -- flow control
-    def pause_reading(self, d: int) -> None:
-        side = self.sides[d]
-        if side is not None and side.transport is not None and not self.paused[d]:
-            self.paused[d] = True
-            try:
-                side.transport.pause_reading()
-            except (RuntimeError, AttributeError):
-                pass
-
-    def resume_reading(self, d: int) -> None:
-        if self.want_splice and self.splicer is None:
-            return  # waiting for write buffers to empty before the splice hand-over
-        side = self.sides[d]
-        if side is not None and side.transport is not None and self.paused[d]:
-            self.paused[d] = False
-            try:
-                side.transport.resume_reading()
-            except (RuntimeError, AttributeError):
-                pass
-
-    def close(self, reset: bool) -> None:
-        if self.splicer is not None:
-            self.splicer.close(reset, self.session.close_reason)
-            return
-        if self.closed:
-            return
-        self.closed = True
-        for side in self.sides:
-            if side is None or side.transport is None:
-                continue
-            if reset:
-                _reset(side.transport)
-            else:
-                side.transport.close()
-        if self.sides[TOCLIENT] is None:
-            self.lost[TOCLIENT] = True
 
 
 class FastFlow:
@@ -698,6 +557,13 @@ class FastFlow:
         self.closed = True
         self._finish()
 
+    def reload(self, insp: Inspection, reason: str) -> bool:
+        """Re-decide this open flow under a new inspection state; True if it was cut."""
+        if self.closed or not self.session.reevaluate(insp, reason):
+            return False
+        self.close(reset=True)
+        return True
+
     def close(self, reset: bool) -> None:
         if self.splicer is not None:
             self.splicer.close(reset, self.session.close_reason)
@@ -760,6 +626,10 @@ class Proxy:
                           and not getattr(cfg, "l7", True))
         self._listeners: list[socket.socket] = []
         self.offload_bytes = getattr(cfg, "dlp_offload_bytes", 65536) or (1 << 62)
+        self.limits = Limits(read_buffer_limit=getattr(cfg, "read_buffer_limit", 1 << 20),
+                             offload_bytes=self.offload_bytes,
+                             identify_timeout=getattr(cfg, "identify_timeout", 1.0),
+                             header_timeout=getattr(cfg, "header_timeout", 10.0), splice=self.splice)
         from concurrent.futures import ThreadPoolExecutor
 
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="palisade-dlp")
@@ -861,35 +731,12 @@ class Proxy:
                     f.close(reset=True)
 
     def cut_all(self, reason: str) -> int:
-        """Quarantine/reload: re-evaluate open flows; cut those the new state denies."""
+        """Quarantine/reload: re-evaluate open flows; cut those the new state denies (each
+        flow's session decides: ``Session.reevaluate``)."""
         n = 0
         for f in list(self.flows):
-            if f.closed:
-                continue
-            s = f.session
-            if self.inspection.quarantined:
-                s.close_reason = reason
-                s.verdict = "deny"
-                s.rule = "quarantine"
-                f.close(reset=True)
+            if not f.closed and f.reload(self.inspection, reason):
                 n += 1
-                continue
-            s.insp = self.inspection  # later L7 decisions of this flow use the new policy
-            pol = self.inspection.policy
-            if pol is not None and s.flowinfo is not None:
-                try:
-                    d = pol.decide(s.flowinfo, mode_override=self.inspection.mode_override)
-                    if d.verdict != "deny" and s.app_proto not in ("unknown", ""):
-                        d = pol.decide_app(s.flowinfo, s.app_proto,
-                                           mode_override=self.inspection.mode_override) or d
-                except Exception:  # noqa: BLE001
-                    continue
-                if d.verdict == "deny" and d.enforced:
-                    s.close_reason = reason
-                    s.verdict = "deny"
-                    s.rule = d.rule
-                    f.close(reset=True)
-                    n += 1
         return n
 
     # ---------------------------------------------------------------- flows
@@ -1075,7 +922,7 @@ class Proxy:
         self._refuse(flow, transport)
 
     def _refuse(self, flow: Flow, transport: asyncio.Transport) -> None:
-        flow.closed = True
+        flow.fs.closed = True
         flow.done = True
         _reset(transport)
         s = flow.session

@@ -267,6 +267,33 @@ class Session:
             self.passthrough = False
         return True
 
+    def reevaluate(self, insp: Inspection, reason: str) -> bool:
+        """Quarantine/reload: decide this open flow again under ``insp``; True = cut it.
+
+        An allowed flow keeps every byte it holds or has in flight: only the inspection
+        reference changes (later L7 decisions use the new policy)."""
+        if insp.quarantined:
+            self.close_reason = reason
+            self.verdict = "deny"
+            self.rule = "quarantine"
+            return True
+        self.insp = insp
+        pol = insp.policy
+        if pol is None or self.flowinfo is None:
+            return False
+        try:
+            d = pol.decide(self.flowinfo, mode_override=insp.mode_override)
+            if d.verdict != "deny" and self.app_proto not in ("unknown", ""):
+                d = pol.decide_app(self.flowinfo, self.app_proto, mode_override=insp.mode_override) or d
+        except Exception:  # noqa: BLE001 - a policy that cannot decide leaves the flow as it was
+            return False
+        if d.verdict == "deny" and d.enforced:
+            self.close_reason = reason
+            self.verdict = "deny"
+            self.rule = d.rule
+            return True
+        return False
+
     # ------------------------------------------------------------------ data
     def feed(self, d: int, data: bytes) -> tuple[bytes, Stop | None]:
         """Inspect ``data`` travelling in direction ``d``; return (bytes to forward now, stop)."""
