@@ -890,6 +890,16 @@ class Proxy:
                     s.rule = d.rule
                     f.close(reset=True)
                     n += 1
+                    continue
+                try:  # a DLP rule that now applies to an unscanned (maybe spliced) flow
+                    cut = s.dlp_reloaded(self.inspection.mode_override)
+                except Exception:  # noqa: BLE001 - cannot tell whether DLP applies: fail closed in protect
+                    log.exception("DLP re-evaluation failed")
+                    cut = s.mode == "protect"
+                if cut:
+                    s.close_reason = reason
+                    f.close(reset=True)
+                    n += 1
         return n
 
     # ---------------------------------------------------------------- flows

@@ -816,6 +816,36 @@ class Session:
         return stop
 
     # ------------------------------------------------------------------ DLP
+    def dlp_reloaded(self, mode_override: str | None = None) -> bool:
+        """A policy reload while this flow is open: which DLP actions apply now?  True = cut it.
+
+        A flow that is scanned goes on with its streams under the new actions (a block rule
+        added for the pair starts blocking, and holding card-shaped tails, from here on).  A flow
+        no DLP action applied to was never scanned - it may be spliced, its bytes so far went out
+        uninspected - so it cannot be inspected from here without a blind spot: when the new
+        policy blocks (protect mode) it is cut like a newly denied flow; when it only alerts,
+        an alert says the flow is not scanned, and it goes on (learn/monitor never cut)."""
+        policy, dlp = self.insp.policy, self.insp.dlp
+        if policy is None or dlp is None or self.flowinfo is None or self.encrypted or self._stopped is not None:
+            return False
+        new = policy.dlp_for(self.flowinfo, mode_override=mode_override)
+        if not new:
+            return False  # a flow already scanned keeps its scan (the safe side)
+        blocks = [a for a in new if a.action == "block"]
+        if self._dlp_actions:
+            self._dlp_actions = new
+            self._governed = self._governed or bool(blocks)
+            self._digit_hold = self._digit_hold or (bool(blocks) and self._enforced)
+            return False
+        rule = (blocks or new)[0].rule
+        cut = bool(blocks) and self._enforced
+        self._alert("dlp", rule, blocked=cut, severity=2,
+                    extra={"reason": "a DLP rule applies to this flow since a policy reload; it was not "
+                                     "scanned before, so it is " + ("cut" if cut else "not scanned")})
+        if cut:
+            self.verdict, self.rule = "deny", rule
+        return cut
+
     def _dlp_on(self) -> bool:
         return self.insp.dlp is not None and not self.encrypted and bool(self._dlp_actions)
 
