@@ -55,19 +55,27 @@ def _mask_digit_run(m: re.Match[str]) -> str:
     return m.group(0).translate(_DIGITS_TO_STARS)
 
 
+_HAS_ALPHA = re.compile(r"[A-Za-z]")
+
+
 def _mask_token(m: re.Match[str]) -> str:
+    # a token is ASCII by construction (_TOKEN), so [0-9] / [A-Za-z] are isdigit / isalpha
     tok = m.group(0)
-    if not (any(c.isdigit() for c in tok) and any(c.isalpha() for c in tok)):
+    if _HAS_DIGIT.search(tok) is None or _HAS_ALPHA.search(tok) is None:
         return tok
     return STAR * len(tok)
 
 
 def sanitize(raw: bytes) -> str:
-    """Defence in depth for context snippets: mask anything shaped like a value."""
+    """Defence in depth for context snippets: mask anything shaped like a value.
+
+    Runs twice per finding (the bytes before and after it), so each pass is skipped when it
+    cannot match: no token under 16 characters, no digit run without a digit."""
     text = raw.translate(_CONTROL).decode("utf-8", "replace")
+    if len(text) >= 16:
+        text = _TOKEN.sub(_mask_token, text)
     if _HAS_DIGIT.search(text) is None:
-        return _TOKEN.sub(_mask_token, text) if len(text) >= 16 else text
-    text = _TOKEN.sub(_mask_token, text)
+        return text
     return _DIGIT_RUN.sub(_mask_digit_run, text)
 
 
