@@ -152,7 +152,7 @@ def _card_reached_server(recv: Path, except_port: int | None) -> bool:
     return False
 
 
-def _env(cluster):
+def _env(cluster, *extra: str):
     from firewall.identity.podinfo import write_podinfo
 
     tmp = Path(cluster.tmp)
@@ -178,7 +178,7 @@ def _env(cluster):
     os.chmod(podinfo, 0o755)
     # the default configuration: L7 identification and every default DLP pack on
     sc = srv.start_sidecar("--identity", str(ident), "--policy", str(policy), "--podinfo", str(podinfo),
-                           "--labels", json.dumps(labels), env={"POD_NAMESPACE": "payments"})
+                           "--labels", json.dumps(labels), *extra, env={"POD_NAMESPACE": "payments"})
     return srv, shop, partner, sc, policy, recv
 
 
@@ -218,11 +218,16 @@ def test_out_of_scope_flow_is_spliced_and_in_scope_flow_blocks_a_card(cluster):
     assert _metric(sc, "palisade_spliced_flows_total") == 1.0  # the scanned flow never was
 
 
-def test_reload_that_brings_a_spliced_flow_into_dlp_scope_cuts_it(cluster):
-    srv, shop, partner, sc, policy, recv = _env(cluster)
+@pytest.mark.parametrize("l7", ["l7", "no-l7"])
+def test_reload_that_brings_a_spliced_flow_into_dlp_scope_cuts_it(cluster, l7):
+    """With L7 on the open flow was spliced after identification; with --no-l7 it took the L4
+    fast path at accept (FastFlow: no transport at all).  Either way the reload cuts it."""
+    srv, shop, partner, sc, policy, recv = _env(cluster, *(["--no-l7"] if l7 == "no-l7" else []))
     holder = shop.popen([PY, "-c", textwrap.dedent(HOLD_CLIENT), srv.ip])
     assert holder.stdout.readline().decode().strip() == "relayed"
     wait_until(lambda: _metric(sc, "palisade_spliced_flows_total") == 1.0, 10, what="the open flow spliced")
+    if l7 == "no-l7":
+        assert _metric(sc, "palisade_l4_fast_flows_total") == 1.0
     policy.write_text(POLICY + SHOP_RULE)
     # the open flow was never scanned: it cannot be inspected from the middle, so it is cut
     assert holder.stdout.readline().decode().strip() in ("reset", "closed")
