@@ -138,7 +138,7 @@ class Session:
         "close_reason", "encrypted", "passthrough", "_ident", "_ident_buf", "_parser", "_hold",
         "_pending", "_sent", "_seen", "_dlp", "_dlp_actions", "_enforced", "_stopped", "source_preserved",
         "_alerts", "_l7_summary", "_capture_done", "_bodies", "_governed", "_on_error",
-        "_digit_hold", "_tail", "_shift", "_switch", "_dns_queries",
+        "_digit_hold", "_tail", "_shift", "_switch", "_dns_queries", "_dlp_unscanned",
     )
 
     def __init__(self, insp: Inspection, direction: str, src: tuple, dst: tuple, proto: str = "TCP") -> None:
@@ -184,6 +184,7 @@ class Session:
         self._shift: tuple[int, int] | None = None  # where a tunnel's inner stream starts
         self._switch: tuple[int, int, int] | None = None  # a protocol switch the parser accepted
         self._dns_queries: list[tuple] | None = None  # (id, qname, qtype) forwarded, not yet answered
+        self._dlp_unscanned = False  # a reload's alert already said a DLP rule covers this unscanned flow
 
     # ------------------------------------------------------------------ identities
     def _workloads(self) -> tuple[Identity, Identity]:
@@ -839,6 +840,9 @@ class Session:
             return False
         rule = (blocks or new)[0].rule
         cut = bool(blocks) and self._enforced
+        if not cut and self._dlp_unscanned:
+            return False  # said once: every identity or policy reload would repeat it
+        self._dlp_unscanned = True
         self._alert("dlp", rule, blocked=cut, severity=2,
                     extra={"reason": "a DLP rule applies to this flow since a policy reload; it was not "
                                      "scanned before, so it is " + ("cut" if cut else "not scanned")})

@@ -146,6 +146,14 @@ def test_reload_adding_a_rule_that_cannot_block_alerts_instead_of_cutting(tmp_pa
     new = [e for e in insp.events[before:] if e.get("alert", {}).get("category") == "dlp"]
     assert len(new) == 1 and new[0]["alert"]["action"] == "allowed"
     assert "not scanned" in new[0]["reason"]  # not silent
+    # said once: the next reload (identities change often) does not repeat it
+    assert s.dlp_reloaded() is False
+    assert len([e for e in insp.events if e.get("alert", {}).get("category") == "dlp"]) == len(
+        [e for e in insp.events[:before] if e.get("alert", {}).get("category") == "dlp"]) + 1
+    if mode == "protect":
+        # and when a later reload makes the rule block, the still-unscanned flow is cut
+        insp.policy = _policy(tmp_path, mode=mode, added="watch-analytics", action="block")
+        assert s.dlp_reloaded() is True and s.verdict == "deny"
 
 
 def test_reload_on_a_scanned_flow_takes_the_new_actions_and_keeps_the_stream(tmp_path, engine):
