@@ -183,3 +183,56 @@ def test_encrypted_or_stopped_flows_are_left_alone_on_reload(tmp_path, engine):
     s.encrypted = True  # DLP never scans a completed TLS session: nothing to cut for
     insp.policy = _policy(tmp_path, added="pan-to-analytics")
     assert s.dlp_reloaded() is False
+
+
+SCOPED = """
+apiVersion: palisade.dev/v1
+kind: FirewallPolicy
+metadata: {name: api, namespace: payments}
+spec:
+  selector: {matchLabels: {app: api}}
+  mode: protect
+  default: allow
+  dlp:
+    - name: no-clear-pan-out-of-cde
+      packs: [payment_cards]
+      direction: egress
+      to: [{scope: out-of-scope}, {scope: connected}]
+      action: block
+"""
+
+
+def test_scope_rules_decide_by_the_peers_pci_scope(tmp_path, engine):
+    """DESIGN's example rule: egress to out-of-scope or connected peers is scanned (a card is
+    blocked, also to an address no identity source knows: the world is out of scope); egress
+    to another CDE workload is not scanned and stays splice-able."""
+    p = tmp_path / "scoped.yaml"
+    p.write_text(SCOPED)
+    ps = PolicySet.load([str(p)])
+    cde_db = Identity.make("10.0.0.5", "payments", "db-0", {"app": "db", "pci.palisade.dev/scope": "cde"})
+    connected = Identity.make("10.0.0.6", "shop", "web-0", {"pci.palisade.dev/scope": "connected"})
+    peers = {**PEERS, "10.0.0.5": cde_db, "10.0.0.6": connected}
+
+    class ScopedPeers:
+        def resolve(self, ip: str) -> Identity:
+            return peers.get(ip, Identity(ip))
+
+    local = Identity.make("10.0.0.2", "payments", "api-0", {"app": "api", "pci.palisade.dev/scope": "cde"})
+    assert not ps.dlp_applies(FlowInfo("egress", local, cde_db, 5432))
+    assert ps.dlp_applies(FlowInfo("egress", local, connected, 443))
+    assert ps.dlp_applies(FlowInfo("egress", local, Identity("203.0.113.7"), 443))
+    events: list[dict] = []
+    insp = Inspection(policy=ps, dlp=engine, identities=ScopedPeers(), local=local, emit=events.append, l7=False)
+    inside = _out(insp, "10.0.0.5")
+    assert inside.passthrough and not inside.wants_scan()
+    for ip in ("10.0.0.6", "203.0.113.7"):
+        s = _out(insp, ip)
+        assert not s.passthrough
+        forwarded, stop = b"", None
+        for piece in (b"pan=4111-1111-", b"1111-", b"1111&x=1"):  # a dashed spelling, split
+            out, stop = s.feed(TOSERVER, piece)
+            forwarded += out
+            if stop is not None:
+                break
+        assert stop is not None and stop.reason == "dlp-block:no-clear-pan-out-of-cde", ip
+        assert b"4111-1111-1111-1111" not in forwarded
