@@ -13,7 +13,8 @@ stream of the default packs, per chunk size, ``--runs`` times, and reports MB/s 
 neighbours) as the median and the best run, plus findings (alerts) per MiB.
 
 ``--baseline COMMIT`` times the engine and rule packs of that commit too, interleaved with
-the current ones (before/after in one process).  ``--rules`` given twice compares two rule
+the current ones (before/after in one process; either source layout, flat ``firewall/dlp*.py``
+or the ``firewall/dlp/`` package).  ``--rules`` given twice compares two rule
 directories, runs interleaved (the machine's
 load changes by 2x within minutes, so only same-sitting, interleaved figures compare).
 ``--binary`` adds random bytes of the same size.  ``--profile`` prints a cProfile of one
@@ -56,23 +57,28 @@ def payload(mib: int) -> bytes:
 
 def baseline_engine(commit: str, cache: str) -> Any:
     """The DLP engine and default rule packs of an earlier commit, loaded under another
-    package name next to the current one.  The baseline predates the firewall/dlp/ package,
-    so its files are the flat firewall/dlp*.py modules."""
+    package name next to the current one.
+
+    Works for both layouts: the packaged one (``firewall/dlp/engine.py``, issue 18) and the
+    flat pre-package modules (``firewall/dlp.py`` + ``firewall/dlp_*.py``).  The commit's whole
+    ``firewall/`` tree is extracted (the engine imports helpers such as the signature module
+    from elsewhere in the package) and renamed, so no import reaches the current code."""
     root = Path(tempfile.mkdtemp(prefix="dlp-baseline-"))
     atexit.register(shutil.rmtree, root, True)
     repo = Path(__file__).resolve().parent.parent
-    files = ["firewall/dlp.py", "firewall/dlp_rules.py", "firewall/dlp_validators.py", "firewall/dlp_mask.py"]
-    archive = subprocess.run(["git", "-C", str(repo), "archive", commit, *files, "dlp_rules"],
+    archive = subprocess.run(["git", "-C", str(repo), "archive", commit, "firewall", "dlp_rules"],
                              check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
-    pkg = root / "dlpbaseline"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text("")
-    for f in files:
-        src = (root / f).read_text().replace("from firewall.", "from dlpbaseline.")
-        (pkg / Path(f).name).write_text(src)
+    pkg_name = "dlpbaseline_" + "".join(c for c in commit if c.isalnum())[:12]
+    pkg = root / pkg_name
+    (root / "firewall").rename(pkg)
+    for f in pkg.rglob("*.py"):
+        src = f.read_text()
+        f.write_text(src.replace("from firewall.", f"from {pkg_name}.")
+                     .replace("import firewall.", f"import {pkg_name}."))
     sys.path.insert(0, str(root))
-    module = importlib.import_module("dlpbaseline.dlp")
+    packaged = (pkg / "dlp" / "engine.py").is_file()
+    module = importlib.import_module(f"{pkg_name}.dlp.engine" if packaged else f"{pkg_name}.dlp")
     return module.DlpEngine.load(str(root / "dlp_rules"), cache_dir=cache)
 
 

@@ -629,7 +629,8 @@ class Bench:
                 continue
             tree = self.tmp / f"baseline-{name}"
             tree.mkdir(exist_ok=True)
-            arch = subprocess.run(["git", "-C", str(REPO_DIR), "archive", ref, "firewall"],
+            # dlp_rules too: a baseline palisade-full sidecar finds its packs next to its package
+            arch = subprocess.run(["git", "-C", str(REPO_DIR), "archive", ref, "firewall", "dlp_rules"],
                                   capture_output=True, check=True).stdout
             subprocess.run(["tar", "-x", "-C", str(tree)], input=arch, check=True)
             self.trees[name] = tree

@@ -138,7 +138,7 @@ class Session:
         "close_reason", "encrypted", "passthrough", "_ident", "_ident_buf", "_parser", "_hold",
         "_pending", "_sent", "_seen", "_dlp", "_dlp_actions", "_enforced", "_stopped", "source_preserved",
         "_alerts", "_l7_summary", "_capture_done", "_bodies", "_governed", "_on_error",
-        "_digit_hold", "_tail", "_shift", "_switch", "_dns_queries",
+        "_digit_hold", "_tail", "_shift", "_switch", "_dns_queries", "_dlp_unscanned",
     )
 
     def __init__(self, insp: Inspection, direction: str, src: tuple, dst: tuple, proto: str = "TCP") -> None:
@@ -184,6 +184,7 @@ class Session:
         self._shift: tuple[int, int] | None = None  # where a tunnel's inner stream starts
         self._switch: tuple[int, int, int] | None = None  # a protocol switch the parser accepted
         self._dns_queries: list[tuple] | None = None  # (id, qname, qtype) forwarded, not yet answered
+        self._dlp_unscanned = False  # a reload's alert already said a DLP rule covers this unscanned flow
 
     # ------------------------------------------------------------------ identities
     def _workloads(self) -> tuple[Identity, Identity]:
@@ -292,7 +293,13 @@ class Session:
             self.verdict = "deny"
             self.rule = d.rule
             return True
-        return False
+        try:  # a DLP rule that now applies to an unscanned (maybe spliced) flow
+            cut = self.dlp_reloaded(insp.mode_override)
+        except Exception:  # noqa: BLE001 - cannot tell whether DLP applies: fail closed in protect
+            cut = self.mode == "protect"
+        if cut:
+            self.close_reason = reason
+        return cut
 
     # ------------------------------------------------------------------ data
     def feed(self, d: int, data: bytes) -> tuple[bytes, Stop | None]:
@@ -843,6 +850,39 @@ class Session:
         return stop
 
     # ------------------------------------------------------------------ DLP
+    def dlp_reloaded(self, mode_override: str | None = None) -> bool:
+        """A policy reload while this flow is open: which DLP actions apply now?  True = cut it.
+
+        A flow that is scanned goes on with its streams under the new actions (a block rule
+        added for the pair starts blocking, and holding card-shaped tails, from here on).  A flow
+        no DLP action applied to was never scanned - it may be spliced, its bytes so far went out
+        uninspected - so it cannot be inspected from here without a blind spot: when the new
+        policy blocks (protect mode) it is cut like a newly denied flow; when it only alerts,
+        an alert says the flow is not scanned, and it goes on (learn/monitor never cut)."""
+        policy, dlp = self.insp.policy, self.insp.dlp
+        if policy is None or dlp is None or self.flowinfo is None or self.encrypted or self._stopped is not None:
+            return False
+        new = policy.dlp_for(self.flowinfo, mode_override=mode_override)
+        if not new:
+            return False  # a flow already scanned keeps its scan (the safe side)
+        blocks = [a for a in new if a.action == "block"]
+        if self._dlp_actions:
+            self._dlp_actions = new
+            self._governed = self._governed or bool(blocks)
+            self._digit_hold = self._digit_hold or (bool(blocks) and self._enforced)
+            return False
+        rule = (blocks or new)[0].rule
+        cut = bool(blocks) and self._enforced
+        if not cut and self._dlp_unscanned:
+            return False  # said once: every identity or policy reload would repeat it
+        self._dlp_unscanned = True
+        self._alert("dlp", rule, blocked=cut, severity=2,
+                    extra={"reason": "a DLP rule applies to this flow since a policy reload; it was not "
+                                     "scanned before, so it is " + ("cut" if cut else "not scanned")})
+        if cut:
+            self.verdict, self.rule = "deny", rule
+        return cut
+
     def _dlp_on(self) -> bool:
         return self.insp.dlp is not None and not self.encrypted and bool(self._dlp_actions)
 

@@ -175,8 +175,10 @@ class DlpEngine:
         self.rules_hash = rules_hash_
         self.cache_path = cache_path
         self._order = {r.id: r.order for r in rules}
-        # Keywords are stored lower-case; matching case-insensitively saves lowering the look-back.
-        self._keywords = [re.compile(b"|".join(re.escape(k) for k in r.context), re.IGNORECASE)
+        # Keywords are stored lower-case and searched case-sensitively in the lowered look-back:
+        # bytes.lower() and IGNORECASE fold the same (ASCII) letters, and a case-insensitive
+        # alternation costs ~3x more than lowering 48 bytes and matching exactly (per finding).
+        self._keywords = [re.compile(b"|".join(re.escape(k) for k in r.context))
                           if r.context else None for r in rules]
         self.holdback = max((r.max_length for r in rules), default=0)
         self.window = self.holdback + KEYWORD_LOOKBACK + CONTEXT_CHARS + 2
@@ -729,7 +731,7 @@ class DlpStream:
         plain, boosted = self._engine._confidence[rule.order]
         keywords = self._engine._keywords[rule.order]
         confidence = plain
-        if keywords is not None and keywords.search(window, max(0, vs - KEYWORD_LOOKBACK), vs):
+        if keywords is not None and keywords.search(window[max(0, vs - KEYWORD_LOOKBACK):vs].lower()):
             confidence = boosted
         ctx = context_snippet(window[max(0, vs - CONTEXT_CHARS):vs], masked,
                               window[ve:ve + CONTEXT_CHARS])

@@ -68,9 +68,13 @@ def _mask_short_runs(text: str) -> str:
     return _SHORT_RUN.sub(_star_digits, text)
 
 
+_HAS_ALPHA = re.compile(r"[A-Za-z]")
+
+
 def _mask_token(m: re.Match[str]) -> str:
+    # a token is ASCII by construction (_TOKEN), so [0-9] / [A-Za-z] are isdigit / isalpha
     tok = m.group(0)
-    if not (any(c.isdigit() for c in tok) and any(c.isalpha() for c in tok)):
+    if _HAS_DIGIT.search(tok) is None or _HAS_ALPHA.search(tok) is None:
         return tok
     return STAR * len(tok)
 
@@ -81,13 +85,15 @@ def sanitize(raw: bytes, cut_start: bool = False, cut_end: bool = False) -> str:
     number touching it may be a fragment whose visible digits are not a card's first six or
     last four - all of its digits are masked."""
     text = raw.translate(_CONTROL).decode("utf-8", "replace")
+    if len(text) >= 16:  # no token under 16 characters: the pass cannot match
+        text = _TOKEN.sub(_mask_token, text)
     if _HAS_DIGIT.search(text) is None:
-        return _TOKEN.sub(_mask_token, text) if len(text) >= 16 else text
+        return text
     if cut_start:
         text = _CUT_AT_START.sub(_star_digits, text)
     if cut_end:
         text = _CUT_AT_END.sub(_star_digits, text)
-    return mask_text(_TOKEN.sub(_mask_token, text), between=_mask_short_runs)
+    return mask_text(text, between=_mask_short_runs)
 
 
 def context_snippet(left: bytes, masked: str, right: bytes) -> str:

@@ -116,6 +116,9 @@ class DlpAction:
     capture: bool
 
 
+_DLP_DEFAULT_ACTIONS = (DlpAction(RULE_DLP_DEFAULT, frozenset({"*"}), "alert", False),)
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class CompiledRule:
     name: str
@@ -207,6 +210,8 @@ class _Table:
         self.index: dict[tuple[str, str, int, bool], tuple[CompiledRule, ...]] = {}
         self.peer_index: dict[tuple[str, str, int, bool], _PeerIndex] = {}
         self.cache: dict[tuple, _Outcome] = {}
+        self.dlp_cache: dict[tuple, tuple[DlpAction, ...]] = {}  # PolicySet._dlp_actions
+        self.dlp_fqdn = any(p.fqdn for d in dlp for p in d.peers or ())
         self._build_port_tables()
         self.probe_outcome = _Outcome("allow", RULE_PROBES, "allow", False, mode,
                                       "ingress from the node IP to a probe port (kubelet health checks)")
@@ -739,19 +744,50 @@ class PolicySet:
             return None
         return self._decision(out, table, mode_override, False)
 
+    def dlp_applies(self, flow: FlowInfo, *, mode_override: str | None = None) -> bool:
+        """Can any DLP action apply to this flow (local workload, peer, direction, port)?
+
+        Answered from the compiled policy (and memoised per workload, like the L4 outcome):
+        False means no DLP rule's direction and peers cover the pair, so nothing the scanner
+        could find would be acted on or reported - the flow needs no scan at all, and when
+        its L4 verdict is final too, the proxy may hand it to the kernel (splice).  With no
+        policy loaded every flow gets the default alert (True)."""
+        return bool(self._dlp_actions(flow, mode_override))
+
     def dlp_for(self, flow: FlowInfo, *, mode_override: str | None = None) -> list[DlpAction]:
         """DLP actions for this flow; outside protect mode a block is downgraded to alert."""
+        return list(self._dlp_actions(flow, mode_override))
+
+    def _dlp_actions(self, flow: FlowInfo, mode_override: str | None) -> tuple[DlpAction, ...]:
+        """``dlp_for`` memoised per workload table: the actions depend only on the direction,
+        the peer (and its FQDN names), the mode override and the compiled DLP rules."""
         if self.is_empty:
-            return [DlpAction(RULE_DLP_DEFAULT, frozenset({"*"}), "alert", False)]
+            return _DLP_DEFAULT_ACTIONS
         table = self._table(flow.local)
-        labels = frozenset(flow.peer.labels)
-        names = None
-        if flow.direction == "egress" and self.fqdn is not None and any(
-                p.fqdn for d in table.dlp for p in d.peers or ()):
+        names = self._dlp_names(table, flow)
+        key = (flow.direction, flow.peer, names, mode_override)
+        try:
+            found = table.dlp_cache.get(key)
+        except TypeError:  # an unhashable peer (labels given as a dict): evaluate, do not keep
+            return self._dlp_walk(table, flow, names, mode_override)
+        if found is None:
+            found = self._dlp_walk(table, flow, names, mode_override)
+            if len(table.dlp_cache) >= _CACHE_MAX:
+                table.dlp_cache.clear()
+            table.dlp_cache[key] = found
+        return found
+
+    def _dlp_names(self, table: _Table, flow: FlowInfo) -> frozenset[str] | None:
+        if flow.direction == "egress" and self.fqdn is not None and table.dlp_fqdn:
             # not self._names: that one skips the lookup when no *firewall* rule has an FQDN peer,
             # which made a DLP rule's ``to: [{fqdn: ...}]`` match nothing (found by the report's
             # differential test, issue 18)
-            names = frozenset(self.fqdn.names_for(flow.peer.ip))
+            return frozenset(self.fqdn.names_for(flow.peer.ip))
+        return None
+
+    def _dlp_walk(self, table: _Table, flow: FlowInfo, names: frozenset[str] | None,
+                  mode_override: str | None) -> tuple[DlpAction, ...]:
+        labels = frozenset(flow.peer.labels)
         out: list[DlpAction] = []
         for d in table.dlp:
             if flow.direction not in d.directions:
@@ -763,7 +799,7 @@ class PolicySet:
             if mode == "learn":
                 action = "alert"
             out.append(DlpAction(d.rule.name, d.packs, action, d.rule.capture and mode != "learn"))
-        return out
+        return tuple(out)
 
     def explain(self, flow: FlowInfo, app_proto: str | None = None, *, mode_override: str | None = None,
                 quarantined: bool = False, fqdn: FqdnCache | None = None) -> list[str]:

@@ -101,3 +101,27 @@ def test_context_sanitizer_masks_anything_value_shaped():
     assert "4111+11**+****+1111" in out and "536" not in out and "ghp_" not in out
     assert out.startswith("pan ") and out.endswith(".")
     assert sanitize(b"order 12-34 ok") == "order 12-34 ok"  # short numbers stay readable
+
+
+def test_fused_luhn_and_digit_count_accepts_exactly_what_the_pair_accepts():
+    """Card rules list ``[luhn, 'digits:...']``; ``combine`` fuses the pair into one call (digits
+    extracted once).  It must accept exactly what the two accept together, in either order, on
+    valid PANs of every length, wrong check digits, wrong lengths and odd separators."""
+    import random
+
+    from firewall.dlp.validators import combine
+
+    rng = random.Random(22)
+    values = [p.encode() for p in (*TEST_PANS.values(), MC_2SERIES, "4111 1111 1111 1111", "3782-822463-10005")]
+    for _ in range(3000):
+        n = rng.randint(8, 21)
+        digits = "".join(rng.choice("0123456789") for _ in range(n))
+        seps = "".join(c + (rng.choice(" -.+/") if rng.random() < 0.2 else "") for c in digits)
+        values += [digits.encode(), seps.encode()]
+    for spec in ("digits:16", "digits:13|16|19", "digits:12|13|14|15|16|17|18|19", "digits:11|15"):
+        count = parse_validator(spec)
+        for fused in (combine([luhn, count]), combine([count, luhn])):
+            assert "luhn_of_length" in fused.__qualname__  # the fused path, not the generic pair
+            for v in values:
+                assert fused(v) == (luhn(v) and count(v)), (spec, v)
+    assert sum(combine([luhn, parse_validator("digits:16")])(v) for v in values) > 5  # some accepted
