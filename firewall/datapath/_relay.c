@@ -46,7 +46,7 @@
 #define ROUNDS 16            /* pipe-fulls per direction per wake-up: one busy flow cannot starve others */
 #define WAKE_TAG UINT64_MAX  /* epoll data of the stop eventfd */
 
-enum { K_PROGRESS = 0, K_END = 1 };
+enum { K_PROGRESS = 0, K_END = 1, K_DROPPED = 2 };
 enum { R_EOF = 0, R_RESET, R_IDLE, R_ERROR };
 
 typedef struct {
@@ -489,6 +489,15 @@ static PyObject *Relay_close(Relay *R, PyObject *args) {
     }
     flow_t *f = R->slots[slot];
     unsigned long long b0 = f->bytes[0] - f->reported[0], b1 = f->bytes[1] - f->reported[1];
+    /* progress results of this flow still queued would arrive after its end: fold them in */
+    for (size_t i = 0; i < R->nres; i++) {
+        result_t *r = &R->res[i];
+        if (r->id == f->id && r->kind == K_PROGRESS) {
+            b0 += r->b0;
+            b1 += r->b1;
+            r->kind = K_DROPPED;
+        }
+    }
     finish(R, slot, reset, 0, 0, 0);
     pthread_mutex_unlock(&R->mu);
     return Py_BuildValue("KK", b0, b1);
@@ -514,9 +523,12 @@ static PyObject *Relay_results(Relay *R, PyObject *noargs) {
     R->nres = R->capres = 0;
     R->notified = 0;
     pthread_mutex_unlock(&R->mu);
-    PyObject *out = PyList_New((Py_ssize_t)n);
-    for (size_t i = 0; out && i < n; i++) {
+    size_t live = 0;
+    for (size_t i = 0; i < n; i++) live += res[i].kind != K_DROPPED;
+    PyObject *out = PyList_New((Py_ssize_t)live);
+    for (size_t i = 0, j = 0; out && i < n; i++) {
         result_t *r = &res[i];
+        if (r->kind == K_DROPPED) continue;
         PyObject *reason = r->kind == K_PROGRESS ? Py_NewRef(Py_None)
                            : r->reason == R_ERROR ? PyUnicode_FromFormat("error:%d", r->err)
                                                   : PyUnicode_FromString(reason_name(r->reason));
@@ -527,7 +539,7 @@ static PyObject *Relay_results(Relay *R, PyObject *noargs) {
             Py_CLEAR(out);
             break;
         }
-        PyList_SET_ITEM(out, (Py_ssize_t)i, t);
+        PyList_SET_ITEM(out, (Py_ssize_t)j++, t);
     }
     free(res);
     return out;
