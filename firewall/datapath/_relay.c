@@ -20,9 +20,11 @@
  *    a slot's generation changes when its flow ends, so events for an ended flow (already
  *    fetched by epoll_wait, or for a descriptor number reused by a new flow) are dropped.
  *  - Register-before-arm: a flow is complete in the table before its descriptors are added
- *    to epoll, so the first event never finds a half-made flow.
- *  - One mutex: the relay thread holds it while it handles a batch of events; Python's add
- *    and close take it, so the thread and the event loop never see a flow half-changed.
+ *    to epoll, so the first event never finds a half-made flow.  The relay thread itself does
+ *    the epoll_ctl(ADD): an ADD of a ready socket wakes the epoll waiter, and done by the loop
+ *    (holding the mutex) it woke the relay thread only to block it on that mutex.
+ *  - One mutex: the relay thread holds it while it handles one event; Python's add and close
+ *    take it, so the thread and the event loop never see a flow half-changed.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -82,6 +84,8 @@ typedef struct {
     int nslots, *freelist, nfree;
     uint64_t *again;
     int nagain, capagain;
+    uint64_t *pending; /* flows added by the loop, not yet in epoll (the relay thread arms them) */
+    int npending, cappending;
     result_t *res;
     size_t nres, capres;
     int notified;
@@ -310,6 +314,47 @@ static void tick(Relay *R) {
     }
 }
 
+/* puts the flows the loop added into epoll (relay thread, under the mutex) */
+static void arm_pending(Relay *R) {
+    for (int i = 0; i < R->npending; i++) {
+        int slot = lookup(R, R->pending[i]);
+        if (slot < 0) {
+            R->stale--; /* cut by the loop before it was armed: not an epoll event */
+            continue;
+        }
+        flow_t *f = R->slots[slot];
+        for (int s = 0; s < 2; s++) {
+            struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.u64 = tag(R, slot, s)};
+            if (epoll_ctl(R->ep, EPOLL_CTL_ADD, f->fd[s], &ev) < 0) {
+                fail(R, slot, errno); /* reported like any failed flow: error:<errno> */
+                break;
+            }
+        }
+    }
+    R->npending = 0;
+}
+
+/* one epoll event, under the mutex */
+static void on_event(Relay *R, uint64_t t, uint32_t e) {
+    int slot = lookup(R, t);
+    if (slot < 0) return;
+    flow_t *f = R->slots[slot];
+    int side = (int)(t & 1);
+    if (e & EPOLLERR) {
+        int err = 0;
+        socklen_t len = sizeof err;
+        if (getsockopt(f->fd[side], SOL_SOCKET, SO_ERROR, &err, &len) == 0 && err) {
+            fail(R, slot, err); /* also an RST on a half-closed side nobody reads */
+            return;
+        }
+    }
+    if (e & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) f->d[side].readable = 1;
+    handle(R, slot);
+}
+
+/* The relay thread.  The mutex is taken per event, not per batch: the event loop's add/close
+ * then wait for at most one flow's splices, not a whole batch's (that wait, with the GIL held,
+ * was most of add()'s cost under connection churn). */
 static void *run(void *arg) {
     Relay *R = arg;
     struct epoll_event ev[MAX_EVENTS];
@@ -319,12 +364,19 @@ static void *run(void *arg) {
         if (timeout < 0) timeout = 0;
         int n = epoll_wait(R->ep, ev, MAX_EVENTS, timeout);
         if (n < 0 && errno != EINTR) break;
+        int woken = 0;
+        for (int i = 0; i < n; i++) woken |= ev[i].data.u64 == WAKE_TAG;
         pthread_mutex_lock(&R->mu);
         if (R->stopping) {
             pthread_mutex_unlock(&R->mu);
             break;
         }
         R->now = mono();
+        if (woken) { /* cleared before the queue is taken: an add after this wakes us again */
+            uint64_t v;
+            if (read(R->wake, &v, sizeof v) < 0) { /* EAGAIN: nothing to clear */ }
+        }
+        arm_pending(R);
         int nagain = R->nagain;
         R->nagain = 0;
         for (int i = 0; i < nagain; i++) { /* flows that hit the work bound last turn */
@@ -333,25 +385,14 @@ static void *run(void *arg) {
             R->slots[slot]->again = 0;
             handle(R, slot);
         }
+        pthread_mutex_unlock(&R->mu);
         for (int i = 0; i < n; i++) {
-            uint64_t t = ev[i].data.u64;
-            if (t == WAKE_TAG) continue;
-            int slot = lookup(R, t);
-            if (slot < 0) continue;
-            flow_t *f = R->slots[slot];
-            int side = (int)(t & 1);
-            uint32_t e = ev[i].events;
-            if (e & EPOLLERR) {
-                int err = 0;
-                socklen_t len = sizeof err;
-                if (getsockopt(f->fd[side], SOL_SOCKET, SO_ERROR, &err, &len) == 0 && err) {
-                    fail(R, slot, err); /* also an RST on a half-closed side nobody reads */
-                    continue;
-                }
-            }
-            if (e & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) f->d[side].readable = 1;
-            handle(R, slot);
+            if (ev[i].data.u64 == WAKE_TAG) continue;
+            pthread_mutex_lock(&R->mu);
+            on_event(R, ev[i].data.u64, ev[i].events);
+            pthread_mutex_unlock(&R->mu);
         }
+        pthread_mutex_lock(&R->mu);
         if (R->now >= next_tick) {
             tick(R);
             next_tick = R->now + 1.0;
@@ -426,6 +467,15 @@ static int grow(Relay *R) {
     return 0;
 }
 
+static int grow_pending(Relay *R) {
+    int cap = R->cappending ? R->cappending * 2 : 64;
+    uint64_t *p = realloc(R->pending, (size_t)cap * sizeof *p);
+    if (!p) return -1;
+    R->pending = p;
+    R->cappending = cap;
+    return 0;
+}
+
 /* add(id, client_fd, server_fd) -> handle.  The relay owns both descriptors from here on. */
 static PyObject *Relay_add(Relay *R, PyObject *args) {
     unsigned long long id;
@@ -444,7 +494,7 @@ static PyObject *Relay_add(Relay *R, PyObject *args) {
         return PyErr_SetFromErrno(PyExc_OSError);
     }
     pthread_mutex_lock(&R->mu);
-    if (!R->nfree && grow(R) < 0) {
+    if ((!R->nfree && grow(R) < 0) || (R->npending == R->cappending && grow_pending(R) < 0)) {
         pthread_mutex_unlock(&R->mu);
         free(f);
         return PyErr_NoMemory();
@@ -454,23 +504,14 @@ static PyObject *Relay_add(Relay *R, PyObject *args) {
     R->slots[slot] = f; /* register before arm: complete in the table before epoll can report it */
     R->active++;
     R->total++;
-    for (int s = 0; s < 2; s++) {
-        struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.u64 = tag(R, slot, s)};
-        if (epoll_ctl(R->ep, EPOLL_CTL_ADD, f->fd[s], &ev) < 0) {
-            int e = errno;
-            if (s) epoll_ctl(R->ep, EPOLL_CTL_DEL, f->fd[0], NULL);
-            R->slots[slot] = NULL;
-            R->gens[slot]++;
-            R->freelist[R->nfree++] = slot;
-            R->active--;
-            pthread_mutex_unlock(&R->mu);
-            free(f);
-            errno = e;
-            return PyErr_SetFromErrno(PyExc_OSError); /* descriptors stay with the caller */
-        }
-    }
     uint64_t h = tag(R, slot, 0);
+    R->pending[R->npending++] = h;
+    int first = R->npending == 1;
     pthread_mutex_unlock(&R->mu);
+    if (first) { /* the relay thread takes the whole queue when it wakes: one write per batch */
+        uint64_t one = 1;
+        if (write(R->wake, &one, sizeof one) < 0) { /* the counter cannot overflow here */ }
+    }
     return PyLong_FromUnsignedLongLong(h);
 }
 
@@ -589,6 +630,7 @@ static void Relay_dealloc(Relay *R) {
     free(R->gens);
     free(R->freelist);
     free(R->again);
+    free(R->pending);
     free(R->res);
     Py_TYPE(R)->tp_free((PyObject *)R);
 }

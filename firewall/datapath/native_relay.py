@@ -79,11 +79,20 @@ class Hub:
 _HUB: Hub | None = None
 
 
+def _forgotten_in_child() -> None:
+    """A forked worker has no relay thread: it makes its own on its first spliced flow."""
+    global _HUB
+    _HUB = None
+
+
+os.register_at_fork(after_in_child=_forgotten_in_child)
+
+
 def hub(loop: asyncio.AbstractEventLoop) -> Hub:
     global _HUB
     h = _HUB
-    if h is None or h.pid != os.getpid() or h.loop is not loop:
-        if h is not None and h.pid == os.getpid() and h.loop.is_closed():
+    if h is None or h.loop is not loop:  # (no getpid per flow: the fork hook clears _HUB)
+        if h is not None and h.loop.is_closed():
             h.stop()
         h = _HUB = Hub(loop)
     return h
