@@ -187,3 +187,65 @@ def test_relay_flag_reaches_the_config():
     assert app._apply_flags(Config(), args).relay == "python"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["run", "--relay", "fast"])
+
+
+EMFILE_SCRIPT = r"""
+import asyncio, hashlib, json, os, resource, socket, sys
+from firewall.datapath import native_relay, splice
+
+async def main():
+    loop = asyncio.get_running_loop()
+    lst = socket.create_server(("127.0.0.1", 0))
+    def pair():
+        a = socket.create_connection(lst.getsockname()); b, _ = lst.accept()
+        a.setblocking(False); b.setblocking(False); return a, b
+    client, c_in = pair()
+    s_out, server = pair()
+    ended = loop.create_future(); counted = [0, 0]
+    def on_bytes(d, n): counted[d] += n
+    sp = splice.relay_class("native")(loop, c_in.detach(), s_out.detach(), on_bytes, ended.set_result)
+    sp.start()
+    # every descriptor the process may have is now taken: the relay cannot make a pipe
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    hog = []
+    try:
+        while True:
+            hog.append(os.open("/dev/null", os.O_RDONLY))
+    except OSError:
+        pass
+    up, down = os.urandom(3 << 20), os.urandom(2 << 20)
+    async def send(s, data):
+        await loop.sock_sendall(s, data); s.shutdown(socket.SHUT_WR)
+    async def recv_all(s):
+        parts = []
+        while chunk := await loop.sock_recv(s, 1 << 16):
+            parts.append(chunk)
+        return b"".join(parts)
+    got_up, got_down, _, _ = await asyncio.wait_for(asyncio.gather(
+        recv_all(server), recv_all(client), send(client, up), send(server, down)), 30)
+    reason = await asyncio.wait_for(ended, 10)
+    for fd in hog:
+        os.close(fd)
+    print(json.dumps({"exact": got_up == up and got_down == down, "counted": counted,
+                      "sizes": [len(up), len(down)], "reason": reason, "stats": native_relay.stats()}))
+
+asyncio.run(main())
+"""
+
+
+@needs_native
+def test_no_pipe_descriptor_degrades_to_copies_without_losing_bytes():
+    """At the descriptor limit (EMFILE) the relay cannot make a pipe: a direction copies through
+    user space instead, and allowed bytes are never dropped for want of a descriptor."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    p = subprocess.run([sys.executable, "-c", EMFILE_SCRIPT], cwd=repo, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    assert r["exact"] and r["counted"] == r["sizes"] and r["reason"] == "eof", r
+    assert r["stats"]["copy_fallbacks"] >= 2  # both directions really copied
