@@ -164,13 +164,15 @@ static void notify(Relay *R) {
 }
 
 /* ------------------------------------------------------------------ flows */
-/* Ends a flow: out of epoll, descriptors closed (with SO_LINGER 0 when resetting), slot freed
+/* Ends a flow: descriptors closed (with SO_LINGER 0 when resetting), slot freed
  * and its generation bumped so later events for it are recognised as stale. */
 static void finish(Relay *R, int slot, int reset, int reason, int err, int report) {
     flow_t *f = R->slots[slot];
     static const struct linger l0 = {1, 0};
     for (int s = 0; s < 2; s++) {
-        epoll_ctl(R->ep, EPOLL_CTL_DEL, f->fd[s], NULL);
+        /* no EPOLL_CTL_DEL: closing the relay's (only) descriptor ends the registration; were the
+         * socket still open elsewhere (a child between fork and exec), its events would carry
+         * this slot's old generation and be dropped */
         if (reset) setsockopt(f->fd[s], SOL_SOCKET, SO_LINGER, &l0, sizeof l0);
         close(f->fd[s]);
         pipe_put(R, &f->d[s], f->d[s].held == 0);
