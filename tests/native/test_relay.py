@@ -249,3 +249,44 @@ def test_no_pipe_descriptor_degrades_to_copies_without_losing_bytes():
     r = json.loads(p.stdout.strip().splitlines()[-1])
     assert r["exact"] and r["counted"] == r["sizes"] and r["reason"] == "eof", r
     assert r["stats"]["copy_fallbacks"] >= 2  # both directions really copied
+
+
+NO_EXTENSION_RUN = r"""
+import sys
+sys.modules["firewall.datapath._relay"] = None  # as if the build had no C compiler
+from firewall.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.netns
+def test_relay_native_without_the_extension_refuses_to_start_and_auto_falls_back(cluster):
+    """``--relay native`` on a build without the extension is a one-line start-up error (exit 1),
+    not a silent fallback; ``auto`` (the default) runs the Python pump: spliced, byte-exact."""
+    import re
+    from pathlib import Path
+
+    from tests.harness import PY, REPO
+
+    srv, cli = cluster.pod("server"), cluster.pod("client")
+    args = ["run", "--no-l7", "--no-dlp", "--events", "/dev/null", "--pod-ip", srv.ip, "--relay", "native"]
+    r = srv.run([PY, "-c", NO_EXTENSION_RUN, *args], check=False, timeout=60, cwd=str(REPO))
+    assert r.returncode == 1
+    err = [ln for ln in r.stderr.splitlines() if ln.startswith("palisade run:")]
+    assert len(err) == 1 and "relay native: the extension did not import" in err[0], r.stderr
+    assert "--relay python" in err[0] and "Traceback" not in r.stderr
+    # the same build with the default (auto): the sidecar starts and splices with the Python pump
+    shim = Path(cluster.tmp) / "no-native"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text('import sys\nsys.modules["firewall.datapath._relay"] = None\n')
+    srv.serve_blast(9000)
+    sc = srv.start_sidecar("--no-l7", "--no-dlp", env={"PYTHONPATH": f"{shim}:{REPO}"})
+    n = 8 * 1024 * 1024
+    res = cli.blast(srv.ip, client_bytes=n, server_bytes=n)
+    assert res["failed"] == 0, res
+    flow = sc.wait_flows(1, dest_port=9000)[0]
+    assert flow["flow"]["bytes_toclient"] == n and flow["flow"]["bytes_toserver"] == n + 24
+    spliced = re.search(r"^palisade_spliced_flows_total (\S+)", sc.http("/metrics")[1], re.M)
+    assert float(spliced.group(1)) == 1.0
+    maps = Path(f"/proc/{sc.pid()}/maps").read_text()
+    assert "_relay" not in maps  # the extension really was not loaded
