@@ -423,7 +423,10 @@ ls = socket.socket(); ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 ls.bind(("0.0.0.0", 9301)); ls.listen(4096)
 while True:
     c, (ip, port) = ls.accept()
-    c.sendall(("%s %d\\n" % (ip, port)).encode())
+    try:  # a client that reset at once may be gone already: the server must outlive it
+        c.sendall(("%s %d\\n" % (ip, port)).encode())
+    except OSError:
+        pass
     c.close()
 """
 
