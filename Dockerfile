@@ -43,7 +43,9 @@ RUN set -eu; python3 -m venv --copies /opt/palisade/venv; \
 
 # Sources go to a scratch directory that is removed after the install: `python -m` puts the working
 # directory first on sys.path, and a second copy there would shadow the installed package.
-COPY pyproject.toml README.md /tmp/src/
+# setup.py builds the native relay (firewall/datapath/_relay.c) when the base has a C compiler and
+# Python headers; without them the build skips it and the sidecar uses the Python splice pump.
+COPY pyproject.toml setup.py README.md /tmp/src/
 COPY firewall /tmp/src/firewall
 COPY injector /tmp/src/injector
 RUN pip install --no-deps --no-build-isolation /tmp/src && rm -rf /tmp/src /root/.cache \

@@ -3,7 +3,9 @@
 Paths compared (every scenario runs every path, so ratios are from one machine state):
   direct         client -> server port excluded from redirection
   nginx          client -> nginx stream proxy (C reference, L4 only, 1 worker) -> server
-  palisade-l4    client -> sidecar with the same policy (L4 verdicts only), L7 parsing and DLP off -> server
+  palisade-l4    client -> sidecar with the same policy (L4 verdicts only), L7 parsing and DLP off -> server,
+                 spliced flows on the pure-Python splice pump (--relay python)
+  palisade-native  the same as palisade-l4 with the native relay thread (--relay native, the C extension)
   palisade-full  client -> sidecar with protocol parsing + the 100-rule policy (benchmarks/policy100.yaml,
                  --policy + --identity) + every default DLP pack scanning both directions -> server
 
@@ -51,7 +53,7 @@ sys.path.insert(0, str(HERE))
 
 from loadgen import json_body  # noqa: E402
 
-PATHS = ("direct", "nginx", "palisade-l4", "palisade-full")
+PATHS = ("direct", "nginx", "palisade-l4", "palisade-native", "palisade-full")
 ALL_SCENARIOS = ("bulk", "pingpong", "rps", "saturation", "redis", "churn", "idle", "startup", "workers")
 # (proxied through the sidecar, direct = excluded from redirection, nginx stream -> direct)
 PORTS = {
@@ -457,6 +459,8 @@ def derive(paths: dict[str, dict]) -> dict:
     for kind, a, b in (("bulk", "bulk_up_MBps", "bulk_down_MBps"), ("text", "text_up_MBps", "text_down_MBps")):
         if have("palisade-l4", a, b) and have("nginx", a, b) and avg("nginx", a, b):
             d[f"l4_vs_nginx_{kind}"] = round(avg("palisade-l4", a, b) / avg("nginx", a, b), 2)
+        if have("palisade-native", a, b) and have("nginx", a, b) and avg("nginx", a, b):
+            d[f"native_vs_nginx_{kind}"] = round(avg("palisade-native", a, b) / avg("nginx", a, b), 2)
         if have("palisade-l4", a, b) and have("direct", a, b) and avg("direct", a, b):
             d[f"l4_vs_direct_{kind}"] = round(avg("palisade-l4", a, b) / avg("direct", a, b), 2)
         if have("palisade-full", a, b) and have("nginx", a, b) and avg("nginx", a, b):
@@ -465,10 +469,12 @@ def derive(paths: dict[str, dict]) -> dict:
             d[f"full_{kind}_MBps"] = round(avg("palisade-full", a, b))
     if have("direct", "pingpong_p99_us"):
         dd = P["direct"]["pingpong_p99_us"]
-        for p, name in (("nginx", "nginx"), ("palisade-l4", "l4"), ("palisade-full", "full")):
+        for p, name in (("nginx", "nginx"), ("palisade-l4", "l4"), ("palisade-native", "native"),
+                        ("palisade-full", "full")):
             if have(p, "pingpong_p99_us"):
                 d[f"{name}_added_p99_us"] = round(P[p]["pingpong_p99_us"] - dd, 1)
-    for p, name in (("nginx", "nginx"), ("palisade-l4", "l4"), ("palisade-full", "full")):
+    for p, name in (("nginx", "nginx"), ("palisade-l4", "l4"), ("palisade-native", "native"),
+                    ("palisade-full", "full")):
         if have(p, "rps_added_p99_us"):
             d[f"{name}_rps_added_p99_us"] = P[p]["rps_added_p99_us"]
         if have(p, "vcpu_per_1k_rps"):
@@ -477,6 +483,13 @@ def derive(paths: dict[str, dict]) -> dict:
             d[f"{name}_sat_vs_direct"] = round(P[p]["sat_rps"] / P["direct"]["sat_rps"], 2)
         if have(p, "redis_overhead_pct"):
             d[f"{name}_redis_overhead_pct"] = P[p]["redis_overhead_pct"]
+    # the relays side by side against nginx: latency and connection rate ratios (issue 22)
+    for p, name in (("palisade-l4", "l4"), ("palisade-native", "native")):
+        for key, short in (("pingpong_p50_us", "pingpong_p50"), ("pingpong_p99_us", "pingpong_p99"),
+                           ("pingpong_cpu_us_per_rt", "pingpong_cpu"), ("churn_conn_per_s", "conn_per_s"),
+                           ("churn_cpu_us_per_conn", "cpu_per_conn")):
+            if have(p, key) and have("nginx", key) and P["nginx"][key]:
+                d[f"{name}_{short}_vs_nginx"] = round(P[p][key] / P["nginx"][key], 2)
     if have("palisade-full", "workers1_bulk_MBps", "workers2_bulk_MBps") and P["palisade-full"]["workers1_bulk_MBps"]:
         d["workers2_bulk_scaling"] = round(P["palisade-full"]["workers2_bulk_MBps"]
                                            / P["palisade-full"]["workers1_bulk_MBps"], 2)
@@ -491,6 +504,12 @@ TARGETS: list[tuple[str, str, str, float, str]] = [
     ("Palisade L4 bulk (binary) vs nginx", "l4_vs_nginx_bulk", ">=", 0.9, "x"),
     ("Palisade L4 bulk (text) vs nginx", "l4_vs_nginx_text", ">=", 0.9, "x"),
     ("Palisade full bulk on text", "full_text_MBps", ">=", 400, "MB/s"),
+    ("native relay bulk (binary) vs nginx", "native_vs_nginx_bulk", ">=", 1.0, "x"),
+    ("native relay ping-pong p50 vs nginx", "native_pingpong_p50_vs_nginx", "<=", 1.0, "x"),
+    ("native relay ping-pong p99 vs nginx", "native_pingpong_p99_vs_nginx", "<=", 1.0, "x"),
+    ("native relay CPU per round trip vs nginx", "native_pingpong_cpu_vs_nginx", "<=", 1.0, "x"),
+    ("native relay new connections/s vs nginx", "native_conn_per_s_vs_nginx", ">=", 0.8, "x"),
+    ("native relay CPU per connection vs nginx", "native_cpu_per_conn_vs_nginx", "<=", 2.0, "x"),
     ("added p99 at 1,000 req/s, full inspection", "full_rps_added_p99_us", "<=", 500, "us"),
     ("vCPU per 1,000 req/s, full inspection", "full_vcpu_per_1k_rps", "<=", 0.05, "vCPU"),
     ("idle RSS (palisade-full)", "full_rss_idle_MiB", "<=", 40, "MiB"),
@@ -692,11 +711,13 @@ class Bench:
 
     # -- sidecar
     def sidecar_args(self, path: str, workers: int = 1, cache: Path | None = None) -> list[str]:
-        path = path.split("@")[0]
+        full, path = path, path.split("@")[0]
         args = ["--labels", json.dumps(SERVER_LABELS)]
         args += ["--policy", str(POLICY100), "--identity", str(self.identity)]
-        if path == "palisade-l4":
+        if path in ("palisade-l4", "palisade-native"):
             args += ["--no-l7", "--no-dlp"]
+            if "@" not in full:  # a baseline tree may predate --relay: it runs its own relay
+                args += ["--relay", "native" if path == "palisade-native" else "python"]
         args += ["--dlp-cache", str(cache or self.warm_cache)]
         if workers > 1:
             args += ["--workers", str(workers)]

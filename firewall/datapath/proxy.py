@@ -404,9 +404,9 @@ class Flow:
         metrics.SPLICED.inc()
         return []
 
-    def _make_splicer(self, cfd: int, sfd: int, family: int) -> splice.Splicer:
+    def _make_splicer(self, cfd: int, sfd: int, family: int) -> Any:
         """The kernel relay for this flow's two descriptors (one place, for the native relay)."""
-        return splice.Splicer(self.proxy.loop, cfd, sfd, self._spliced_bytes, self._spliced_end, family)
+        return self.proxy.Splicer(self.proxy.loop, cfd, sfd, self._spliced_bytes, self._spliced_end, family)
 
     def _spliced_bytes(self, d: int, n: int) -> None:
         self.session.bytes[d] += n
@@ -539,7 +539,7 @@ class FastFlow:
         assert self.ssock is not None
         cfd, sfd = self.csock.detach(), self.ssock.detach()
         self.csock = self.ssock = None  # type: ignore[assignment]
-        self.splicer = splice.Splicer(self.proxy.loop, cfd, sfd, self._bytes, self._end, self.family)
+        self.splicer = self.proxy.Splicer(self.proxy.loop, cfd, sfd, self._bytes, self._end, self.family)
         self.splicer.start()
         # only now drop the connect watcher: the pump's reader keeps the loop's poll handle for
         # this descriptor (one epoll MOD instead of a DEL, a new handle, FIONBIO and an ADD)
@@ -620,6 +620,8 @@ class Proxy:
         self._port_cursor = 0
         self._skip_ports: frozenset[int] | None = None  # listener ports, known after bind()
         self.splice = splice.AVAILABLE and getattr(cfg, "splice", True)
+        # the relay for spliced flows: native thread or the Python pump (--relay, chosen once)
+        self.Splicer = splice.relay_class(getattr(cfg, "relay", "auto"), getattr(cfg, "idle_timeout", 0.0))
         # the L4 fast path needs the splice relay, and only flows without L7 identification can
         # be final at accept: with L7 on, the listeners stay asyncio servers (unchanged path)
         self.fast_path = (self.splice and getattr(cfg, "l4_fast_path", True)

@@ -321,3 +321,34 @@ class Splicer:
             except OSError:
                 pass
         self.on_end(reason)
+
+
+#: values of the ``relay`` setting (``--relay``): ``auto`` is the native relay when its extension
+#: imports, else this module's pump
+RELAYS = ("auto", "native", "python")
+
+
+class RelayUnavailable(RuntimeError):
+    """``relay: native`` was asked for but the extension did not import."""
+
+
+def relay_class(mode: str = "auto", idle_timeout: float = 0.0) -> Callable[..., Splicer]:
+    """The splicer the proxy makes for each handed-over flow, chosen once at start-up.
+
+    Both take ``(loop, client_fd, server_fd, on_bytes, on_end, family)`` and own the two
+    descriptors from then on; ``idle_timeout`` is the native relay's own idle timer (the Python
+    pump leaves idle flows to the proxy's sweep).
+    """
+    if mode not in RELAYS:
+        raise ValueError(f"relay: expected one of {', '.join(RELAYS)}, got {mode!r}")
+    if mode == "python":
+        return Splicer
+    from firewall.datapath import native_relay
+
+    if native_relay.AVAILABLE:
+        native_relay.idle_timeout = idle_timeout
+        return native_relay.NativeSplicer  # type: ignore[return-value]
+    if mode == "native":
+        raise RelayUnavailable(f"relay native: the extension did not import ({native_relay.IMPORT_ERROR}); "
+                               "reinstall with a C compiler, or use --relay python")
+    return Splicer

@@ -36,7 +36,7 @@ def _apply_flags(cfg: Config, args: argparse.Namespace) -> Config:
     for name in ("inbound_port", "outbound_port", "dns_port", "admin_port", "uid", "gid", "workers",
                  "idle_timeout", "drain_timeout", "connect_timeout", "identity", "podinfo", "mode",
                  "events", "alert_webhook", "pcap_dir", "pod_namespace", "pod_name", "pod_ip",
-                 "dlp_cache", "admin_address", "header_timeout", "identify_timeout"):
+                 "dlp_cache", "admin_address", "header_timeout", "identify_timeout", "relay"):
         v = getattr(args, name, None)
         if v is not None:
             setattr(cfg, name, v)
@@ -606,6 +606,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-ipv6", action="store_true")
     p.add_argument("--no-splice", action="store_true",
                    help="never hand uninspected flows to the kernel's zero-copy splice relay")
+    p.add_argument("--relay", choices=("auto", "native", "python"),
+                   help="what moves spliced flows' bytes: the native relay thread, the Python splice pump, "
+                        "or auto (native when its extension is built; the default)")
     p.add_argument("--workers", type=int, help="processes sharing the listeners via SO_REUSEPORT")
     p.add_argument("--uid", type=int)
     p.add_argument("--gid", type=int)

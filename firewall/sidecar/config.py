@@ -57,6 +57,9 @@ class Config:
     identify_timeout: float = 0.2
     read_buffer_limit: int = 1 << 20
     splice: bool = True
+    # who moves spliced flows' bytes: "native" (the C relay thread), "python" (the asyncio splice
+    # pump) or "auto" (native when its extension imports)
+    relay: str = "auto"
     # flow records are written in batches, at most this many seconds after a flow ends (a worker
     # killed outright loses the records of the flows that ended in its last interval; SIGTERM
     # loses none); and L4-only flows skip asyncio transports (accept -> connect -> splice)
@@ -130,6 +133,8 @@ class Config:
                 raise ConfigError(f"{where}: {name}: expected an integer >= 1, got {v!r}")
         if self.workers > 64:
             raise ConfigError(f"{where}: workers: at most 64, got {self.workers}")
+        if self.relay not in ("auto", "native", "python"):
+            raise ConfigError(f"{where}: relay: expected one of auto, native, python, got {self.relay!r}")
         if self.mode is not None and self.mode not in MODES:
             raise ConfigError(f"{where}: mode: expected one of {', '.join(MODES)}, got {self.mode!r}")
         up = self.upstream_ports

@@ -344,10 +344,14 @@ def _parse_ts(ts: str) -> float:
     return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%f%z").timestamp()
 
 
-# Both relays: L4-only flows go to the kernel splice relay at once; with L7 on, unknown-protocol flows
-# are handed to it after identification; --no-splice keeps everything on the Python relay.
-@pytest.mark.parametrize("relay, octet", [(("--no-l7",), 191), ((), 192), (("--no-splice",), 196)],
-                         ids=["splice-l4", "l7-then-splice", "python-relay"])
+# Every relay: L4-only flows go to the kernel splice relay at once; with L7 on, unknown-protocol flows
+# are handed to it after identification - on the native relay thread (the default, auto) and on the
+# Python splice pump (--relay python); --no-splice keeps everything on the Python Protocol relay.
+@pytest.mark.parametrize("relay, octet", [(("--no-l7",), 191), ((), 192),
+                                          (("--no-l7", "--relay", "python"), 193), (("--relay", "python"), 195),
+                                          (("--no-splice",), 196)],
+                         ids=["splice-l4", "l7-then-splice", "python-splice-l4", "l7-then-python-splice",
+                              "python-relay"])
 def test_reload_under_load_keeps_every_allowed_flow_byte_exact(relay, octet):
     if os.geteuid() != 0:
         pytest.skip("needs root")

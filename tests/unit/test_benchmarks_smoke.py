@@ -281,7 +281,7 @@ def test_run_rejects_unknown_scenario():
 
 @pytest.mark.netns
 def test_quick_pingpong_run_end_to_end(tmp_path):
-    """The real thing, smallest slice: 4 paths, ping-pong only, through real namespaces and sidecars."""
+    """The real thing, smallest slice: 5 paths, ping-pong only, through real namespaces and sidecars."""
     out = tmp_path / "bench"
     t0 = time.monotonic()
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--quick", "--scenarios", "pingpong",
@@ -289,10 +289,10 @@ def test_quick_pingpong_run_end_to_end(tmp_path):
                        timeout=180, cwd=str(REPO))
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
-    assert set(res["paths"]) == {"direct", "nginx", "palisade-l4", "palisade-full"}
+    assert set(res["paths"]) == {"direct", "nginx", "palisade-l4", "palisade-native", "palisade-full"}
     for p, v in res["paths"].items():
         assert 0 < v["pingpong_p50_us"] <= v["pingpong_p99_us"], (p, v)
-    for p in ("palisade-l4", "palisade-full"):
+    for p in ("palisade-l4", "palisade-native", "palisade-full"):
         assert 1 << 20 < res["paths"][p]["rss_idle_kib"] * 1024 < 1 << 30
     assert "full_added_p99_us" in res["derived"]
     md = (out / "results.md").read_text()
@@ -318,7 +318,8 @@ print(json.dumps({"ok": ok, "errors": errors}))
 
 
 @pytest.mark.netns
-def test_l4_splice_relay_survives_connection_churn():
+@pytest.mark.parametrize("relay", ["native", "python"])
+def test_l4_splice_relay_survives_connection_churn(relay):
     """The benchmark's churn scenario through palisade-l4: every short connection must work."""
     from tests.harness import PY, Cluster
 
@@ -336,7 +337,7 @@ def test_l4_splice_relay_survives_connection_churn():
         srv, cli = c.pod("server"), c.pod("client")
         srv.popen([PY, "-c", echo])
         srv.wait_listening(7001)
-        sc = srv.start_sidecar("--no-l7", "--no-dlp")
+        sc = srv.start_sidecar("--no-l7", "--no-dlp", "--relay", relay)
         r = cli.run([PY, "-c", CHURN_CLIENT, srv.ip, "7001", "500"], timeout=120)
         res = json.loads(r.stdout)
         assert "Bad file descriptor" not in sc.stderr()

@@ -14,12 +14,16 @@ import socket
 
 import pytest
 
-from firewall.datapath import splice
+from firewall.datapath import native_relay, splice
 
 pytestmark = pytest.mark.skipif(not splice.AVAILABLE, reason="os.splice needs Linux and Python 3.10+")
 
 
-async def _relay_both_ways(nbytes: int) -> dict:
+RELAYS = ["python", pytest.param("native", marks=pytest.mark.skipif(
+    not native_relay.AVAILABLE, reason=f"native relay not built: {native_relay.IMPORT_ERROR}"))]
+
+
+async def _relay_both_ways(nbytes: int, relay: str = "python") -> dict:
     loop = asyncio.get_running_loop()
     client, c_in = socket.socketpair()  # client <-> relay's client leg
     s_out, server = socket.socketpair()  # relay's server leg <-> server
@@ -36,7 +40,7 @@ async def _relay_both_ways(nbytes: int) -> dict:
         ended.append(reason)
         done.set_result(None)
 
-    sp = splice.Splicer(loop, os.dup(c_in.fileno()), os.dup(s_out.fileno()), on_bytes, on_end)
+    sp = splice.relay_class(relay)(loop, os.dup(c_in.fileno()), os.dup(s_out.fileno()), on_bytes, on_end)
     c_in.close()
     s_out.close()
     sp.start()
@@ -63,13 +67,18 @@ async def _relay_both_ways(nbytes: int) -> dict:
             "sizes": (len(up), len(down))}
 
 
-def test_splice_relay_is_byte_exact_both_ways_and_passes_the_fin():
-    r = asyncio.run(_relay_both_ways(8 << 20))
+@pytest.mark.parametrize("relay", RELAYS)
+def test_splice_relay_is_byte_exact_both_ways_and_passes_the_fin(relay):
+    r = asyncio.run(_relay_both_ways(8 << 20, relay))
     assert r["up_ok"] and r["down_ok"]
     assert r["counted"] == list(r["sizes"])
     assert r["ended"] == ["eof"]
     # the pipes went back to the pool: nothing is leaked per flow
-    assert len(splice.POOL.free) >= 1
+    if relay == "python":
+        assert len(splice.POOL.free) >= 1
+    else:
+        st = native_relay.stats()
+        assert st["active"] == 0 and 1 <= st["spare_pipes"] <= 2
 
 
 def test_no_pipe_descriptor_degrades_to_copies_without_losing_bytes(monkeypatch):
