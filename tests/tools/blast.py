@@ -76,7 +76,8 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
     try:
         _, (n, d) = await asyncio.gather(send(), recv())
         ok = n == cn and d == digest(seed, cn)
-        print(json.dumps({"recv": n, "recv_ok": ok, "sent": sn, "peer": peer[0]}), flush=True)
+        print(json.dumps({"recv": n, "recv_ok": ok, "sent": sn, "peer": peer[0], "peer_port": peer[1],
+                          "expected": cn}), flush=True)
     except (ConnectionError, OSError) as exc:
         print(json.dumps({"error": str(exc), "peer": peer[0]}), flush=True)
     finally:
@@ -115,7 +116,12 @@ async def one(host: str, port: int, cn: int, sn: int, seed: int, slow: float = 0
         return n, h.hexdigest()
 
     _, (n, d) = await asyncio.gather(send(), recv())
+    # "sent" means handed to the kernel, not sitting in asyncio's buffer: drain() returns below
+    # the high-water mark, and the server's FIN can end recv() first, so without waiting here
+    # the process could exit with the tail unsent and the server would see a short, orderly
+    # stream (a client-side truncation that once looked like the proxy's)
     writer.close()
+    await writer.wait_closed()
     return {"ok": n == sn and d == digest(seed + 1, sn), "recv": n, "secs": time.monotonic() - t0}
 
 
