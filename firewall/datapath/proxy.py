@@ -539,10 +539,16 @@ class FastFlow:
         assert self.ssock is not None
         cfd, sfd = self.csock.detach(), self.ssock.detach()
         self.csock = self.ssock = None  # type: ignore[assignment]
+        native = self.proxy.Splicer is not splice.Splicer
+        if native:
+            # the native relay's thread may finish the flow and close the descriptor at once;
+            # the loop's watcher must be gone before then (a DEL on a reused descriptor number
+            # would silence another flow's socket)
+            self._unwatch()
         self.splicer = self.proxy.Splicer(self.proxy.loop, cfd, sfd, self._bytes, self._end, self.family)
         self.splicer.start()
-        # only now drop the connect watcher: the pump's reader keeps the loop's poll handle for
-        # this descriptor (one epoll MOD instead of a DEL, a new handle, FIONBIO and an ADD)
+        # the Python pump's reader keeps the loop's poll handle for this descriptor, so the
+        # watcher goes only now (one epoll MOD instead of a DEL, a new handle, FIONBIO and an ADD)
         self._unwatch()
         metrics.SPLICED.inc()
 
