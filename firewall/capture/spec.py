@@ -134,7 +134,7 @@ def parse_spec(value: str) -> CaptureSpec:
         elif key == "iface":
             if raw.lower() in ("", "any", "all"):
                 fields["iface"] = None
-            elif not _IFACE_RE.match(raw):
+            elif not _IFACE_RE.fullmatch(raw):
                 raise CaptureSpecError(f"iface: {raw!r} is not an interface name")
             else:
                 fields["iface"] = raw

@@ -378,7 +378,7 @@ def _parse_rule(raw: Any, pack: str, path: str, index: int) -> tuple[Rule, list[
     if not isinstance(raw, dict):
         raise _bad(path, where, "must be a mapping")
     rid = raw.get("id")
-    if not isinstance(rid, str) or not _ID.match(rid):
+    if not isinstance(rid, str) or not _ID.fullmatch(rid):
         raise _bad(path, where, "'id' must be lowercase letters, digits, '.', '_' or '-'")
     where = f"rules[{index}] ({rid}): "
     unknown = sorted(set(raw) - RULE_FIELDS)
@@ -483,7 +483,7 @@ def parse_pack(path: Path) -> tuple[Pack, list[tuple[Rule, list[Trigger]]]]:
     if unknown:
         raise DlpRuleError(f"{sp}: unknown field(s) {', '.join(unknown)}")
     name = doc.get("pack")
-    if not isinstance(name, str) or not _PACK.match(name):
+    if not isinstance(name, str) or not _PACK.fullmatch(name):
         raise DlpRuleError(f"{sp}: 'pack' must be a lowercase name like payment_cards")
     enabled_by_default = doc.get("enabled_by_default", True)
     if not isinstance(enabled_by_default, bool):

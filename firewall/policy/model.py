@@ -76,11 +76,13 @@ APP_PROTO_ALIASES = {"postgres": "pgsql", "postgresql": "pgsql", "mariadb": "mys
 # Names the engine uses for its built-in decisions; a user rule may not take them.
 RESERVED_RULE_NAMES = frozenset({"default-deny", "default-allow", "cde-segmentation", "kubelet-probes",
                                  "quarantine", "learn", "dlp-default-alert"})
-_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,61}[a-z0-9])?$")
-_LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
-_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
-_DNS_NAME = re.compile(r"^(\*\.)?([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\.)*[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_TOKEN = re.compile(r"^[A-Z][A-Z0-9_-]*$")
+# "(?!\n)$": the end of the string in Python's re (whose "$" also matches before a final
+# newline) and in ECMA-262 alike - these patterns are also the JSON Schema's (policy/schema.py)
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,61}[a-z0-9])?(?!\n)$")
+_LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?(?!\n)$")
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?(?!\n)$")
+_DNS_NAME = re.compile(r"^(\*\.)?([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\.)*[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(?!\n)$")
+_TOKEN = re.compile(r"^[A-Z][A-Z0-9_-]*(?!\n)$")
 
 # Which app_protos an L7 match section belongs to (the first is implied when appProto is absent).
 L7_SECTIONS: dict[str, tuple[str, ...]] = {
@@ -101,9 +103,9 @@ def normalize_app_proto(value: str) -> str:
 
 def check_labels(labels: dict[str, str] | None) -> dict[str, str] | None:
     for k, v in (labels or {}).items():
-        if not _LABEL_KEY.match(k):
+        if not _LABEL_KEY.fullmatch(k):
             raise ValueError(f"invalid label key {k!r}")
-        if not _LABEL_VALUE.match(v):
+        if not _LABEL_VALUE.fullmatch(v):
             raise ValueError(f"invalid label value {v!r} for {k}")
     return labels
 
@@ -111,7 +113,7 @@ def check_labels(labels: dict[str, str] | None) -> dict[str, str] | None:
 def _upper_tokens(values: list[str], what: str) -> list[str]:
     out = [v.strip().upper() for v in values]
     for v in out:
-        if not _TOKEN.match(v):
+        if not _TOKEN.fullmatch(v):
             raise ValueError(f"invalid {what} {v!r}")
     if not out:
         raise ValueError(f"at least one {what} is required")
@@ -119,7 +121,7 @@ def _upper_tokens(values: list[str], what: str) -> list[str]:
 
 
 def check_dns_name(v: str | None) -> str | None:
-    if v is not None and not _NAME.match(v):
+    if v is not None and not _NAME.fullmatch(v):
         raise ValueError(f"{v!r} is not a DNS-1123 name (lower case, digits, '-', '.')")
     return v
 
@@ -137,7 +139,7 @@ def check_fqdn(v: str | None) -> str | None:
     if v is None:
         return v
     n = v.strip().lower().rstrip(".")
-    if not _DNS_NAME.match(n):
+    if not _DNS_NAME.fullmatch(n):
         raise ValueError(f"invalid fqdn {v!r} (a DNS name, optionally starting with '*.')")
     return n
 
@@ -156,7 +158,7 @@ def check_host(v: str | None) -> str | None:
     if v is None:
         return v
     n = v.strip().lower().rstrip(".")
-    if not _DNS_NAME.match(n):
+    if not _DNS_NAME.fullmatch(n):
         try:
             ipaddress.ip_address(n)
         except ValueError:
@@ -173,7 +175,7 @@ def check_sni(v: list[str] | None) -> list[str] | None:
         return v
     out = [s.strip().lower().rstrip(".") for s in v]
     for s in out:
-        if not _DNS_NAME.match(s):
+        if not _DNS_NAME.fullmatch(s):
             raise ValueError(f"invalid sni {s!r}")
     return out
 
@@ -181,7 +183,7 @@ def check_sni(v: list[str] | None) -> list[str] | None:
 def check_qname_suffix(v: list[str]) -> list[str]:
     out = [s.strip().lower().strip(".") for s in v]
     for s in out:
-        if not _DNS_NAME.match(s) or s.startswith("*"):
+        if not _DNS_NAME.fullmatch(s) or s.startswith("*"):
             raise ValueError(f"invalid domain {s!r}")
     if not out:
         raise ValueError("at least one suffix is required")
@@ -197,7 +199,7 @@ def check_verbs(v: list[str]) -> list[str]:
 
 
 def check_rule_name(v: str) -> str:
-    if not _NAME.match(v):
+    if not _NAME.fullmatch(v):
         raise ValueError(f"{v!r} is not a valid rule name (lower case, digits, '-', '.')")
     if v in RESERVED_RULE_NAMES:
         raise ValueError(f"{v!r} is reserved for a built-in rule")
@@ -205,7 +207,7 @@ def check_rule_name(v: str) -> str:
 
 
 def check_dlp_name(v: str) -> str:
-    if not _NAME.match(v):
+    if not _NAME.fullmatch(v):
         raise ValueError(f"{v!r} is not a valid rule name (lower case, digits, '-', '.')")
     return v
 

@@ -429,6 +429,13 @@ COMMON_MISTAKES = [
     {"apiVersion": pm.API_VERSION, "kind": pm.KIND_POLICY, "metadata": {"name": "P", "namespace": "n"},
      "spec": {}},
     _policy(dlp=[{"name": "D", "action": "block", "packs": ["*"]}]),
+    # a trailing newline: Python's "$" matches before it, ECMA's does not (the loader used
+    # .match with "$" and let "web\n" through as a name and a label; fqdn peers are trimmed)
+    _egress(name="web\n"),
+    _policy(selector={"matchLabels": {"app\n": "x"}}),
+    _policy(selector={"matchLabels": {"app": "x\n"}}),
+    {"apiVersion": pm.API_VERSION, "kind": pm.KIND_POLICY, "metadata": {"name": "p\n", "namespace": "n"},
+     "spec": {}},
 ]
 
 
