@@ -33,9 +33,10 @@ fi
 # A build context with only what the image needs (not .venv, tests or caches).
 CTX=$(mktemp -d /var/tmp/palisade-ctx.XXXXXX)
 trap 'rm -rf "$CTX"' EXIT
-cp -a Dockerfile pyproject.toml README.md firewall injector dlp_rules "$CTX/"
+cp -a Dockerfile pyproject.toml setup.py README.md firewall injector dlp_rules "$CTX/"
 mkdir "$CTX/wheels" && cp -a "$WHEELS"/*.whl "$CTX/wheels/"
 find "$CTX" -name __pycache__ -prune -exec rm -rf {} +
+find "$CTX" -name '*.so' -delete  # a relay built for this host's venv: the image builds its own (or none)
 podman build --isolation chroot --layers --build-arg BASE_IMAGE="$BASE" -t "$IMAGE" "$CTX" >&2
 size=$(podman image inspect -f '{{.Size}}' "$IMAGE")
 echo "image.sh: built $IMAGE from $BASE in $(( $(date +%s) - start ))s, size $(numfmt --to=iec "$size")B ($size bytes)" >&2
