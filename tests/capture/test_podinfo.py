@@ -241,9 +241,9 @@ def test_stop_from_inside_a_callback(tmp_path):
     holder: list[PodinfoWatcher] = []
 
     def on_change(info: PodInfo) -> None:
-        rec.on_change(info)
         if info.annotations.get("a") == "2":
             holder[0].stop()  # e.g. the sidecar shutting down on a change
+        rec.on_change(info)  # after stop(): the wait below then sees its effect (it raced before)
 
     w = PodinfoWatcher(d, on_change, poll_interval=0.05, on_error=rec.on_error)
     holder.append(w)
