@@ -53,31 +53,36 @@ STAGES: dict[str, tuple[tuple[str, str], ...]] = {
     "HTTP parsing": (("protocols/stream.py", "feed"),),
     "identification": (("datapath/session.py", "_identify"),),
     "assemble / hold-back": (("datapath/session.py", "assemble"),),
-    "event emission": (("datapath/session.py", "_alert"),),
+    "event emission (alerts: build, redact, JSON, write)": (("datapath/session.py", "_alert"),),
 }
 
 
-def bulk_messages(payload: bytes, nbytes: int) -> tuple[bytes, bytes, bytes, bytes]:
+def bulk_messages(payload: bytes, nbytes: int, chunked: bool = False) -> tuple[bytes, bytes, bytes, bytes]:
     """run.py's HTTPBULK exchange heads: (upload request head, its answer, download request,
-    download answer head); bodies are ``nbytes`` of ``payload`` repeated."""
+    download answer head); bodies are ``nbytes`` of ``payload`` repeated (``chunked``: framed
+    with ``Transfer-Encoding: chunked`` instead of Content-Length)."""
     host = "10.250.0.2"
+    framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {nbytes}"
     up = (f"POST /bulk/up HTTP/1.1\r\nHost: {host}\r\nContent-Type: text/plain\r\n"
-          f"Content-Length: {nbytes}\r\n\r\n").encode()
+          f"{framing}\r\n\r\n").encode()
     up_ok = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n"
     down = f"GET /bulk/down/{nbytes} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
-    down_ok = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\nContent-Length: "
-               + str(nbytes).encode() + b"\r\n\r\n")
+    down_ok = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+               + framing.encode() + b"\r\n\r\n")
     return up, up_ok, down, down_ok
 
 
 class Driver:
     """One flow through ``FlowSession`` + ``Session`` with the proxy's command loop, minus sockets."""
 
-    def __init__(self, state: Any, offload: int) -> None:
+    def __init__(self, state: Any, offload: int, sink: Any = None) -> None:
         from firewall.datapath.flowsession import FlowSession, Limits
         from firewall.datapath.session import Session
 
-        self.session = Session(state.inspection("full"), "inbound", ("10.250.0.3", CLIENT_PORT),
+        insp = state.inspection("full")
+        if sink is not None:
+            insp.emit = sink.emit
+        self.session = Session(insp, "inbound", ("10.250.0.3", CLIENT_PORT),
                                ("10.250.0.2", BULK_PORT))
         if not self.session.open():
             raise SystemExit(f"the benchmark flow was refused at L4: rule {self.session.rule}")
@@ -100,7 +105,7 @@ class Driver:
                     findings, error = None, True
                 self.execute(self.fs.scan_done(c.side, findings, error))
             elif kind is Close and self.session.close_reason != "eof":
-                raise SystemExit(f"the benchmark flow was closed: {self.session.close_reason}")
+                raise SystemExit(f"the benchmark flow was closed: {self.session.close_reason} ({self.session._stopped})")
 
     def feed(self, side: int, data: bytes, read: int) -> None:
         fs = self.fs
@@ -110,18 +115,34 @@ class Driver:
             self.execute(fs.data(side, bytes(mv[i:i + read])))
 
 
+def chunk_body(body: bytes, size: int) -> bytes:
+    """``body`` in ``Transfer-Encoding: chunked`` framing, ``size`` bytes a chunk, and the last chunk."""
+    mv = memoryview(body)
+    parts = []
+    for i in range(0, len(body), size):
+        piece = mv[i:i + size]
+        parts += (b"%x\r\n" % len(piece), piece, b"\r\n")
+    parts.append(b"0\r\n\r\n")
+    return b"".join(parts)
+
+
 def run_once(state: Any, payload: bytes, nbytes: int, read: int, offload: int,
-             prof: cProfile.Profile | None = None) -> tuple[float, int]:
-    """Upload then download ``nbytes`` each on one kept-alive flow per direction; CPU seconds."""
+             prof: cProfile.Profile | None = None, sink: Any = None, chunk: int = 0) -> tuple[float, int]:
+    """Upload then download ``nbytes`` each on one flow per direction; CPU seconds.  ``chunk``:
+    only the download, its body chunked, ``chunk`` bytes a chunk (an upload's chunked body is
+    also de-chunked for the decoded-view scan, up to httpdecode.MAX_DECODED, then refused)."""
     from firewall.protocols.base import TOCLIENT, TOSERVER
 
-    up, up_ok, down, down_ok = bulk_messages(payload, nbytes)
+    up, up_ok, down, down_ok = bulk_messages(payload, nbytes, chunked=bool(chunk))
     # the body as the socket delivers it: the head, then payload repeats cut into reads
     reps = -(-nbytes // len(payload))
     body = (payload * reps)[:nbytes]
+    if chunk:
+        body = chunk_body(body, chunk)
     cpu = 0.0
-    for req, answer, body_side in ((up, up_ok, TOSERVER), (down, down_ok, TOCLIENT)):
-        drv = Driver(state, offload)
+    legs = [(up, up_ok, TOSERVER), (down, down_ok, TOCLIENT)]
+    for req, answer, body_side in legs[1:] if chunk else legs:
+        drv = Driver(state, offload, sink)
         t0 = time.process_time()
         if prof is not None:
             prof.enable()
@@ -137,13 +158,13 @@ def run_once(state: Any, payload: bytes, nbytes: int, read: int, offload: int,
         if prof is not None:
             prof.disable()
         cpu += time.process_time() - t0
-        want = [len(req) + (nbytes if body_side == TOSERVER else 0),
-                len(answer) + (nbytes if body_side == TOCLIENT else 0)]
+        want = [len(req) + (len(body) if body_side == TOSERVER else 0),
+                len(answer) + (len(body) if body_side == TOCLIENT else 0)]
         if drv.forwarded != want:
             raise SystemExit(f"forwarded {drv.forwarded} bytes, expected {want}")
         if drv.session.passthrough:
             raise SystemExit("the flow went passthrough: nothing was inspected")
-    return cpu, 2 * nbytes
+    return cpu, len(legs[1:] if chunk else legs) * len(body)
 
 
 def stage_breakdown(prof: cProfile.Profile, total_cpu: float, gb: float) -> list[tuple[str, float]]:
@@ -171,22 +192,30 @@ def measure(a: argparse.Namespace) -> dict[str, Any]:
     from dlp_corpus import pii_text
 
     state = State(a.dlp_cache)
+    sink = None
+    if not a.no_sink:
+        from firewall.observe.events import EventSink
+
+        # the sidecar's sink: redaction + the DLP re-scan of the strings, JSON, one write per event
+        sink = EventSink(path=os.path.join(state.tmp, "events.jsonl"))
+        sink.set_scanner(state.dlp)
     payload = pii_text(seed=2, size=8 << 20, every=65536)
     nbytes = a.mib << 20
-    run_once(state, payload, min(nbytes, 4 << 20), a.read, a.offload)  # warm-up (caches, Hyperscan scratch)
+    run_once(state, payload, min(nbytes, 4 << 20), a.read, a.offload, sink=sink, chunk=a.chunked)  # warm-up (caches, Hyperscan scratch)
     cpus = []
+    total = 0
     for _ in range(a.runs):
-        cpu, total = run_once(state, payload, nbytes, a.read, a.offload)
+        cpu, total = run_once(state, payload, nbytes, a.read, a.offload, sink=sink, chunk=a.chunked)
         cpus.append(cpu)
-    gb = 2 * nbytes / 1e9
+    gb = total / 1e9
     out: dict[str, Any] = {
         "s_per_GB_best": round(min(cpus) / gb, 3), "s_per_GB_median": round(statistics.median(cpus) / gb, 3),
         "MBps_best": round(gb * 1000 / min(cpus)), "MBps_median": round(gb * 1000 / statistics.median(cpus)),
-        "alerts": sum(1 for e in state.events if e.get("event_type") == "alert"),
+        "alerts": sink.count if sink is not None else sum(1 for e in state.events if e.get("event_type") == "alert"),
     }
     if a.profile:
         prof = cProfile.Profile()
-        run_once(state, payload, nbytes, a.read, a.offload, prof)
+        run_once(state, payload, nbytes, a.read, a.offload, prof, sink=sink, chunk=a.chunked)
         out["stages_s_per_GB"] = [(n, round(v, 3)) for n, v in
                                   stage_breakdown(prof, statistics.median(cpus), gb)]
         if a.top:
@@ -222,9 +251,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mib", type=int, default=64, help="MiB each way per run (default 64)")
     ap.add_argument("--read", type=int, default=262144, help="bytes per socket read (uvloop's buffer: 256 KiB)")
     ap.add_argument("--offload", type=int, default=65536, help="dlp_offload_bytes (the sidecar's default)")
+    ap.add_argument("--chunked", type=int, default=0, metavar="N",
+                    help="bodies in Transfer-Encoding: chunked framing, N bytes a chunk (default: Content-Length)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--profile", action="store_true", help="per-stage breakdown (one more, profiled run)")
     ap.add_argument("--top", type=int, default=0, help="with --profile: print the cProfile top N by own time")
+    ap.add_argument("--no-sink", action="store_true",
+                    help="alerts appended to a list instead of the sidecar's EventSink (redaction, JSON, write)")
     ap.add_argument("--dlp-cache", help="Hyperscan database cache directory (default: a temporary one)")
     ap.add_argument("--baseline", help="also measure this git ref's package, rounds interleaved")
     ap.add_argument("--rounds", type=int, default=1, help="with --baseline: interleaved rounds")
@@ -236,8 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.baseline:
         base = baseline_tree(a.baseline)
-        args = ["--mib", str(a.mib), "--read", str(a.read), "--offload", str(a.offload), "--runs", str(a.runs),
-                "--child"] + (["--profile"] if a.profile else []) + (["--dlp-cache", a.dlp_cache] if a.dlp_cache else [])
+        args = ["--mib", str(a.mib), "--read", str(a.read), "--chunked", str(a.chunked), "--offload", str(a.offload), "--runs", str(a.runs),
+                "--child"] + (["--profile"] if a.profile else []) + (["--no-sink"] if a.no_sink else []) + (["--dlp-cache", a.dlp_cache] if a.dlp_cache else [])
         results: dict[str, list] = {"this": [], a.baseline: []}
         for _ in range(a.rounds):
             for name, tree in (("this", REPO), (a.baseline, base)):
