@@ -21,7 +21,7 @@ Figures: CPU (``time.process_time``) s/GB and MB/s over both directions (upload 
 ``--mib`` MiB each), best and median of ``--runs``; with ``--profile`` a per-stage breakdown from
 cProfile (the inclusive time of each stage's entry point, scaled to the unprofiled total so the
 profiler's own overhead is spread pro rata).  ``--baseline REF`` runs the same measurement on
-``git worktree``-free copy of REF's ``firewall/`` package (``git archive``) in a child process,
+``git archive`` copy of REF's package (its ``firewall/``, ``benchmarks/`` and ``dlp_rules/``) in a child process,
 interleaved round by round, and prints both.
 """
 
@@ -47,13 +47,15 @@ REPO = HERE.parent
 BULK_PORT = 8081  # run.py's PORTS["bulk"][0]: the port policy100.yaml gives a DLP rule
 CLIENT_PORT = 40682
 
-#: stage -> the functions whose inclusive time is that stage (qualified by file suffix and name)
-STAGES: dict[str, tuple[tuple[str, str], ...]] = {
-    "DLP scan": (("datapath/session.py", "scan_findings"), ("datapath/session.py", "_scan")),
-    "HTTP parsing": (("protocols/stream.py", "feed"),),
-    "identification": (("datapath/session.py", "_identify"),),
-    "assemble / hold-back": (("datapath/session.py", "assemble"),),
-    "event emission (alerts: build, redact, JSON, write)": (("datapath/session.py", "_alert"),),
+#: stage -> the functions whose time is that stage: (file suffix, name, inclusive?) - inclusive
+#: time for an entry point, own time for a function that also calls the other stages
+STAGES: dict[str, tuple[tuple[str, str, bool], ...]] = {
+    "read (a bytes object per read, as recv makes)": (("bench_text_path.py", "feed", False),),
+    "DLP scan": (("datapath/session.py", "scan_findings", True), ("datapath/session.py", "_scan", True)),
+    "HTTP parsing": (("protocols/stream.py", "feed", True),),
+    "identification": (("datapath/session.py", "_identify", True),),
+    "assemble / hold-back": (("datapath/session.py", "assemble", True),),
+    "findings -> alerts (build, redact, JSON, write)": (("datapath/session.py", "_handle_findings", True),),
 }
 
 
@@ -177,8 +179,9 @@ def stage_breakdown(prof: cProfile.Profile, total_cpu: float, gb: float) -> list
     for stage, funcs in STAGES.items():
         t = 0.0
         for (fname, _line, name), v in stats.items():
-            if any(fname.endswith(suffix) and name == fn for suffix, fn in funcs):
-                t += v[3]  # cumulative
+            for suffix, fn, inclusive in funcs:
+                if fname.endswith(suffix) and name == fn:
+                    t += v[3] if inclusive else v[2]
         rows.append((stage, t))
         accounted += t
     rows.append(("relay bookkeeping (flowsession, commands, the rest)", max(0.0, prof_total - accounted)))
@@ -228,10 +231,10 @@ def measure(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def baseline_tree(ref: str) -> Path:
-    """REF's firewall/ and benchmarks/ in a temporary directory (``git archive``)."""
+    """REF's firewall/, benchmarks/ and dlp_rules/ in a temporary directory (``git archive``)."""
     tmp = Path(tempfile.mkdtemp(prefix="bench-textpath-"))
     tar = tmp / "t.tar"
-    subprocess.run(["git", "-C", str(REPO), "archive", "-o", str(tar), ref, "firewall", "benchmarks"],
+    subprocess.run(["git", "-C", str(REPO), "archive", "-o", str(tar), ref, "firewall", "benchmarks", "dlp_rules"],
                    check=True)
     with tarfile.open(tar) as t:
         t.extractall(tmp, filter="data")
@@ -276,7 +279,9 @@ def main(argv: list[str] | None = None) -> int:
             for name, tree in (("this", REPO), (a.baseline, base)):
                 env = {**os.environ, "PYTHONSAFEPATH": "1", "PYTHONPATH": str(tree)}
                 r = subprocess.run([sys.executable, str(tree / "benchmarks" / "bench_text_path.py"), *args],
-                                   env=env, capture_output=True, text=True, check=True)
+                                   env=env, capture_output=True, text=True, check=False)
+                if r.returncode != 0:
+                    raise SystemExit(f"{name}: {r.stderr[-2000:]}")
                 results[name].append(json.loads(r.stdout.strip().splitlines()[-1]))
         print(f"in-process text path, {a.mib} MiB each way, reads of {a.read} B, {a.rounds} interleaved rounds "
               f"x {a.runs} runs; load average {os.getloadavg()[0]:.1f}")
