@@ -32,6 +32,7 @@ import cProfile
 import json
 import os
 import pstats
+import shutil
 import statistics
 import subprocess
 import sys
@@ -249,6 +250,33 @@ def baseline_tree(ref: str) -> Path:
     return tmp
 
 
+def rounds(a: argparse.Namespace, args: list[str], base: Path, results: dict[str, list]) -> None:
+    """Interleaved rounds: this checkout, then the baseline tree, each in a child process."""
+    for _ in range(a.rounds):
+        for name, tree in (("this", REPO), (a.baseline, base)):
+            env = {**os.environ, "PYTHONSAFEPATH": "1", "PYTHONPATH": str(tree)}
+            r = subprocess.run([sys.executable, str(tree / "benchmarks" / "bench_text_path.py"), *args],
+                               env=env, capture_output=True, text=True, check=False)
+            if r.returncode != 0:
+                raise SystemExit(f"{name}: {r.stderr[-2000:]}")
+            results[name].append(json.loads(r.stdout.strip().splitlines()[-1]))
+
+
+def report(a: argparse.Namespace, results: dict[str, list]) -> None:
+    print(f"in-process text path, {a.mib} MiB each way, reads of {a.read} B, {a.rounds} interleaved rounds "
+          f"x {a.runs} runs; load average {os.getloadavg()[0]:.1f}")
+    for name, rs in results.items():
+        best = min(r["s_per_GB_best"] for r in rs)
+        med = statistics.median(r["s_per_GB_median"] for r in rs)
+        print(f"  {name:<12} CPU s/GB best {best:.3f} median {med:.3f}  "
+              f"(MB/s best {1 / best * 1000:.0f} median {1 / med * 1000:.0f})")
+        if a.profile:
+            for stage, v in rs[-1].get("stages_s_per_GB", []):
+                print(f"      {stage:<52} {v:.3f} s/GB")
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=2))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mib", type=int, default=64, help="MiB each way per run (default 64)")
@@ -275,26 +303,11 @@ def main(argv: list[str] | None = None) -> int:
         args = ["--mib", str(a.mib), "--read", str(a.read), "--chunked", str(a.chunked), "--offload", str(a.offload), "--runs", str(a.runs),
                 "--child"] + (["--profile"] if a.profile else []) + (["--no-sink"] if a.no_sink else []) + (["--dlp-cache", a.dlp_cache] if a.dlp_cache else [])
         results: dict[str, list] = {"this": [], a.baseline: []}
-        for _ in range(a.rounds):
-            for name, tree in (("this", REPO), (a.baseline, base)):
-                env = {**os.environ, "PYTHONSAFEPATH": "1", "PYTHONPATH": str(tree)}
-                r = subprocess.run([sys.executable, str(tree / "benchmarks" / "bench_text_path.py"), *args],
-                                   env=env, capture_output=True, text=True, check=False)
-                if r.returncode != 0:
-                    raise SystemExit(f"{name}: {r.stderr[-2000:]}")
-                results[name].append(json.loads(r.stdout.strip().splitlines()[-1]))
-        print(f"in-process text path, {a.mib} MiB each way, reads of {a.read} B, {a.rounds} interleaved rounds "
-              f"x {a.runs} runs; load average {os.getloadavg()[0]:.1f}")
-        for name, rs in results.items():
-            best = min(r["s_per_GB_best"] for r in rs)
-            med = statistics.median(r["s_per_GB_median"] for r in rs)
-            print(f"  {name:<12} CPU s/GB best {best:.3f} median {med:.3f}  "
-                  f"(MB/s best {1 / best * 1000:.0f} median {1 / med * 1000:.0f})")
-            if a.profile:
-                for stage, v in rs[-1].get("stages_s_per_GB", []):
-                    print(f"      {stage:<52} {v:.3f} s/GB")
-        if a.json:
-            Path(a.json).write_text(json.dumps(results, indent=2))
+        try:
+            rounds(a, args, base, results)
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+        report(a, results)
         return 0
     out = measure(a)
     print(f"in-process text path, {a.mib} MiB each way, reads of {a.read} B, {a.runs} runs; "
