@@ -45,6 +45,21 @@ _CARD_TAIL = re.compile(rb"[2-6](?:[ -]?\d){11,}\Z")
 _IBAN_TAIL = re.compile(rb"[A-Z]{2}\d{2}(?: ?[A-Z0-9]){10,}\Z")
 
 
+_children: dict[tuple, Any] = {}
+
+
+def _counter(metric: Any, *labels: str) -> Any:
+    """``metric.labels(*labels)``, memoised: a labelled child is created once and never removed,
+    and ``labels()`` (a lock and a tuple of str() per call) ran twice per DLP finding."""
+    key = (id(metric), labels)
+    child = _children.get(key)
+    if child is None:
+        if len(_children) >= 4096:
+            _children.clear()  # rule ids come from the packs: bounded, but never let it grow
+        child = _children[key] = metric.labels(*labels)
+    return child
+
+
 @dataclass(slots=True)
 class Stop:
     """Terminate the flow: optionally answer the sender first (HTTP 403) and say why."""
@@ -138,7 +153,7 @@ class Session:
         "close_reason", "encrypted", "passthrough", "_ident", "_ident_buf", "_parser", "_hold",
         "_pending", "_sent", "_seen", "_dlp", "_dlp_actions", "_enforced", "_stopped", "source_preserved",
         "_alerts", "_l7_summary", "_capture_done", "_bodies", "_governed", "_on_error",
-        "_digit_hold", "_tail", "_shift", "_switch", "_dns_queries", "_dlp_unscanned",
+        "_digit_hold", "_tail", "_shift", "_switch", "_dns_queries", "_dlp_unscanned", "_wl_json",
     )
 
     def __init__(self, insp: Inspection, direction: str, src: tuple, dst: tuple, proto: str = "TCP") -> None:
@@ -185,6 +200,7 @@ class Session:
         self._switch: tuple[int, int, int] | None = None  # a protocol switch the parser accepted
         self._dns_queries: list[tuple] | None = None  # (id, qname, qtype) forwarded, not yet answered
         self._dlp_unscanned = False  # a reload's alert already said a DLP rule covers this unscanned flow
+        self._wl_json: tuple[dict, dict] | None = None  # (src, dest) workload JSON, built once
 
     # ------------------------------------------------------------------ identities
     def _workloads(self) -> tuple[Identity, Identity]:
@@ -198,7 +214,13 @@ class Session:
         return local, self.peer
 
     def _base_event(self, event_type: str) -> dict:
-        src, dst = self._workloads()
+        # the workloads are fixed for the flow (peer and local are resolved at accept): built once,
+        # a fresh top-level copy per event (a flow with a value every 64 KiB raises thousands)
+        wl = self._wl_json
+        if wl is None:
+            src_id, dst_id = self._workloads()
+            wl = self._wl_json = (src_id.to_json(), dst_id.to_json())
+        src, dst = wl
         return {
             "event_type": event_type,
             "flow_id": self.flow_id,
@@ -209,8 +231,8 @@ class Session:
             "dest_port": self.dest_port,
             "proto": self.proto,
             "app_proto": self.app_proto,
-            "src_workload": src.to_json(),
-            "dest_workload": dst.to_json(),
+            "src_workload": dict(src),
+            "dest_workload": dict(dst),
         }
 
     # ------------------------------------------------------------------ L4
@@ -910,7 +932,7 @@ class Session:
                         action = "block"
                         break
             blocked = action == "block" and self._enforced
-            metrics.DLP_FINDINGS.labels(f.rule_id, "blocked" if blocked else "alert").inc()
+            _counter(metrics.DLP_FINDINGS, f.rule_id, "blocked" if blocked else "alert").inc()
             self._alert("dlp", rule, blocked=blocked, severity=1 if f.severity in ("critical", "high") else 2,
                         extra={"dlp": {"rule_id": f.rule_id, "rule_name": f.rule_name, "type": f.type,
                                        "pack": f.pack, "masked": f.masked, "offset": f.start,
@@ -976,7 +998,7 @@ class Session:
                       "signature_id": signature_id(rule), "category": category, "severity": severity}
         if extra:
             e.update(extra)
-        metrics.ALERTS_TOTAL.labels(category, e["alert"]["action"]).inc()
+        _counter(metrics.ALERTS_TOTAL, category, e["alert"]["action"]).inc()
         self.insp.emit(e)
 
     def summary(self) -> dict:

@@ -46,8 +46,24 @@ _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _VERSION = re.compile(r"HTTP/(\d)\.(\d)\Z")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
 _CONNECT_LINE = re.compile(rb" HTTP/1\.[01]\r?\Z")
+#: a chunk-size line without extension or padding (what servers send); anything else is read by
+#: ``_chunk_size``, which this accepts a subset of with the same size
+_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})\r?\n")
 #: header fields whose reading decides where a message ends: never parsed leniently
 _FRAMING = frozenset({"content-length", "transfer-encoding"})
+
+def _chunk_size(buf: bytearray, i: int, d: int) -> tuple[int, int]:
+    """(index past the chunk-size line starting at ``i``, the size), or (-1, 0) while the line
+    is incomplete.  A size line ends at its LF, within 4096 bytes; its CRs, an extension after
+    ``;`` and blanks before it are dropped; what is left must be 1-16 hex digits."""
+    k = find_line(buf, i, 4096)
+    if k < 0:
+        return -1, 0
+    size_field = bytes(buf[i:k]).rstrip(b"\r\n").split(b";", 1)[0].rstrip(b" \t")
+    if not _HEX.match(size_field):
+        raise ParseError(("smuggling:" if d == TOSERVER else "") + "invalid-chunk-size")
+    return k, int(size_field, 16)
+
 
 MAX_SUMMARY_PAIRS = 32
 SUMMARY_PATH_CHARS = 512
@@ -355,31 +371,9 @@ class HttpParser(StreamParser):
             if mode == _HEAD:
                 if not self._head(st, out):
                     break
-            elif mode == _CHUNK_SIZE:
-                k = find_line(st.buf, 0, 4096)
-                if k < 0:
+            elif mode == _CHUNK_SIZE or mode == _CHUNK_CRLF:
+                if not self._chunks(st, d):
                     break
-                size_field = bytes(st.buf[:k]).rstrip(b"\r\n").split(b";", 1)[0].rstrip(b" \t")
-                if not _HEX.match(size_field):
-                    raise ParseError(("smuggling:" if d == TOSERVER else "") + "invalid-chunk-size")
-                size = int(size_field, 16)
-                st.advance(k)
-                if size == 0:
-                    self._mode[d] = _TRAILERS
-                    self._trailer_bytes[d] = 0
-                else:
-                    self._mode[d] = _CHUNK_CRLF
-                    st.advance(size)
-            elif mode == _CHUNK_CRLF:
-                if st.buf[:2] == b"\r\n":
-                    st.advance(2)
-                elif st.buf[:1] == b"\n":
-                    st.advance(1)
-                elif st.buf == b"\r":
-                    break
-                else:
-                    raise ParseError(("smuggling:" if d == TOSERVER else "") + "bad-chunk-terminator")
-                self._mode[d] = _CHUNK_SIZE
             else:  # _TRAILERS
                 k = find_line(st.buf, 0, self.max_head)
                 if k < 0:
@@ -392,6 +386,60 @@ class HttpParser(StreamParser):
                 if blank:
                     self._end_of_message(st)
         st.hold = st.pos if (d == TOSERVER and self._mode[d] == _HEAD and st.buf and not st.stopped) else None
+
+    def _chunks(self, st: DirState, d: int) -> bool:
+        """Walk a chunked body's framing in ``st.buf`` by offsets: per chunk one size line
+        read and one integer step, no copy of the data and one ``advance`` for the whole walk
+        (a body of many small chunks arrived in one read costs a few operations per chunk, not
+        a buffer shift each).  True when the last chunk was reached (trailers follow); False
+        when more bytes are needed.  Accepts exactly what the line-by-line reading did:
+        ``_chunk_size`` is that reading, and the regex only short-cuts its commonest input."""
+        buf = st.buf
+        n = len(buf)
+        i = 0
+        mode = self._mode[d]
+        done = False
+        try:
+            while True:
+                if mode == _CHUNK_CRLF:
+                    if i >= n:
+                        break
+                    c = buf[i]
+                    if c == 10:
+                        i += 1
+                    elif c == 13 and i + 1 < n and buf[i + 1] == 10:
+                        i += 2
+                    elif c == 13 and i + 1 == n:
+                        break  # "\r" alone: wait for what follows it
+                    else:
+                        raise ParseError(("smuggling:" if d == TOSERVER else "") + "bad-chunk-terminator")
+                    mode = _CHUNK_SIZE
+                if i >= n:
+                    break
+                m = _CHUNK_LINE.match(buf, i)
+                if m is not None:
+                    size = int(m.group(1), 16)
+                    k = m.end()
+                else:
+                    k, size = _chunk_size(buf, i, d)
+                    if k < 0:
+                        break
+                i = k
+                if size == 0:
+                    mode = _TRAILERS
+                    self._trailer_bytes[d] = 0
+                    done = True
+                    break
+                mode = _CHUNK_CRLF
+                i += size
+                if i > n:
+                    break  # the chunk goes on past what is buffered: skipped by counting
+        finally:
+            # also on a ParseError: the anomaly's offset is the unit that failed, as before
+            self._mode[d] = mode
+            if i:
+                st.advance(i)
+        return done
 
     def _end_of_message(self, st: DirState) -> None:
         self._mode[st.direction] = _HEAD
