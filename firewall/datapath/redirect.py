@@ -194,7 +194,13 @@ def render(cfg: RedirectConfig) -> str:
     # --- prerouting: inbound tproxy and the DNS reroute target
     a("  chain prerouting {")
     a("    type filter hook prerouting priority mangle; policy accept;")
-    a(f"    meta l4proto {{ tcp, udp }} socket transparent 1 meta mark set {m} accept")
+    # packets of flows the sidecar already owns skip the rest - but never a pure SYN: this match
+    # also finds a transparent socket in TIME_WAIT, and a SYN delivered to it without tproxy makes
+    # the kernel look up a listener on the *original* destination (the application's), so a
+    # client reusing its port would be refused (or handed to the app); through tproxy the
+    # TIME_WAIT socket is retired and the SYN reaches the sidecar (tests/adversarial/test_tuple_reuse.py)
+    a(f"    meta l4proto udp socket transparent 1 meta mark set {m} accept")
+    a(f"    tcp flags & (fin | syn | rst | ack) != syn socket transparent 1 meta mark set {m} accept")
     if cfg.capture_dns:
         a(f'    iifname "lo" meta mark {dm} meta l4proto udp udp dport 53 '
           f"tproxy to :{cfg.dns_port} meta mark set {dm} accept")

@@ -165,8 +165,15 @@ class Baseline:
         wait_until(lambda: fd_count(pid) <= self.fds, timeout,
                    what=f"fds back to {self.fds} (now {fd_count(pid)}: {sorted(os.listdir(f'/proc/{pid}/fd'))[:20]})")
         wait_until(lambda: threads(pid) <= self.threads, timeout, what="threads back to baseline")
-        flows = wait_until(lambda: (lambda f: f if len(f) >= self.flows + new_flows else None)(
-            sc.events("flow")), timeout, what=f"{new_flows} new flow records")
+        try:
+            flows = wait_until(lambda: (lambda f: f if len(f) >= self.flows + new_flows else None)(
+                sc.events("flow")), timeout, what=f"{new_flows} new flow records")
+        except TimeoutError as exc:
+            body = sc.http("/metrics")[1]
+            counters = [ln for ln in body.splitlines() if ln.startswith(("palisade_relay_errors", "palisade_connections",
+                                                                         "palisade_flows", "palisade_spliced"))]
+            raise AssertionError(f"{exc}: {len(sc.events('flow')) - self.flows} new records; {counters}; "
+                                 f"{sc.stderr()[-1500:]}") from exc
         new = flows[self.flows:]
         assert len(new) == new_flows, f"{len(new)} flow records for {new_flows} flows"
         ids = [f["flow_id"] for f in flows]
@@ -361,7 +368,8 @@ async def one(i):
     return "closed"
 async def main():
     res = await asyncio.gather(*(one(i) for i in range(n)), return_exceptions=True)
-    print(json.dumps({"reset": sum(r == "reset" for r in res), "n": len(res)}))
+    print(json.dumps({"reset": sum(r == "reset" for r in res), "n": len(res),
+                      "errors": sorted({repr(r)[:120] for r in res if isinstance(r, BaseException)})}))
 asyncio.run(main())
 """
 
@@ -372,7 +380,10 @@ def test_random_resets(env):
     r = env.checkout.run([PY, "-c", RESETS, env.payments.ip, "9600", "300", "11"], timeout=120)
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["n"] == 300 and 100 < out["reset"] < 200, out
-    base.check(new_flows=300)
+    try:
+        base.check(new_flows=300)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; the client saw {out}") from exc
     flows = sc.flows(dest_port=9600)[-300:]
     assert sum(f["close_reason"] == "reset" for f in flows) >= out["reset"]
     # and the data path is intact afterwards, byte for byte
