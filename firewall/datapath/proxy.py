@@ -50,6 +50,7 @@ from firewall.datapath.flowsession import (
 )
 from firewall.datapath.redirect import mark_own as _own_mark
 from firewall.datapath.session import Inspection, Session
+from firewall.datapath.verdict_cache import VerdictCache
 from firewall.observe import metrics
 from firewall.observe.events import ts_iso
 from firewall.protocols.base import TOCLIENT, TOSERVER
@@ -626,6 +627,14 @@ class Proxy:
         self._port_cursor = 0
         self._skip_ports: frozenset[int] | None = None  # listener ports, known after bind()
         self.splice = splice.AVAILABLE and getattr(cfg, "splice", True)
+        # silent-allow outcomes of Session.open for the fast path's accept (verdict_cache.py)
+        self.verdicts = VerdictCache()
+        # the labelled metric children of the connection path, looked up once per label set
+        # (``Counter.labels`` takes a lock and builds a tuple per call: ~2 us, five per flow)
+        self._m_active: dict[str, Any] = {}
+        self._m_total: dict[tuple[str, str], Any] = {}
+        self._m_bytes: dict[str, tuple[Any, Any]] = {}
+        self._own_ports: frozenset[int] | None = None
         # the relay for spliced flows: native thread or the Python pump (--relay, chosen once)
         self.Splicer = splice.relay_class(getattr(cfg, "relay", "auto"), getattr(cfg, "idle_timeout", 0.0))
         # the L4 fast path needs the splice relay, and only flows without L7 identification can
@@ -847,7 +856,7 @@ class Proxy:
         flow.peer_key = key
         self.per_peer[key] += 1
         self.flows.add(flow)  # type: ignore[arg-type]
-        metrics.CONNECTIONS_ACTIVE.labels(direction).inc()
+        self._active(direction).inc()
         FAST_FLOWS.inc()
         flow.connect(kind == "inbound" and self.transparent_upstream)
 
@@ -868,7 +877,7 @@ class Proxy:
             session.verdict, session.rule, session.close_reason = "deny", "connection-limit", "limit"
             return False
         try:
-            return session.open()
+            return self.verdicts.open(session)
         except Exception as exc:  # noqa: BLE001 - a policy bug fails closed for this flow only
             log.exception("policy evaluation failed")
             session.verdict, session.rule, session.close_reason = "deny", "error", f"policy-error:{exc}"
@@ -901,7 +910,14 @@ class Proxy:
 
     @property
     def own_ports(self) -> frozenset[int]:
-        """The sidecar's own listener ports (inbound, outbound, DNS, admin), from config."""
+        """The sidecar's own listener ports (inbound, outbound, DNS, admin), from config
+        (fixed for the life of the process: computed once, it is read for every connection)."""
+        ports = self._own_ports
+        if ports is None:
+            ports = self._own_ports = self._config_ports()
+        return ports
+
+    def _config_ports(self) -> frozenset[int]:
         cfg = self.cfg
         return frozenset(p for p in (getattr(cfg, "inbound_port", 0), getattr(cfg, "outbound_port", 0),
                                      getattr(cfg, "dns_port", 0), getattr(cfg, "admin_port", 0)) if p)
@@ -1105,10 +1121,17 @@ class Proxy:
                 return port
         return port
 
+    def _active(self, direction: str) -> Any:
+        """The CONNECTIONS_ACTIVE child for ``direction`` (looked up once)."""
+        g = self._m_active.get(direction)
+        if g is None:
+            g = self._m_active[direction] = metrics.CONNECTIONS_ACTIVE.labels(direction)
+        return g
+
     def flow_done(self, flow: Flow) -> None:
         if flow in self.flows:
             self.flows.discard(flow)
-            metrics.CONNECTIONS_ACTIVE.labels(flow.session.direction).dec()
+            self._active(flow.session.direction).dec()
             if flow.peer_key:
                 n = self.per_peer[flow.peer_key] - 1
                 if n <= 0:
@@ -1117,9 +1140,16 @@ class Proxy:
                     self.per_peer[flow.peer_key] = n
         s = flow.session
         end = time.time()
-        metrics.CONNECTIONS_TOTAL.labels(s.direction, s.verdict).inc()
-        metrics.BYTES_TOTAL.labels("toserver", s.direction).inc(s.bytes[TOSERVER])
-        metrics.BYTES_TOTAL.labels("toclient", s.direction).inc(s.bytes[TOCLIENT])
+        total = self._m_total.get((s.direction, s.verdict))
+        if total is None:
+            total = self._m_total[(s.direction, s.verdict)] = metrics.CONNECTIONS_TOTAL.labels(s.direction, s.verdict)
+        total.inc()
+        by = self._m_bytes.get(s.direction)
+        if by is None:
+            by = self._m_bytes[s.direction] = (metrics.BYTES_TOTAL.labels("toserver", s.direction),
+                                               metrics.BYTES_TOTAL.labels("toclient", s.direction))
+        by[0].inc(s.bytes[TOSERVER])
+        by[1].inc(s.bytes[TOCLIENT])
         metrics.FLOW_DURATION.observe(end - s.start)
         self._ended.append((s, end))
         if len(self._ended) >= RECORD_BATCH or not self.record_interval:
