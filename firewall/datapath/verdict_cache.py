@@ -8,7 +8,9 @@ onto the next session with the same key.  Only *silent allows* are kept - the fl
 denial, alert and capture still runs the engine for every connection (their side effects are
 per connection).
 
-Key: (direction, the peer's resolved Identity, destination port, protocol).  The peer Identity
+Key: (direction, the peer's resolved Identity, destination port, protocol, and for outbound
+flows the FQDN names learned for the destination, read per connection: reading them is what
+expires them).  The peer Identity
 is resolved per connection by ``Session.__init__`` (not cached here), so a pod IP moving to
 another workload changes the key at once.  Everything else a decision depends on is checked on
 every lookup as a *state* tuple - the ``Inspection`` object itself (a policy, identity, DLP or
@@ -33,6 +35,12 @@ OPEN_FIELDS = ("flowinfo", "mode", "rule", "_enforced", "verdict", "close_reason
 MAX_ENTRIES = 4096
 
 
+def _fqdn(insp: Any) -> Any:
+    """The FQDN cache the engine reads (the policy's own, else the inspection's)."""
+    fqdn = getattr(insp.policy, "fqdn", None)
+    return fqdn if fqdn is not None else insp.fqdn
+
+
 class VerdictCache:
     """Per-proxy cache of silent-allow ``Session.open`` outcomes (see the module docstring)."""
 
@@ -51,7 +59,7 @@ class VerdictCache:
     @staticmethod
     def state(insp: Any) -> tuple:
         """What a decision depends on besides the key; compared by identity/value per lookup."""
-        fqdn = insp.fqdn
+        fqdn = _fqdn(insp)
         return (insp, insp.quarantined, insp.mode_override, fqdn.generation if fqdn is not None else -1)
 
     def open(self, session: Session) -> bool:
@@ -59,11 +67,17 @@ class VerdictCache:
         insp = session.insp
         if insp.l7 or insp.policy is None:
             return session.open()  # an L7 identifier is per flow; no policy: nothing to save
+        names: frozenset[str] | None = None
+        fqdn = _fqdn(insp)
+        if session.direction == "outbound" and fqdn is not None:
+            # read per connection: names_for drops expired names (and bumps the generation), so
+            # an address whose learned name ran out of TTL is decided again, never kept allowed
+            names = frozenset(fqdn.names_for(session.dest_ip))
         state = self.state(insp)
         if state != self._state:
             self._entries.clear()
             self._state = state
-        key = (session.direction, session.peer, session.dest_port, session.proto)
+        key = (session.direction, session.peer, session.dest_port, session.proto, names)
         try:
             hit = self._entries.get(key)
         except TypeError:  # an unhashable identity (labels as a dict): decide uncached
