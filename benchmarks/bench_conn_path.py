@@ -14,6 +14,8 @@ Stages timed separately (us per connection, best of 3 passes):
                   ``VerdictCache`` hit (``Proxy.verdicts.open``) when ``--cache`` is on.
 * ``record``    - the flow record: ``Session.record`` + the end timestamp, and the JSON
                   line the sink writes (built off the accept path, in batches).
+* ``redact``    - ``redact_event`` of that record, which the sink runs on every event
+                  before writing it (no DLP scanner: ``--no-dlp``, as the fast path runs).
 * ``admit``     - session + decide together, as ``Proxy._admit`` runs them.
 
 Why in-process: the churn scenario of benchmarks/run.py measures the whole sidecar (kernel,
@@ -36,6 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from firewall.datapath.session import Inspection, Session  # noqa: E402
 from firewall.identity.identity import Identity, IdentityMap  # noqa: E402
 from firewall.observe.events import ts_iso  # noqa: E402
+from firewall.observe.redaction import redact_event  # noqa: E402
 from firewall.policy.engine import PolicySet  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -109,8 +112,15 @@ def main() -> int:
             rec["timestamp"] = ts_iso(end)
             json.dumps(rec, separators=(",", ":"))
 
+    recs = [s.record(time.time()) for s in sess]
+
+    def redact(n: int) -> None:
+        for i in range(n):
+            redact_event(recs[i % 1000], None)
+
     out = {"session_us": timed(session, a.n), "session_open_us": timed(decide, a.n),
-           "admit_us": timed(admit, a.n), "record_us": timed(record, a.n), "verdict_cache": cached}
+           "admit_us": timed(admit, a.n), "record_us": timed(record, a.n), "redact_us": timed(redact, a.n),
+           "verdict_cache": cached}
     out["open_only_us"] = out["session_open_us"] - out["session_us"]
     print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}))
     if a.profile:

@@ -1,6 +1,6 @@
 """cProfile of the sidecar's event loop over a churn run on the L4 fast path (issue 22, req. 5).
 
-Run as root: ``python benchmarks/profile_churn.py [--secs 4] [--relay native] [--top 30]``
+Run as root: ``python benchmarks/profile_churn.py [--secs 4] [--relay native] [--top 30] [--strace]``
 
 A lab cluster (two network namespaces, real nftables redirect), an echo server in the server
 pod, the real sidecar (``--no-l7 --no-dlp``, the benchmark's 100-rule policy) started under
@@ -8,6 +8,8 @@ pod, the real sidecar (``--no-l7 --no-dlp``, the benchmark's 100-rule policy) st
 close) for ``--secs``; then SIGTERM (the sidecar drains and exits, cProfile writes) and the
 top functions by own time, scaled to microseconds per connection.  Only the main thread
 (the event loop) is profiled: the relay thread's work is C and shows in ``strace -c -f``.
+``--strace`` runs the sidecar under ``strace -f -c`` instead and prints system calls per
+connection (every thread; the start-up and shutdown calls are included, so use a few seconds).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ def main() -> int:
     ap.add_argument("--secs", type=float, default=4.0)
     ap.add_argument("--relay", default="native", choices=("native", "python"))
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--strace", action="store_true", help="strace -f -c instead of cProfile")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="palisade-prof-"))
     os.chmod(tmp, 0o777)  # the sidecar drops privileges before cProfile writes
@@ -46,7 +49,10 @@ def main() -> int:
         srv.redirect("apply")
         events, log = tmp / "eve.json", tmp / "sidecar.log"
         env = python_env({"POD_NAMESPACE": "bench", "POD_NAME": "server", "POD_IP": srv.ip})
-        cmd = [PY, "-m", "cProfile", "-o", str(out), "-m", "firewall", "run", "--events", str(events),
+        trace = tmp / "strace.txt"
+        run = (["strace", "-f", "-c", "-o", str(trace), PY, "-m"] if a.strace
+               else [PY, "-m", "cProfile", "-o", str(out), "-m"])
+        cmd = [*run, "firewall", "run", "--events", str(events),
                "--pod-ip", srv.ip, "--dlp-cache", str(tmp / "dlp-cache"), "--no-l7", "--no-dlp",
                "--relay", a.relay, "--policy", str(POLICY100), "--identity", str(tmp / "identity.yaml"),
                "--labels", json.dumps({"app": "bench-server"})]
@@ -57,7 +63,9 @@ def main() -> int:
         j = json.loads(res.stdout)
         sc.stop()
         print(f"churn: {j['conns']} connections in {j['secs']:.1f} s, {j['errors']} errors "
-              f"({j['conns'] / j['secs']:.0f}/s); profile {out}")
+              f"({j['conns'] / j['secs']:.0f}/s); profile {trace if a.strace else out}")
+        if a.strace:
+            return _syscalls(trace, j["conns"])
         if not out.exists():
             print("no profile written:", log.read_text()[-2000:])
             return 1
@@ -67,6 +75,23 @@ def main() -> int:
         print(f"{'own us/conn':>11} {'cum us/conn':>11} {'calls/conn':>10}  function")
         for (file, line, fn), (_cc, nc, tt, ct, _callers) in rows:
             print(f"{tt / n * 1e6:11.2f} {ct / n * 1e6:11.2f} {nc / n:10.2f}  {Path(file).name}:{line}({fn})")
+    return 0
+
+
+def _syscalls(trace: Path, conns: int) -> int:
+    """strace -c's table as calls (and errors) per connection."""
+    total = 0.0
+    print(f"{'calls/conn':>10} {'errors/conn':>11}  syscall")
+    for line in trace.read_text().splitlines():
+        f = line.split()
+        if len(f) < 5 or not f[3].isdigit() or f[-1] == "total":
+            continue
+        calls = int(f[3])
+        errors = int(f[4]) if len(f) == 6 and f[4].isdigit() else 0
+        if calls / max(1, conns) >= 0.05:
+            print(f"{calls / conns:10.2f} {errors / conns:11.2f}  {f[-1]}")
+        total += calls
+    print(f"{total / max(1, conns):10.2f} {'':11}  total per connection")
     return 0
 
 
