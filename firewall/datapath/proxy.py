@@ -31,7 +31,7 @@ import time
 from collections import defaultdict
 from typing import Any
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from firewall.datapath import splice
 from firewall.datapath.flowsession import (
@@ -59,6 +59,8 @@ log = logging.getLogger("palisade.proxy")
 
 FAST_FLOWS = Counter("palisade_l4_fast_flows", "Flows relayed on the L4 fast path (verdict final at accept: "
                      "accept -> connect -> splice, no asyncio transports)")
+VERDICT_CACHE = Gauge("palisade_l4_verdict_cache_lookups", "Fast-path accept decisions answered from the L4 "
+                      "verdict cache (hit) or by the policy engine (miss), since start", ["result"])
 #: connections taken per wake-up of a fast-path listener (bounded: one burst cannot starve the relay)
 ACCEPT_BATCH = 32
 
@@ -629,6 +631,9 @@ class Proxy:
         self.splice = splice.AVAILABLE and getattr(cfg, "splice", True)
         # silent-allow outcomes of Session.open for the fast path's accept (verdict_cache.py)
         self.verdicts = VerdictCache()
+        # read at scrape time: no per-connection metric update
+        VERDICT_CACHE.labels("hit").set_function(lambda c=self.verdicts: c.hits)
+        VERDICT_CACHE.labels("miss").set_function(lambda c=self.verdicts: c.misses)
         # the labelled metric children of the connection path, looked up once per label set
         # (``Counter.labels`` takes a lock and builds a tuple per call: ~2 us, five per flow)
         self._m_active: dict[str, Any] = {}
