@@ -8,8 +8,8 @@ pod, the real sidecar (``--no-l7 --no-dlp``, the benchmark's 100-rule policy) st
 close) for ``--secs``; then SIGTERM (the sidecar drains and exits, cProfile writes) and the
 top functions by own time, scaled to microseconds per connection.  Only the main thread
 (the event loop) is profiled: the relay thread's work is C and shows in ``strace -c -f``.
-``--strace`` runs the sidecar under ``strace -f -c`` instead and prints system calls per
-connection (every thread; the start-up and shutdown calls are included, so use a few seconds).
+``--strace`` attaches ``strace -f -c`` to the ready sidecar instead (every thread, detached
+after the churn) and prints system calls per connection.
 """
 
 from __future__ import annotations
@@ -18,8 +18,11 @@ import argparse
 import json
 import os
 import pstats
+import signal
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -50,8 +53,7 @@ def main() -> int:
         events, log = tmp / "eve.json", tmp / "sidecar.log"
         env = python_env({"POD_NAMESPACE": "bench", "POD_NAME": "server", "POD_IP": srv.ip})
         trace = tmp / "strace.txt"
-        run = (["strace", "-f", "-c", "-o", str(trace), PY, "-m"] if a.strace
-               else [PY, "-m", "cProfile", "-o", str(out), "-m"])
+        run = [PY, "-m"] if a.strace else [PY, "-m", "cProfile", "-o", str(out), "-m"]
         cmd = [*run, "firewall", "run", "--events", str(events),
                "--pod-ip", srv.ip, "--dlp-cache", str(tmp / "dlp-cache"), "--no-l7", "--no-dlp",
                "--relay", a.relay, "--policy", str(POLICY100), "--identity", str(tmp / "identity.yaml"),
@@ -59,7 +61,15 @@ def main() -> int:
         proc = srv.popen(cmd, log=log, env=env, cwd=str(PKG_ROOT))
         sc = Sidecar(srv, proc, events, log)
         sc.wait_ready(60)
+        tracer = None
+        if a.strace:  # attached once ready: start-up is not counted; SIGINT detaches and summarises
+            tracer = subprocess.Popen(["strace", "-f", "-c", "-o", str(trace), "-p", str(proc.pid)],
+                                      stderr=subprocess.DEVNULL)
+            time.sleep(0.5)  # strace attaches every thread: no readiness signal to wait for
         res = cli.run([PY, "-c", CHURN, srv.ip, "7001", str(a.secs)], timeout=a.secs + 60)
+        if tracer is not None:
+            tracer.send_signal(signal.SIGINT)
+            tracer.wait(30)
         j = json.loads(res.stdout)
         sc.stop()
         print(f"churn: {j['conns']} connections in {j['secs']:.1f} s, {j['errors']} errors "
