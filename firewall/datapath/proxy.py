@@ -25,6 +25,7 @@ import ipaddress
 import logging
 import os
 import random
+import select
 import socket
 import struct
 import time
@@ -486,7 +487,11 @@ class FastFlow:
         elif err == errno.EINPROGRESS:
             loop = self.proxy.loop
             self.wfd = sock.fileno()
-            loop.add_writer(self.wfd, self._on_connect)
+            watch = self.proxy.connects
+            if watch is not None:
+                watch.watch(self.wfd, self)
+            else:
+                loop.add_writer(self.wfd, self._on_connect)
             if self.timer is None:
                 self.timer = loop.call_later(self.proxy.cfg.connect_timeout, self._timeout)
         else:
@@ -494,7 +499,11 @@ class FastFlow:
 
     def _unwatch(self) -> None:
         if self.wfd >= 0:
-            self.proxy.loop.remove_writer(self.wfd)
+            watch = self.proxy.connects
+            if watch is not None:
+                watch.forget(self.wfd)
+            else:
+                self.proxy.loop.remove_writer(self.wfd)
             self.wfd = -1
 
     def _on_connect(self) -> None:
@@ -601,6 +610,44 @@ class FastFlow:
             self.proxy.flow_done(self)  # type: ignore[arg-type]
 
 
+class ConnectWatch:
+    """Every fast-path upstream connect in progress, in one epoll set of our own (native relay).
+
+    Why: ``loop.add_writer``/``remove_writer`` per connect makes libuv create and destroy a poll
+    handle for the descriptor - an ``ioctl(FIONBIO)``, an ``epoll_ctl`` ADD, a DEL and failing
+    (ENOENT) retries, ~6 system calls and two uvloop objects per flow.  Here a connect costs
+    one ``epoll_ctl`` ADD with ``EPOLLONESHOT``: the entry disarms itself once it reports, and
+    the kernel removes it when the descriptor is closed (by the relay thread after the flow, or
+    by ``FastFlow.close`` on a timeout or failure), so there is never a DEL - in particular none
+    that could hit a reused descriptor number the relay thread has meanwhile closed and reopened.
+    The loop watches only this set's descriptor, once for the life of the proxy."""
+
+    __slots__ = ("ep", "waiting")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.ep = select.epoll()
+        self.waiting: dict[int, FastFlow] = {}
+        loop.add_reader(self.ep.fileno(), self._ready)
+
+    def watch(self, fd: int, flow: FastFlow) -> None:
+        self.ep.register(fd, select.EPOLLOUT | select.EPOLLONESHOT)
+        self.waiting[fd] = flow
+
+    def forget(self, fd: int) -> None:
+        """The flow no longer waits on ``fd`` (it reported, or the flow is closing its socket)."""
+        self.waiting.pop(fd, None)
+
+    def _ready(self) -> None:
+        try:
+            events = self.ep.poll(0)
+        except InterruptedError:
+            return
+        for fd, _mask in events:
+            flow = self.waiting.pop(fd, None)
+            if flow is not None:
+                flow._on_connect()
+
+
 class _PortsBusy(Exception):
     """Every source port tried for one upstream was taken (EADDRINUSE)."""
 
@@ -640,6 +687,7 @@ class Proxy:
         self._m_total: dict[tuple[str, str], Any] = {}
         self._m_bytes: dict[str, tuple[Any, Any]] = {}
         self._own_ports: frozenset[int] | None = None
+        self.connects: ConnectWatch | None = None  # fast path + native relay: set by start()
         # the relay for spliced flows: native thread or the Python pump (--relay, chosen once)
         self.Splicer = splice.relay_class(getattr(cfg, "relay", "auto"), getattr(cfg, "idle_timeout", 0.0))
         # the L4 fast path needs the splice relay, and only flows without L7 identification can
@@ -695,6 +743,10 @@ class Proxy:
                 self.udp.append(relay)
                 continue
             if self.fast_path:
+                if self.connects is None and self.Splicer is not splice.Splicer:
+                    # the Python pump keeps the loop's poll handle of the connect watcher for
+                    # its reader; the native relay takes the descriptor: one epoll set for all
+                    self.connects = ConnectWatch(self.loop)
                 # our own accept loop: flows final at accept never get a transport
                 s.setblocking(False)
                 self.loop.add_reader(s.fileno(), self._on_listen, s, kind)
