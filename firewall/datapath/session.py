@@ -304,6 +304,15 @@ class Session:
         pol = insp.policy
         if pol is None or self.flowinfo is None:
             return False
+        # who the peer (and this pod) are *now*: an identity change (a pod IP taken over by
+        # another workload, new labels) must reach flows already open, not only the next ones.
+        # The flow record keeps the identity seen at accept; the decisions use the current one.
+        fi = self.flowinfo
+        peer = insp.resolve(self.src_ip if self.direction == "inbound" else self.dest_ip)
+        if peer != fi.peer or insp.local != fi.local:
+            from firewall.policy.engine import FlowInfo
+
+            self.flowinfo = FlowInfo(fi.direction, insp.local, peer, fi.port, fi.transport)
         try:
             d = pol.decide(self.flowinfo, mode_override=insp.mode_override)
             if d.verdict != "deny" and self.app_proto not in ("unknown", ""):

@@ -163,3 +163,18 @@ def test_many_distinct_peers_keep_the_cache_bounded(tmp_path):
         assert _inbound(insp, cache, peer=f"10.9.{i // 250}.{i % 250 + 1}")[1]
         assert len(cache) <= 64
     assert cache.misses == 600
+
+
+def test_an_identity_change_reaches_flows_already_open(tmp_path):
+    """The pod IP CLIENT moves to namespace evil while its allowed flow is open: the reload's
+    re-evaluation decides with the identity the address has now, and cuts the flow."""
+    cache = VerdictCache()
+    insp = _insp(tmp_path)
+    s, ok = _inbound(insp, cache)
+    other, ok2 = _inbound(insp, cache, peer=OTHER)
+    assert ok and ok2
+    moved = _insp(tmp_path, ids=_ids(client_ns="evil"), name="p2.yaml")
+    assert s.reevaluate(moved, "reload") is True
+    assert s.verdict == "deny" and s.close_reason == "reload"
+    assert s.peer.namespace == "clients"  # the record keeps who connected
+    assert other.reevaluate(moved, "reload") is False  # an address that did not move stays allowed
