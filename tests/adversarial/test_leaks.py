@@ -157,7 +157,9 @@ def _strings(v):
 
 def _digits(text: str) -> str:
     text = urllib.parse.unquote(urllib.parse.unquote(text))
-    return "".join(str(unicodedata.decimal(c)) for c in text if c.isdigit())
+    # isdigit() also holds for superscripts and circled digits, which have no decimal value
+    # (unicodedata.decimal raised on one in a hostile event): digit() has a value for all of them
+    return "".join(str(unicodedata.digit(c)) for c in text if c.isdigit())
 
 
 def find_leaks(name: str, text: str) -> list[str]:
