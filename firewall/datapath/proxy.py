@@ -413,13 +413,11 @@ class Flow:
         return self.proxy.Splicer(self.proxy.loop, cfd, sfd, self._spliced_bytes, self._spliced_end, family)
 
     def _spliced_bytes(self, d: int, n: int) -> None:
-        self.session.bytes[d] += n
+        self.session.relayed(d, n)
         self.last = time.monotonic()
 
     def _spliced_end(self, reason: str) -> None:
-        s = self.session
-        if reason != "eof" and s.close_reason == "eof":
-            s.close_reason = reason
+        self.session.relay_ended(reason)
         self.fs.closed = True
         self.lost = [True, True]
         self._maybe_done()
@@ -565,13 +563,11 @@ class FastFlow:
         metrics.SPLICED.inc()
 
     def _bytes(self, d: int, n: int) -> None:
-        self.session.bytes[d] += n
+        self.session.relayed(d, n)
         self.last = time.monotonic()
 
     def _end(self, reason: str) -> None:
-        s = self.session
-        if reason != "eof" and s.close_reason == "eof":
-            s.close_reason = reason
+        self.session.relay_ended(reason)
         self.closed = True
         self._finish()
 

@@ -332,6 +332,17 @@ class Session:
             self.close_reason = reason
         return cut
 
+    # ------------------------------------------------------------------ kernel relay
+    def relayed(self, d: int, n: int) -> None:
+        """Bytes the kernel relay (splice pump or native thread) delivered in direction ``d``."""
+        self.bytes[d] += n
+
+    def relay_ended(self, reason: str) -> None:
+        """The kernel relay finished the flow: a reset/idle end is kept unless a verdict
+        already named why the flow ended."""
+        if reason != "eof" and self.close_reason == "eof":
+            self.close_reason = reason
+
     # ------------------------------------------------------------------ data
     def feed(self, d: int, data: bytes) -> tuple[bytes, Stop | None]:
         """Inspect ``data`` travelling in direction ``d``; return (bytes to forward now, stop)."""

@@ -172,10 +172,8 @@ def redact_value(v: Any, key: str = "", depth: int = 0, found: list | None = Non
             # the common cases inline (this runs for every field of every event)
             ks = k if type(k) is str and len(k) < MIN_DIGITS else redact_str(str(k))
             ti = type(item)
-            if ti is str and key == _DIGEST_KEY and _DIGEST.fullmatch(item):
-                out[ks] = item  # {file name: digest} under "sha256" (see the module docstring)
-            elif ti is str and ks == _DIGEST_KEY and _DIGEST.fullmatch(item):
-                out[ks] = item
+            if ti is str and _DIGEST_KEY in (key, ks) and _DIGEST.fullmatch(item):
+                out[ks] = item  # a capture digest, or {file name: digest} (see the module docstring)
             elif ti is str:
                 r = out[ks] = item if len(item) < MIN_DIGITS else redact_str(item)
                 if found is not None and len(r) >= 8 and _worthy(r):
